@@ -1,0 +1,50 @@
+# nodeproxy developer entry points.  Every target first converges the machine (missing apt
+# packages, .venv, editable install when pyproject.toml changed), so a second run is fast.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nodeproxy-installed
+APT_PACKAGES := iptables nftables iproute2 tcpdump openssl socat procps psmisc haproxy iperf3 util-linux
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-unit test-privileged lint bench deps apt clean
+
+deps: apt $(STAMP)
+
+apt:
+	@scripts/ensure-apt.sh $(APT_PACKAGES)
+
+$(VENV)/bin/python:
+	@echo "==> creating $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	@echo "==> installing nodeproxy (editable) with test extras"
+	@$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+lint: deps
+	@echo "==> ruff"
+	@$(VENV)/bin/ruff check .
+	@echo "==> mypy"
+	@$(VENV)/bin/mypy ztunnel_cfg nodeproxy redirect cli
+	@echo "==> import direction (lint-imports)"
+	@$(VENV)/bin/lint-imports
+
+test: lint
+	@echo "==> pytest"
+	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: deps
+	@$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+demo: deps
+	@$(VENV)/bin/nodeproxy demo $(DEMO_ARGS)
+
+bench: deps
+	@$(PY) -m tests.bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

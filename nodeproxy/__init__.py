@@ -1,0 +1,1 @@
+"""The nodeproxy daemon: identity, TLS, HBONE, listeners, pool, relay, metrics, admin."""
