@@ -1,0 +1,175 @@
+"""The node agent: enrolls the pods scheduled on this node and follows config changes.
+
+Enrolling a pod = redirection rules in its netns (through the injected ``Redirector``; the agent
+never imports ``redirect``), its identity's certificate, and the three listeners opened inside
+its netns.  A pod counts as enrolled only when all three are in place; if any step fails the
+steps already done are undone, so a pod is never left half-enrolled.  Readiness is true once
+every pod of this node is enrolled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ztunnel_cfg.snapshot import Snapshot
+
+from nodeproxy.errors import ProxyError
+from nodeproxy.metrics import Metrics
+from ztunnel_cfg.errors import NodeproxyError
+from ztunnel_cfg.model import Workload
+
+log = logging.getLogger("nodeproxy.agent")
+_EXTRA = {"component": "agent"}
+
+
+class Redirector(Protocol):
+    """Installs/removes capture rules in a pod netns.  Implemented by the CLI with ``redirect``."""
+
+    def install(self, netns: str) -> None: ...
+
+    def remove(self, netns: str) -> None: ...
+
+
+class PodProxy(Protocol):
+    workload: Workload
+
+    async def start(self) -> None: ...
+
+    async def close(self, drain_timeout: float) -> None: ...
+
+    def update(self, workload: Workload) -> None: ...
+
+
+PodProxyFactory = Callable[[Workload], Awaitable[PodProxy]]
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentFailure:
+    uid: str
+    reason: str
+
+
+class Agent:
+    def __init__(
+        self,
+        node: str,
+        pod_proxy_factory: PodProxyFactory,
+        metrics: Metrics,
+        redirector: Redirector | None = None,
+        *,
+        drain_timeout: float = 5.0,
+        cleanup_on_exit: bool = False,
+    ) -> None:
+        self.node = node
+        self._factory = pod_proxy_factory
+        self._metrics = metrics
+        self._redirector = redirector
+        self._drain_timeout = drain_timeout
+        self._cleanup_on_exit = cleanup_on_exit
+        self.pods: dict[str, PodProxy] = {}
+        self.failures: dict[str, EnrollmentFailure] = {}
+        self._lock = asyncio.Lock()
+        self._desired: tuple[Workload, ...] = ()
+
+    # -- readiness ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return not self.failures and all(w.uid in self.pods for w in self._desired)
+
+    def readiness_detail(self) -> str:
+        missing = [w.uid for w in self._desired if w.uid not in self.pods]
+        if not missing:
+            return f"ready: {len(self.pods)} pod(s) enrolled on {self.node}"
+        reasons = [f"{uid}: {self.failures[uid].reason}" if uid in self.failures else uid
+                   for uid in missing]
+        return "not ready, waiting for: " + "; ".join(reasons)
+
+    # -- convergence --------------------------------------------------------------------------
+    def desired(self, snapshot: Snapshot) -> tuple[Workload, ...]:
+        return tuple(w for w in snapshot.workloads_on_node(self.node) if w.netns)
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        """Converge enrolled pods to the snapshot: enroll new, un-enroll removed, update rest."""
+        async with self._lock:
+            desired = self.desired(snapshot)
+            self._desired = desired
+            wanted = {w.uid: w for w in desired}
+            for uid in [uid for uid in self.pods if uid not in wanted]:
+                await self._unenroll(uid)
+            for uid, workload in wanted.items():
+                pod = self.pods.get(uid)
+                if pod is not None and pod.workload.netns == workload.netns:
+                    pod.update(workload)
+                    continue
+                if pod is not None:  # netns changed: the old listeners are useless
+                    await self._unenroll(uid)
+                await self._enroll(workload)
+            for uid in [uid for uid in self.failures if uid not in wanted]:
+                del self.failures[uid]
+            self._metrics.enrolled_pods.set(len(self.pods))
+
+    async def retry_failed(self) -> None:
+        """Try again to enroll pods that failed (called periodically)."""
+        async with self._lock:
+            for workload in self._desired:
+                if workload.uid in self.failures:
+                    await self._enroll(workload)
+            self._metrics.enrolled_pods.set(len(self.pods))
+
+    async def _enroll(self, workload: Workload) -> None:
+        assert workload.netns is not None
+        installed = False
+        try:
+            if self._redirector is not None:
+                await asyncio.to_thread(self._redirector.install, workload.netns)
+                installed = True
+            pod = await self._factory(workload)
+            await pod.start()
+        except (NodeproxyError, OSError) as exc:
+            reason = str(exc)
+            log.error("cannot enroll pod %s: %s", workload.uid, reason, extra=_EXTRA)
+            self.failures[workload.uid] = EnrollmentFailure(workload.uid, reason)
+            if installed and self._redirector is not None:
+                # Roll back: a pod with rules but no listeners would black-hole its traffic
+                # while looking enrolled; with neither it stays visibly un-enrolled.
+                try:
+                    await asyncio.to_thread(self._redirector.remove, workload.netns)
+                except NodeproxyError as undo:
+                    log.error("rollback of rules in %s failed: %s", workload.netns, undo,
+                              extra=_EXTRA)
+            return
+        self.failures.pop(workload.uid, None)
+        self.pods[workload.uid] = pod
+        log.info("enrolled pod %s (%s) netns=%s", workload.uid, workload.identity,
+                 workload.netns, extra=_EXTRA)
+
+    async def _unenroll(self, uid: str, *, remove_rules: bool = True) -> None:
+        pod = self.pods.pop(uid)
+        await pod.close(self._drain_timeout)
+        netns = pod.workload.netns
+        if remove_rules and self._redirector is not None and netns is not None:
+            try:
+                await asyncio.to_thread(self._redirector.remove, netns)
+            except NodeproxyError as exc:
+                log.error("removing rules from %s failed: %s", netns, exc, extra=_EXTRA)
+        log.info("un-enrolled pod %s", uid, extra=_EXTRA)
+
+    async def shutdown(self) -> None:
+        """Drain every pod.  Rules stay (traffic fails closed) unless cleanup_on_exit."""
+        async with self._lock:
+            pods = list(self.pods)
+            await asyncio.gather(
+                *(self._unenroll(uid, remove_rules=self._cleanup_on_exit) for uid in pods),
+                return_exceptions=True,
+            )
+            self._metrics.enrolled_pods.set(0)
+
+
+def describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, ProxyError):
+        return f"{exc} [{exc.flags}]"
+    return str(exc)

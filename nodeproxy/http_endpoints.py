@@ -1,0 +1,141 @@
+"""The agent's HTTP endpoints (aiohttp): readiness 15021, metrics 15020, admin 15000.
+
+The admin API binds a loopback address only and also refuses any non-loopback peer, so a
+misconfiguration cannot expose ``/quitquitquit`` or the config dump to the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from nodeproxy.errors import ProxyError
+
+log = logging.getLogger("nodeproxy.http")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminHooks:
+    ready: Callable[[], bool]
+    readiness_detail: Callable[[], str]
+    config_dump: Callable[[], dict[str, object]]
+    connections: Callable[[], list[dict[str, object]]]
+    quit: Callable[[], Awaitable[None]]
+
+
+def _is_loopback(addr: str | None) -> bool:
+    if not addr:
+        return False
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def readiness_app(hooks: AdminHooks) -> web.Application:
+    async def ready(_: web.Request) -> web.Response:
+        ok = hooks.ready()
+        return web.Response(status=200 if ok else 503, text=hooks.readiness_detail() + "\n")
+
+    app = web.Application()
+    app.router.add_get("/healthz/ready", ready)
+    return app
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/stats/prometheus", metrics)
+    return app
+
+
+def admin_app(hooks: AdminHooks) -> web.Application:
+    @web.middleware
+    async def loopback_only(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not _is_loopback(request.remote):
+            log.warning("admin request from non-loopback %s refused", request.remote,
+                        extra={"component": "admin"})
+            return web.json_response({"error": "admin API is served to localhost only"},
+                                     status=403)
+        return await handler(request)
+
+    async def config_dump(_: web.Request) -> web.Response:
+        return web.json_response(hooks.config_dump(), dumps=_dumps)
+
+    async def connections(_: web.Request) -> web.Response:
+        return web.json_response(hooks.connections(), dumps=_dumps)
+
+    async def logging_level(request: web.Request) -> web.Response:
+        level = request.query.get("level")
+        root = logging.getLogger()
+        if level is not None:
+            if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                return web.json_response(
+                    {"error": f"unknown level {level!r}: use debug, info, warning or error"},
+                    status=400,
+                )
+            root.setLevel(level.upper())
+        return web.json_response({"level": logging.getLevelName(root.level).lower()})
+
+    async def quit_(_: web.Request) -> web.Response:
+        await hooks.quit()
+        return web.Response(text="draining\n")
+
+    app = web.Application(middlewares=[loopback_only])
+    app.router.add_get("/config_dump", config_dump)
+    app.router.add_get("/debug/connections", connections)
+    app.router.add_route("*", "/logging", logging_level)
+    app.router.add_post("/quitquitquit", quit_)
+    return app
+
+
+def _dumps(obj: object) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)
+
+
+class HttpEndpoints:
+    """Starts/stops the three aiohttp sites."""
+
+    def __init__(self) -> None:
+        self._runners: list[web.AppRunner] = []
+
+    async def add(self, app: web.Application, host: str, port: int, what: str) -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ProxyError(
+                f"cannot serve {what} on {host}:{port}: {exc.strerror}",
+                hint="is another agent running in this namespace? choose another port",
+            ) from None
+        self._runners.append(runner)
+
+    async def close(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+
+
+def check_admin_address(host: str) -> None:
+    if not _is_loopback(host):
+        raise ProxyError(
+            f"admin address {host} is not a loopback address",
+            hint="the admin API can drain the agent; it is served on 127.0.0.1 only",
+        )

@@ -1,0 +1,148 @@
+"""How the certificate manager gets certificates signed: a local CA directory (single machine)
+or the remote CA service (multi-node).  Both take a CSR; private keys never leave the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nodeproxy.errors import IdentityError
+from nodeproxy.identity.ca import DEFAULT_SVID_LIFETIME, CertificateAuthority, ca_service_uri
+from nodeproxy.identity.svid import TrustBundle, load_pem_chain, single_uri_san
+from ztunnel_cfg.spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from ztunnel_cfg.snapshot import Snapshot
+
+
+class CaClient(Protocol):
+    async def sign(self, identity: SpiffeId, csr_pem: bytes) -> tuple[bytes, bytes]:
+        """Return (certificate chain PEM, leaf first; trust bundle PEM)."""
+        ...
+
+
+def check_issuance(snapshot: Snapshot, node: str, identity: SpiffeId) -> None:
+    """Raise IdentityError (with the reason) when ``node`` may not obtain ``identity``."""
+    from ztunnel_cfg.issuance import may_issue
+
+    decision = may_issue(snapshot, node, identity)
+    if not decision.allowed:
+        raise IssuanceRefused(decision.reason)
+
+
+class IssuanceRefused(IdentityError):
+    """The CA refused to issue (identity not scheduled on the caller's node)."""
+
+
+class LocalCaClient:
+    """Signs with a CA directory in-process.  With a snapshot provider, applies the same
+    node restriction as the CA service."""
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        node: str,
+        snapshot_provider: Callable[[], Snapshot] | None = None,
+        *,
+        lifetime: timedelta = DEFAULT_SVID_LIFETIME,
+    ) -> None:
+        self._ca = ca
+        self._node = node
+        self._snapshot_provider = snapshot_provider
+        self._lifetime = lifetime
+
+    async def sign(self, identity: SpiffeId, csr_pem: bytes) -> tuple[bytes, bytes]:
+        if self._snapshot_provider is not None:
+            check_issuance(self._snapshot_provider(), self._node, identity)
+        issued = self._ca.sign_csr(csr_pem, identity, self._lifetime)
+        return issued.chain_pem, self._ca.trust_bundle_pem
+
+
+class RemoteCaClient:
+    """Talks to ``nodeproxy ca serve`` over mTLS, authenticating with the node certificate.
+
+    The CA service's certificate must chain to ``bundle_pem`` and carry the URI SAN
+    ``spiffe://<td>/ca`` (no CSR can obtain that name)."""
+
+    def __init__(
+        self,
+        url: str,
+        node_cert_pem: bytes,
+        node_key_pem: bytes,
+        bundle_pem: bytes,
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        from nodeproxy.tls import context_from_pem
+
+        self._url = url.rstrip("/") + "/v1/sign"
+        self._timeout = timeout
+        bundle = TrustBundle.from_pem(bundle_pem)
+        leaf = load_pem_chain(node_cert_pem, "node certificate")[0]
+        self.trust_domain = single_uri_san(leaf).removeprefix("spiffe://").split("/", 1)[0]
+        self._expected_server = ca_service_uri(self.trust_domain)
+        self._ssl: ssl.SSLContext = context_from_pem(
+            server=False,
+            chain_pem=node_cert_pem,
+            key_pem=node_key_pem,
+            bundle_pem=bundle.pem,
+            alpn=["http/1.1"],
+        )
+
+    def __repr__(self) -> str:
+        return f"RemoteCaClient(url={self._url!r})"
+
+    async def sign(self, identity: SpiffeId, csr_pem: bytes) -> tuple[bytes, bytes]:
+        import aiohttp
+
+        body = {"identity": identity.uri, "csr": csr_pem.decode("ascii")}
+        timeout = aiohttp.ClientTimeout(total=self._timeout)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(self._url, json=body, ssl=self._ssl, server_hostname="") as resp,
+            ):
+                self._check_server(resp)
+                text = await resp.text()
+                status = resp.status
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            raise IdentityError(
+                f"CA service {self._url} failed: {exc.__class__.__name__}: {exc}",
+                hint="is 'nodeproxy ca serve' running, and is this node's certificate valid?",
+            ) from None
+        doc = _json(text)
+        if status != 200:
+            reason = doc.get("reason") if isinstance(doc, dict) else None
+            err_cls = IssuanceRefused if status == 403 else IdentityError
+            raise err_cls(f"CA service refused {identity} ({status}): {reason or text[:200]}")
+        if not isinstance(doc, dict) or not isinstance(doc.get("chain"), str) or not isinstance(
+            doc.get("bundle"), str
+        ):
+            raise IdentityError(f"CA service answered without chain/bundle: {text[:200]!r}")
+        return doc["chain"].encode(), doc["bundle"].encode()
+
+    def _check_server(self, resp: Any) -> None:
+        transport = resp.connection.transport if resp.connection is not None else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            raise IdentityError("CA service presented no certificate")
+        from cryptography import x509
+
+        uri = single_uri_san(x509.load_der_x509_certificate(der))
+        if uri != self._expected_server:
+            raise IdentityError(
+                f"CA service presented {uri}, expected {self._expected_server}",
+                hint="is the URL pointing at the nodeproxy CA service?",
+            )
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

@@ -1,0 +1,290 @@
+"""Build, use and tear down a namespace cluster planned by :mod:`nodeproxy.lab.topology`.
+
+Creation runs a handful of ``ip -batch`` processes (one per namespace, stages in parallel)
+instead of one process per command.  Teardown is convergent: it works from whatever exists
+on the system (every netns whose name starts with the prefix), so it also cleans up after a
+creation that failed half way or a crashed run (:func:`sweep`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fnmatch
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from nodeproxy.lab.capture import Capture
+from nodeproxy.lab.topology import (
+    NODE_SYSCTLS,
+    Batch,
+    ClusterPlan,
+    LabError,
+    NodePlan,
+    PodPlan,
+    render_stages,
+)
+
+CLONE_NEWNET = 0x40000000
+_IP_TIMEOUT = 30.0
+_POD_SYSCTLS: tuple[tuple[str, str], ...] = (
+    # No IPv6 on lab links: keeps router solicitations and DAD out of captures.
+    ("net/ipv6/conf/default/disable_ipv6", "1"),
+)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _run_batches(batches: Sequence[Batch]) -> None:
+    """Run independent ``ip -batch`` jobs in parallel; raise with the first failure."""
+    procs = []
+    for batch in batches:
+        argv = ["ip"] + (["-n", batch.netns] if batch.netns else []) + ["-batch", "-"]
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append((batch, proc))
+    failures = []
+    for batch, proc in procs:
+        try:
+            _, err = proc.communicate("\n".join(batch.lines) + "\n", timeout=_IP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            err = f"timed out after {_IP_TIMEOUT:.0f}s"
+        if proc.returncode != 0:
+            failures.append(f"[{batch.netns or 'root'}] {err.strip()}")
+    if failures:
+        raise LabError(
+            "building the namespace cluster failed: " + "; ".join(failures),
+            hint="is this root with iproute2, veth and bridge support?",
+        )
+
+
+def _setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def write_sysctls(jobs: Sequence[tuple[str, Sequence[tuple[str, str]]]]) -> None:
+    """Write /proc/sys values inside namespaces given by path, from one short-lived thread
+    (setns changes only the calling thread; /proc/sys/net follows the opener's netns)."""
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for path, items in jobs:
+                _setns(path)
+                for key, value in items:
+                    with open(f"/proc/sys/{key}", "w") as fh:
+                        fh.write(value)
+        except BaseException as exc:  # reported to the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, name="lab-sysctl", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise LabError(f"setting sysctls in the lab namespaces failed: {errors[0]}")
+
+
+def list_netns(netns_dir: str = "/var/run/netns") -> list[str]:
+    try:
+        return sorted(os.listdir(netns_dir))
+    except FileNotFoundError:
+        return []
+
+
+def netns_pids(name: str) -> list[int]:
+    out = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+    )
+    return [int(x) for x in out.stdout.split() if x.isdigit()]
+
+
+def _kill_pids(pids: Sequence[int], grace: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            alive = [p for p in alive if os.path.exists(f"/proc/{p}")]
+            if not alive:
+                return
+            time.sleep(0.02)
+        pids = alive
+
+
+def remove_netns(names: Sequence[str], *, grace: float = 2.0) -> list[str]:
+    """Kill what still runs inside ``names`` (processes keep a namespace and its veths
+    alive after its name is gone), then delete the namespaces.  Returns what was removed."""
+    pids = sorted({pid for name in names for pid in netns_pids(name)} - {os.getpid()})
+    _kill_pids(pids, grace)
+    removed = []
+    if names:
+        proc = subprocess.run(
+            ["ip", "-force", "-batch", "-"],
+            input="".join(f"netns delete {n}\n" for n in names),
+            capture_output=True, text=True, check=False,
+        )
+        del proc  # -force: keep deleting after a failure; the result is checked below
+    existing = set(list_netns())
+    for name in names:
+        if name in existing:
+            raise LabError(
+                f"could not delete network namespace {name}",
+                hint="is something holding it (mount, open fd)? try 'ip netns delete' by hand",
+            )
+        removed.append(name)
+    return removed
+
+
+def sweep(prefix_glob: str) -> list[str]:
+    """Remove every namespace matching ``prefix_glob`` (``np*-`` style prefixes get a
+    trailing ``*``), e.g. leftovers of crashed runs.  Returns the names removed."""
+    pattern = prefix_glob if prefix_glob.endswith("*") else prefix_glob + "*"
+    return remove_netns([n for n in list_netns() if fnmatch.fnmatchcase(n, pattern)])
+
+
+class Cluster:
+    """A built cluster.  Use as a context manager, or call :meth:`destroy`."""
+
+    def __init__(self, plan: ClusterPlan) -> None:
+        self.plan = plan
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._captures: list[Capture] = []
+
+    @classmethod
+    def create(cls, plan: ClusterPlan) -> Cluster:
+        """Build ``plan``; on any failure everything already created is removed."""
+        cluster = cls(plan)
+        taken = [n for n in plan.all_netns() if n in set(list_netns(plan.spec.netns_dir))]
+        if taken:
+            raise LabError(
+                f"network namespaces already exist: {', '.join(taken)}",
+                hint=f"pick another prefix or run sweep({plan.prefix!r})",
+            )
+        try:
+            stages = render_stages(plan)
+            _run_batches(stages[0])
+            write_sysctls(
+                [(n.netns_path, NODE_SYSCTLS + _POD_SYSCTLS) for n in plan.nodes]
+                + [(p.netns_path, _POD_SYSCTLS) for p in plan.pods]
+                + [(plan.fabric_netns_path, _POD_SYSCTLS)]
+            )
+            for stage in stages[1:]:
+                _run_batches(stage)
+        except BaseException:
+            cluster.destroy()
+            raise
+        return cluster
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        return self.plan.prefix
+
+    @property
+    def nodes(self) -> tuple[NodePlan, ...]:
+        return self.plan.nodes
+
+    @property
+    def pods(self) -> tuple[PodPlan, ...]:
+        return self.plan.pods
+
+    def pod(self, name: str) -> PodPlan:
+        return self.plan.pod(name)
+
+    def node(self, name: str) -> NodePlan:
+        return self.plan.node(name)
+
+    def _netns(self, target: str) -> str:
+        """Accept a netns name, a pod or node name, or "fabric"."""
+        if target in ("fabric", self.plan.fabric_netns):
+            return self.plan.fabric_netns
+        if target in self.plan.all_netns():
+            return target
+        for pod in self.plan.pods:
+            if target == pod.name:
+                return pod.netns
+        return self.plan.node(target).netns
+
+    # -- running things inside ------------------------------------------------------------
+
+    def exec(
+        self, netns: str, argv: Sequence[str], **kw: Any
+    ) -> subprocess.CompletedProcess[Any]:
+        """``subprocess.run`` inside ``netns``; captures text output and times out after 30 s
+        unless overridden."""
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 30)
+        kw.setdefault("check", False)
+        return subprocess.run(["ip", "netns", "exec", self._netns(netns), *argv], **kw)
+
+    def popen(self, netns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """``subprocess.Popen`` inside ``netns``; the process is killed by :meth:`destroy`."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self._netns(netns), *argv], **kw)
+        self._procs.append(proc)
+        return proc
+
+    def capture(
+        self, netns: str, iface: str | None = None, bpf_filter: str = "tcp"
+    ) -> Capture:
+        """Start tcpdump on ``iface`` (default: the node's link to the fabric) inside
+        ``netns``; returns once tcpdump is listening."""
+        ns = self._netns(netns)
+        if iface is None:
+            iface = "eth0"
+        cap = Capture.start(["ip", "netns", "exec", ns], iface, bpf_filter)
+        self._captures.append(cap)
+        return cap
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Remove everything of this cluster; safe to call twice or after a failed create."""
+        for cap in self._captures:
+            cap.close()
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+        mine = [n for n in list_netns(self.plan.spec.netns_dir) if n.startswith(self.prefix)]
+        remove_netns(mine)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()

@@ -1,0 +1,1 @@
+"""Per-pod listeners (outbound 15001, inbound plaintext 15006, inbound HBONE 15008)."""

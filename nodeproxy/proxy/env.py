@@ -1,0 +1,52 @@
+"""What every pod proxy on a node shares: snapshot, certificates, metrics, knobs."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ztunnel_cfg.snapshot import Snapshot
+
+from nodeproxy.metrics import Metrics
+from nodeproxy.sockets import original_destination
+from ztunnel_cfg.model import Workload
+
+
+class RoundRobin:
+    """Endpoint choice for service VIPs: round-robin per endpoint set, shared by the node."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, ...], itertools.count[int]] = {}
+
+    def __call__(self, endpoints: Sequence[Workload]) -> Workload:
+        key = tuple(w.uid for w in endpoints)
+        counter = self._counters.setdefault(key, itertools.count())
+        return endpoints[next(counter) % len(endpoints)]
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    outbound: int = 15001
+    inbound_plaintext: int = 15006
+    inbound_hbone: int = 15008
+
+
+@dataclass(eq=False)
+class ProxyEnv:
+    snapshot: Callable[[], Snapshot]
+    metrics: Metrics
+    node: str
+    ports: Ports = field(default_factory=Ports)
+    choose: Callable[[Sequence[Workload]], Workload] = field(default_factory=RoundRobin)
+    # SO_ORIGINAL_DST in iptables/nft REDIRECT mode; tests without redirection inject another.
+    original_dst: Callable[[socket.socket], tuple[str, int]] = original_destination
+    # Connect to the local pod with the client's source IP (IP_TRANSPARENT + connmark rules).
+    preserve_source_ip: bool = True
+    connect_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def next_conn_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids):x}"
