@@ -20,6 +20,7 @@ from ztunnel_cfg.snapshot import Snapshot
 from nodeproxy.errors import ProxyError
 from nodeproxy.metrics import Metrics
 from ztunnel_cfg.errors import NodeproxyError
+from ztunnel_cfg.model import Protocol as WorkloadProtocol
 from ztunnel_cfg.model import Workload
 
 log = logging.getLogger("nodeproxy.agent")
@@ -63,6 +64,7 @@ class Agent:
         *,
         drain_timeout: float = 5.0,
         cleanup_on_exit: bool = False,
+        in_pod: bool = True,
     ) -> None:
         self.node = node
         self._factory = pod_proxy_factory
@@ -70,6 +72,7 @@ class Agent:
         self._redirector = redirector
         self._drain_timeout = drain_timeout
         self._cleanup_on_exit = cleanup_on_exit
+        self._in_pod = in_pod
         self.pods: dict[str, PodProxy] = {}
         self.failures: dict[str, EnrollmentFailure] = {}
         self._lock = asyncio.Lock()
@@ -90,7 +93,11 @@ class Agent:
 
     # -- convergence --------------------------------------------------------------------------
     def desired(self, snapshot: Snapshot) -> tuple[Workload, ...]:
-        return tuple(w for w in snapshot.workloads_on_node(self.node) if w.netns)
+        """In-pod mode enrolls pods that have a netns; loopback mode every mesh workload."""
+        return tuple(
+            w for w in snapshot.workloads_on_node(self.node)
+            if (w.netns if self._in_pod else w.protocol is WorkloadProtocol.HBONE)
+        )
 
     async def apply(self, snapshot: Snapshot) -> None:
         """Converge enrolled pods to the snapshot: enroll new, un-enroll removed, update rest."""
@@ -121,10 +128,9 @@ class Agent:
             self._metrics.enrolled_pods.set(len(self.pods))
 
     async def _enroll(self, workload: Workload) -> None:
-        assert workload.netns is not None
         installed = False
         try:
-            if self._redirector is not None:
+            if self._redirector is not None and workload.netns is not None:
                 await asyncio.to_thread(self._redirector.install, workload.netns)
                 installed = True
             pod = await self._factory(workload)
@@ -133,7 +139,7 @@ class Agent:
             reason = str(exc)
             log.error("cannot enroll pod %s: %s", workload.uid, reason, extra=_EXTRA)
             self.failures[workload.uid] = EnrollmentFailure(workload.uid, reason)
-            if installed and self._redirector is not None:
+            if installed and self._redirector is not None and workload.netns is not None:
                 # Roll back: a pod with rules but no listeners would black-hole its traffic
                 # while looking enrolled; with neither it stays visibly un-enrolled.
                 try:

@@ -7,11 +7,10 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ztunnel_cfg.snapshot import Snapshot
-
 from nodeproxy.metrics import Metrics
 from nodeproxy.sockets import original_destination
 from ztunnel_cfg.model import Workload
+from ztunnel_cfg.snapshot import Snapshot
 
 
 class RoundRobin:

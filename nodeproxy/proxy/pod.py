@@ -13,7 +13,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
 
 from nodeproxy import accesslog
@@ -38,6 +38,7 @@ class PoolKey:
     source: SpiffeId
     destinations: tuple[SpiffeId, ...]
     ip: str
+    port: int
 
 
 def _reset(sock: socket.socket) -> None:
@@ -94,6 +95,7 @@ class PodProxy:
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._conns: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._hbone: tunnel.InboundServer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,20 +104,25 @@ class PodProxy:
         # In-pod the netns belongs to this pod alone, so listen on every address; in loopback
         # mode several pods share the agent's namespace and each binds its own workload IP.
         addr = "0.0.0.0" if self._in_pod else self.listen_ip
-        specs: list[tuple[int, Callable[[socket.socket], Awaitable[None]]]] = [
+        specs: list[tuple[int, Callable[[socket.socket], Coroutine[None, None, None]]]] = [
             (ports.outbound, self._outbound),
             (ports.inbound_plaintext, self._inbound_plaintext),
-            (ports.inbound_hbone, self._inbound_hbone),
         ]
+        loop = asyncio.get_running_loop()
         try:
             for port, handler in specs:
                 lsock = await self.sockets.listener(addr, port)
                 self._listeners.append(lsock)
-                self._accept_tasks.append(
-                    asyncio.get_running_loop().create_task(
-                        self._accept_loop(lsock, handler), name=f"accept:{self.workload.name}:{port}"
-                    )
-                )
+                self._accept_tasks.append(loop.create_task(
+                    self._accept_loop(lsock, handler), name=f"accept:{self.workload.name}:{port}"
+                ))
+            hbone_sock = await self.sockets.listener(addr, ports.inbound_hbone)
+            self._listeners.append(hbone_sock)
+            identity = self.workload.identity
+            ctx = await self.contexts.rotating_server_context(identity)
+            self._hbone = await tunnel.serve(
+                hbone_sock, ctx, self._on_connect_request, trust_domain=identity.trust_domain
+            )
         except BaseException:
             await self.close(0)
             raise
@@ -135,6 +142,9 @@ class PodProxy:
         for lsock in self._listeners:
             lsock.close()
         self._listeners.clear()
+        if self._hbone is not None:
+            await self._hbone.close(drain_timeout)
+            self._hbone = None
         if self._conns and drain_timeout > 0:
             await asyncio.wait(set(self._conns), timeout=drain_timeout)
         for task in list(self._conns):
@@ -147,7 +157,7 @@ class PodProxy:
         self.sockets.close()
 
     async def _accept_loop(
-        self, lsock: socket.socket, handler: Callable[[socket.socket], Awaitable[None]]
+        self, lsock: socket.socket, handler: Callable[[socket.socket], Coroutine[None, None, None]]
     ) -> None:
         loop = asyncio.get_running_loop()
         while not self._closing:
@@ -172,7 +182,8 @@ class PodProxy:
         env = self.env
         conn_id = env.next_conn_id("out")
         started = time.monotonic()
-        src_addr = "%s:%d" % sock.getpeername()[:2]
+        peer = sock.getpeername()
+        src_addr = f"{peer[0]}:{peer[1]}"
         decision: Route | None = None
         flags, path, reason = "-", "failed", ""
         sent = received = 0
@@ -222,13 +233,13 @@ class PodProxy:
     async def _open_stream(
         self, decision: Route, src_addr: str
     ) -> tuple[tunnel.Stream, tunnel.PoolLease]:
-        key = PoolKey(self.workload.identity, decision.expected_identities, str(decision.target_ip))
+        key = PoolKey(
+            self.workload.identity, decision.expected_identities, str(decision.target_ip),
+            decision.tunnel_port or self.env.ports.inbound_hbone,
+        )
         lease = await self.pool.acquire(key)
         try:
-            authority = f"{decision.target_ip}:{decision.target_port}"
-            if decision.kind is RouteKind.WAYPOINT and decision.destination is not None:
-                # Waypoint: the authority is the original destination, the waypoint routes it.
-                authority = f"{decision.original_ip}:{decision.original_port}"
+            authority = decision.authority or f"{decision.target_ip}:{decision.target_port}"
             headers = tunnel.request_headers(self.workload, src_addr)
             stream = await lease.conn.open_stream(authority, headers)
         except BaseException:
@@ -238,33 +249,17 @@ class PodProxy:
 
     async def _connect_pool(self, key: Hashable) -> tunnel.ClientConnection:
         assert isinstance(key, PoolKey)
-        svid = await self.certs.get(key.source)
-        ctx = self.contexts.client(svid, self.certs.bundle)
-        sock = await self.sockets.connect(
-            key.ip, self.env.ports.inbound_hbone, timeout=self.env.connect_timeout
-        )
+        ctx = await self.contexts.client(key.source)
+        sock = await self.sockets.connect(key.ip, key.port, timeout=self.env.connect_timeout)
         return await tunnel.connect(
             sock, ctx, expected=key.destinations, trust_domain=key.source.trust_domain,
             timeout=self.env.connect_timeout,
         )
 
     # -- inbound HBONE (15008) ----------------------------------------------------------------
-    async def _inbound_hbone(self, sock: socket.socket) -> None:
-        svid = await self.certs.get(self.workload.identity)
-        ctx = self.contexts.server(svid, self.certs.bundle)
-        try:
-            await tunnel.serve(
-                sock, ctx, self._on_connect_request, trust_domain=svid.identity.trust_domain,
-                timeout=self.env.connect_timeout,
-            )
-        except ProxyError as exc:
-            log.info("inbound HBONE connection failed: %s", exc, extra={"component": "inbound"})
-            self.env.metrics.connection_failed(
-                _labels_for("destination", None, None, self.workload, "", exc.flags, True)
-            )
-
     async def _on_connect_request(
-        self, stream: tunnel.Stream, authority: str, peer: SpiffeId, headers: dict[str, str]
+        self, stream: tunnel.ServerStream, authority: str, peer: SpiffeId,
+        headers: dict[str, str],
     ) -> None:
         env = self.env
         conn_id = env.next_conn_id("in")
@@ -289,10 +284,10 @@ class PodProxy:
             if not decision.allowed:
                 raise ProxyError(decision.reason, status=401, flags="DENY")
             upstream = await self._connect_local(host, port, src_ip)
-            await stream.accept()
+            stream.accept()
             env.metrics.connection_opened(_labels_for("destination", src, src_principal, dst, "",
                                                       "-", True))
-            result = await tunnel.relay_stream(upstream, stream, env.idle_timeout, inbound=True)
+            result = await tunnel.relay_stream(upstream, stream, env.idle_timeout)
             # relay_stream counts from the socket's point of view: up = socket -> stream.
             sent, received = result.bytes_up, result.bytes_down
             env.metrics.connection_closed(
@@ -300,7 +295,7 @@ class PodProxy:
             )
         except ProxyError as exc:
             flags, reason, path = exc.flags, str(exc), "denied" if exc.status == 401 else "failed"
-            await stream.refuse(exc.status)
+            stream.refuse(exc.status)
             env.metrics.connection_failed(
                 _labels_for("destination", src, src_principal, dst, "", flags, True)
             )
@@ -353,7 +348,9 @@ class PodProxy:
             if not decision.allowed:
                 raise ProxyError(decision.reason, status=401, flags="DENY")
             upstream = await self._connect_local(host, port, peer_ip)
-            env.metrics.connection_opened(_labels_for("destination", src, None, dst, "", "-", False))
+            env.metrics.connection_opened(
+                _labels_for("destination", src, None, dst, "", "-", False)
+            )
             result = await tunnel.relay_sockets(upstream, sock, env.idle_timeout)
             sent, received = result.bytes_up, result.bytes_down
             env.metrics.connection_closed(

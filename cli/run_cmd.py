@@ -1,0 +1,122 @@
+"""``nodeproxy run``: the node agent."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import click
+
+from nodeproxy.app import AgentApp, AgentOptions
+from nodeproxy.identity.ca import CertificateAuthority
+from nodeproxy.identity.ca_client import CaClient, LocalCaClient, RemoteCaClient
+from nodeproxy.proxy.env import Ports
+from redirect import ops
+from redirect.spec import RedirectSpec
+from ztunnel_cfg.errors import NodeproxyError
+
+
+class OpsRedirector:
+    """The agent's Redirector, implemented with the ``redirect`` package."""
+
+    def __init__(self, backend: str, spec: RedirectSpec | None = None) -> None:
+        self.backend = backend
+        self.spec = spec or RedirectSpec()
+
+    def install(self, netns: str) -> None:
+        ops.install(netns, self.spec, self.backend)
+
+    def remove(self, netns: str) -> None:
+        ops.remove(netns, self.backend)
+
+
+def _hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(f"{text!r}: want HOST:PORT", param_hint=what)
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _read(path: str | None, what: str) -> bytes:
+    if path is None:
+        raise click.UsageError(f"--ca-address needs {what}")
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+@click.command(name="run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="cluster config YAML (watched; SIGHUP forces a reload)")
+@click.option("--node", required=True, help="this node's name (workloads with node: NAME)")
+@click.option("--ca-dir", type=click.Path(file_okay=False),
+              help="sign certificates in-process with the CA in DIR (single machine)")
+@click.option("--ca-address", help="URL of 'nodeproxy ca serve', e.g. https://10.0.0.1:15012")
+@click.option("--node-cert", type=click.Path(dir_okay=False), help="node certificate (PEM)")
+@click.option("--node-key", type=click.Path(dir_okay=False), help="node private key (PEM)")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False), help="trust bundle (PEM)")
+@click.option("--redirect", "backend", type=click.Choice(["iptables", "nftables"]),
+              default="iptables", show_default=True, help="capture rules backend")
+@click.option("--no-redirect", is_flag=True,
+              help="install no rules; open listeners on workload IPs in this namespace "
+                   "(loopback testing and debugging)")
+@click.option("--cleanup-on-exit", is_flag=True,
+              help="remove capture rules on exit (default: keep them so traffic fails closed)")
+@click.option("--readiness-addr", default="0.0.0.0:15021", show_default=True)
+@click.option("--metrics-addr", default="0.0.0.0:15020", show_default=True)
+@click.option("--admin-addr", default="127.0.0.1:15000", show_default=True)
+@click.option("--drain-timeout", type=float, default=5.0, show_default=True,
+              help="seconds open connections may finish after SIGTERM")
+@click.option("--svid-lifetime", type=float, default=24.0, show_default=True,
+              help="hours; with --ca-dir only (the CA service sets its own)")
+@click.option("--hbone-port", type=int, default=15008, show_default=True)
+@click.option("--outbound-port", type=int, default=15001, show_default=True)
+@click.option("--inbound-port", type=int, default=15006, show_default=True)
+def command(
+    config_path: str, node: str, ca_dir: str | None, ca_address: str | None,
+    node_cert: str | None, node_key: str | None, ca_bundle: str | None, backend: str,
+    no_redirect: bool, cleanup_on_exit: bool, readiness_addr: str, metrics_addr: str,
+    admin_addr: str, drain_timeout: float, svid_lifetime: float, hbone_port: int,
+    outbound_port: int, inbound_port: int,
+) -> None:
+    """Run the node agent: enroll this node's pods and proxy their traffic."""
+    if (ca_dir is None) == (ca_address is None):
+        raise click.UsageError("give exactly one of --ca-dir or --ca-address")
+    options = AgentOptions(
+        config=config_path,
+        node=node,
+        in_pod=not no_redirect,
+        readiness_addr=_hostport(readiness_addr, "--readiness-addr"),
+        metrics_addr=_hostport(metrics_addr, "--metrics-addr"),
+        admin_addr=_hostport(admin_addr, "--admin-addr"),
+        ports=Ports(outbound=outbound_port, inbound_plaintext=inbound_port,
+                    inbound_hbone=hbone_port),
+        drain_timeout=drain_timeout,
+        cleanup_on_exit=cleanup_on_exit,
+    )
+    client: CaClient
+    apps: list[AgentApp] = []
+    if ca_dir is not None:
+        ca = CertificateAuthority.load(ca_dir)
+        # Node restriction against the agent's live snapshot (the same file it enrolls from).
+        client = LocalCaClient(ca, node, lambda: apps[0].env.snapshot(),
+                               lifetime=timedelta(hours=svid_lifetime))
+    else:
+        assert ca_address is not None
+        client = RemoteCaClient(
+            ca_address, _read(node_cert, "--node-cert"), _read(node_key, "--node-key"),
+            _read(ca_bundle, "--ca-bundle"),
+        )
+    redirector = None if no_redirect else OpsRedirector(backend)
+    app = AgentApp(options, client, redirector)
+    apps.append(app)
+    try:
+        import uvloop
+
+        uvloop.run(app.run())
+    except NodeproxyError:
+        raise
+    except KeyboardInterrupt:
+        pass
+

@@ -1,0 +1,200 @@
+"""Wiring: builds the agent from options and runs it until SIGTERM or /quitquitquit.
+
+Everything the agent needs is constructed here and handed down (socket factories, the
+certificate manager, the redirector, the metrics registry), so tests can assemble the same
+pieces differently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+
+from nodeproxy.agent import Agent, PodProxy, Redirector
+from nodeproxy.config_source import ConfigSource
+from nodeproxy.http_endpoints import (
+    AdminHooks,
+    HttpEndpoints,
+    admin_app,
+    check_admin_address,
+    metrics_app,
+    readiness_app,
+)
+from nodeproxy.identity.ca_client import CaClient
+from nodeproxy.identity.manager import CertificateManager
+from nodeproxy.identity.svid import Svid
+from nodeproxy.metrics import Metrics
+from nodeproxy.proxy.env import Ports, ProxyEnv
+from nodeproxy.proxy.pod import PodProxy as PodProxyImpl
+from nodeproxy.sockets import NetnsSocketFactory, SocketFactory, SocketOptions
+from nodeproxy.tls import ContextCache
+from ztunnel_cfg.dump import config_to_document
+from ztunnel_cfg.model import Workload
+from ztunnel_cfg.snapshot import Snapshot
+from ztunnel_cfg.spiffe import SpiffeId
+
+log = logging.getLogger("nodeproxy.app")
+_EXTRA = {"component": "agent"}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    config: str
+    node: str
+    in_pod: bool = True  # False: --no-redirect, listeners on workload IPs in this namespace
+    readiness_addr: tuple[str, int] = ("0.0.0.0", 15021)
+    metrics_addr: tuple[str, int] = ("0.0.0.0", 15020)
+    admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
+    ports: Ports = field(default_factory=Ports)
+    drain_timeout: float = 5.0
+    cleanup_on_exit: bool = False
+    socket_mark: bool = True
+    retry_interval: float = 5.0
+
+
+class AgentApp:
+    def __init__(
+        self,
+        options: AgentOptions,
+        ca_client: CaClient,
+        redirector: Redirector | None,
+        *,
+        metrics: Metrics | None = None,
+        env_overrides: Callable[[ProxyEnv], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.metrics = metrics or Metrics()
+        self.certs = CertificateManager(ca_client)
+        self.contexts = ContextCache(self.certs)
+        self.certs.on_rotate(self._rotated)
+        self._snapshot: Snapshot | None = None
+        self.env = ProxyEnv(snapshot=self._current, metrics=self.metrics, node=options.node,
+                            ports=options.ports)
+        if not options.in_pod:
+            self.env.preserve_source_ip = False
+        if env_overrides is not None:
+            env_overrides(self.env)
+        self.agent = Agent(
+            options.node, self._make_pod, self.metrics, redirector,
+            drain_timeout=options.drain_timeout, cleanup_on_exit=options.cleanup_on_exit,
+            in_pod=options.in_pod,
+        )
+        self._sockopts = SocketOptions(mark=0x539 if options.socket_mark else None)
+        self._pending: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._http = HttpEndpoints()
+        self.config: ConfigSource | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- wiring -------------------------------------------------------------------------------
+    def _current(self) -> Snapshot:
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def _rotated(self, identity: SpiffeId, svid: Svid) -> None:
+        self.contexts.on_rotate(identity, svid)
+        # Computed at scrape time, so the gauge counts down between rotations.
+        self.metrics.cert_expiry.labels(identity=str(identity)).set_function(
+            lambda: max(0.0, svid.not_after.timestamp() - time.time())
+        )
+
+    async def _make_pod(self, workload: Workload) -> PodProxy:
+        sockets: SocketFactory
+        if self.options.in_pod:
+            assert workload.netns is not None
+            sockets = await asyncio.to_thread(NetnsSocketFactory, workload.netns, self._sockopts)
+        else:
+            sockets = SocketFactory(self._sockopts)
+        return PodProxyImpl(workload, self.env, sockets, self.certs, self.contexts)
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        # Policy changes apply to new connections at once: the data path reads this reference.
+        self._snapshot = snapshot
+        self._spawn(self.agent.apply(snapshot))
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- admin hooks --------------------------------------------------------------------------
+    def config_dump(self) -> dict[str, object]:
+        snapshot = self._snapshot
+        doc: dict[str, object] = config_to_document(snapshot.config) if snapshot else {}
+        doc["node"] = self.options.node
+        doc["enrolled"] = sorted(self.agent.pods)
+        doc["enrollmentFailures"] = {uid: f.reason for uid, f in self.agent.failures.items()}
+        doc["certificates"] = [asdict(info) for info in self.certs.snapshot()]
+        if self.config is not None:
+            state = self.config.state
+            doc["configReloads"] = {"ok": state.ok_count, "failed": state.fail_count}
+            if state.last_error is not None:
+                doc["configErrors"] = [str(issue) for issue in state.last_error.issues]
+        return doc
+
+    def connections(self) -> list[dict[str, object]]:
+        return [{"pod": uid, "open": pod.connections()}  # type: ignore[attr-defined]
+                for uid, pod in self.agent.pods.items()]
+
+    async def quit(self) -> None:
+        self._stop.set()
+
+    # -- run ----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        opts = self.options
+        check_admin_address(opts.admin_addr[0])
+        self.config = ConfigSource(opts.config, self._on_snapshot,
+                                   registry=self.metrics.registry)
+        hooks = AdminHooks(
+            ready=lambda: self.agent.ready,
+            readiness_detail=self.agent.readiness_detail,
+            config_dump=self.config_dump,
+            connections=self.connections,
+            quit=self.quit,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        watcher = loop.create_task(self.config.run(), name="config-watch")
+        retry = loop.create_task(self._retry_loop(), name="enroll-retry")
+        try:
+            await self._http.add(readiness_app(hooks), *opts.readiness_addr, "readiness")
+            await self._http.add(metrics_app(self.metrics.registry), *opts.metrics_addr,
+                                 "metrics")
+            await self._http.add(admin_app(hooks), *opts.admin_addr, "admin")
+            log.info("agent for node %s started (%s mode)", opts.node,
+                     "in-pod" if opts.in_pod else "no-redirect", extra=_EXTRA)
+            await self._stop.wait()
+            log.info("draining (deadline %.1f s)", opts.drain_timeout, extra=_EXTRA)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.config.stop()
+            retry.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(BaseException):
+                    await task
+            await self.agent.shutdown()
+            watcher.cancel()
+            await asyncio.gather(watcher, retry, return_exceptions=True)
+            await self._http.close()
+            await self.certs.aclose()
+            log.info("agent stopped", extra=_EXTRA)
+
+    def _sighup(self) -> None:
+        log.info("SIGHUP: reloading config", extra=_EXTRA)
+        assert self.config is not None
+        self.config.reload()
+
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.retry_interval)
+            if self.agent.failures:
+                await self.agent.retry_failed()
+
