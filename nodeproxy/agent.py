@@ -93,10 +93,10 @@ class Agent:
 
     # -- convergence --------------------------------------------------------------------------
     def desired(self, snapshot: Snapshot) -> tuple[Workload, ...]:
-        """In-pod mode enrolls pods that have a netns; loopback mode every mesh workload."""
+        """Mesh (HBONE) workloads of this node; in-pod mode needs their netns path."""
         return tuple(
             w for w in snapshot.workloads_on_node(self.node)
-            if (w.netns if self._in_pod else w.protocol is WorkloadProtocol.HBONE)
+            if w.protocol is WorkloadProtocol.HBONE and (w.netns or not self._in_pod)
         )
 
     async def apply(self, snapshot: Snapshot) -> None:

@@ -55,6 +55,7 @@ class AgentOptions:
     cleanup_on_exit: bool = False
     socket_mark: bool = True
     retry_interval: float = 5.0
+    handle_signals: bool = True  # False when several agents share one loop (tests)
 
 
 class AgentApp:
@@ -87,6 +88,7 @@ class AgentApp:
         self._sockopts = SocketOptions(mark=0x539 if options.socket_mark else None)
         self._pending: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self.started = asyncio.Event()
         self._http = HttpEndpoints()
         self.config: ConfigSource | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -158,9 +160,9 @@ class AgentApp:
             quit=self.quit,
         )
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if opts.handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._sighup if sig == signal.SIGHUP else self._stop.set)
         watcher = loop.create_task(self.config.run(), name="config-watch")
         retry = loop.create_task(self._retry_loop(), name="enroll-retry")
         try:
@@ -168,12 +170,13 @@ class AgentApp:
             await self._http.add(metrics_app(self.metrics.registry), *opts.metrics_addr,
                                  "metrics")
             await self._http.add(admin_app(hooks), *opts.admin_addr, "admin")
+            self.started.set()
             log.info("agent for node %s started (%s mode)", opts.node,
                      "in-pod" if opts.in_pod else "no-redirect", extra=_EXTRA)
             await self._stop.wait()
             log.info("draining (deadline %.1f s)", opts.drain_timeout, extra=_EXTRA)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
             self.config.stop()
             retry.cancel()

@@ -82,19 +82,29 @@ def _base_context(
     return ctx
 
 
-def server_context(svid: Svid, bundle: TrustBundle, *, alpn: list[str] | None = None) -> ssl.SSLContext:
+def server_context(
+    svid: Svid, bundle: TrustBundle, *, alpn: list[str] | None = None
+) -> ssl.SSLContext:
     """Server side of an HBONE connection: presents ``svid``, requires a client SVID."""
     return _base_context(
-        ssl.PROTOCOL_TLS_SERVER, svid.cert_chain_pem, svid.key_pem(), bundle.pem,
+        ssl.PROTOCOL_TLS_SERVER,
+        svid.cert_chain_pem,
+        svid.key_pem(),
+        bundle.pem,
         alpn if alpn is not None else [ALPN_H2],
     )
 
 
-def client_context(svid: Svid, bundle: TrustBundle, *, alpn: list[str] | None = None) -> ssl.SSLContext:
+def client_context(
+    svid: Svid, bundle: TrustBundle, *, alpn: list[str] | None = None
+) -> ssl.SSLContext:
     """Client side: presents ``svid``, verifies the server chain against ``bundle``.
     Use ``server_hostname=""`` (or an IP) when connecting so no SNI is sent."""
     return _base_context(
-        ssl.PROTOCOL_TLS_CLIENT, svid.cert_chain_pem, svid.key_pem(), bundle.pem,
+        ssl.PROTOCOL_TLS_CLIENT,
+        svid.cert_chain_pem,
+        svid.key_pem(),
+        bundle.pem,
         alpn if alpn is not None else [ALPN_H2],
     )
 
@@ -121,7 +131,9 @@ def verify_peer(
     ``expected``.  Raises :class:`PeerIdentityError`; the caller closes the connection."""
     version = ssl_object.version()
     if version != "TLSv1.3":
-        raise PeerIdentityError(f"peer negotiated {version}, TLS 1.3 is required", flags=TLS_FAILURE)
+        raise PeerIdentityError(
+            f"peer negotiated {version}, TLS 1.3 is required", flags=TLS_FAILURE
+        )
     if require_alpn is not None and ssl_object.selected_alpn_protocol() != require_alpn:
         raise PeerIdentityError(
             f"peer did not negotiate ALPN {require_alpn!r}",
@@ -226,7 +238,10 @@ class ContextCache:
     async def rotating_server_context(self, identity: SpiffeId) -> ssl.SSLContext:
         """A stable server context for a listener whose handshakes always use the latest
         certificate of ``identity`` (existing connections are unaffected)."""
-        def pick(ssl_obj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext) -> None:
+
+        def pick(
+            ssl_obj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext
+        ) -> None:
             current = self.current_server(identity)
             if current is not None and current is not ssl_obj.context:
                 ssl_obj.context = current

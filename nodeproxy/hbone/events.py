@@ -89,7 +89,7 @@ class GoAway(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectionError(Event):  # noqa: A001 - the name is the API (issue 3)
+class ConnectionError(Event):
     """Fatal: protocol violation, keepalive timeout... GOAWAY bytes are queued; flush them
     and close the transport."""
 

@@ -34,6 +34,7 @@ from nodeproxy.identity.svid import (
     certs_to_pem,
     load_pem_chain,
     private_key_pem,
+    same_public_key,
 )
 from ztunnel_cfg.errors import SpiffeIdError
 from ztunnel_cfg.spiffe import DEFAULT_TRUST_DOMAIN, NodeId, SpiffeId, check_trust_domain
@@ -276,7 +277,9 @@ class CertificateAuthority:
         )
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], *, clock: Clock = utc_now) -> CertificateAuthority:
+    def load(
+        cls, directory: str | os.PathLike[str], *, clock: Clock = utc_now
+    ) -> CertificateAuthority:
         root_dir = Path(directory)
         meta_path = root_dir / META_FILE
         try:
@@ -293,13 +296,15 @@ class CertificateAuthority:
 
         root = load_pem_chain(_read(root_dir / ROOT_CERT), str(root_dir / ROOT_CERT))[0]
         if has_inter:
-            signing_cert = load_pem_chain(_read(root_dir / INTER_CERT), str(root_dir / INTER_CERT))[0]
+            signing_cert = load_pem_chain(_read(root_dir / INTER_CERT), str(root_dir / INTER_CERT))[
+                0
+            ]
             key_path = root_dir / INTER_KEY
             intermediates: tuple[x509.Certificate, ...] = (signing_cert,)
         else:
             signing_cert, key_path, intermediates = root, root_dir / ROOT_KEY, ()
         key = _load_key(key_path)
-        if key.public_key().public_numbers() != signing_cert.public_key().public_numbers():  # type: ignore[union-attr]
+        if not same_public_key(key.public_key(), signing_cert.public_key()):
             raise IdentityError(f"{key_path} does not match its certificate")
         extra: tuple[x509.Certificate, ...] = ()
         extra_path = root_dir / EXTRA_ROOTS
@@ -487,13 +492,17 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def write_new_file(path: str | os.PathLike[str], data: bytes, mode: int, *, force: bool = False) -> None:
+def write_new_file(
+    path: str | os.PathLike[str], data: bytes, mode: int, *, force: bool = False
+) -> None:
     """Write ``data`` to a new file created with ``mode`` (0600 for keys).  With ``force`` an
     existing file is replaced atomically (still never readable with a wider mode)."""
     target = Path(path)
     if not force:
         if target.exists():
-            raise IdentityError(f"refusing to overwrite {target}", hint="pass --force to replace it")
+            raise IdentityError(
+                f"refusing to overwrite {target}", hint="pass --force to replace it"
+            )
         _write_new(target, data, mode)
         return
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

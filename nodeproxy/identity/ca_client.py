@@ -3,7 +3,6 @@ or the remote CA service (multi-node).  Both take a CSR; private keys never leav
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 from collections.abc import Callable
@@ -101,15 +100,17 @@ class RemoteCaClient:
 
         body = {"identity": identity.uri, "csr": csr_pem.decode("ascii")}
         timeout = aiohttp.ClientTimeout(total=self._timeout)
+        connector = _verifying_connector(self._check_server)
         try:
             async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
+                aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
                 session.post(self._url, json=body, ssl=self._ssl, server_hostname="") as resp,
             ):
-                self._check_server(resp)
                 text = await resp.text()
                 status = resp.status
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except IdentityError:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
             raise IdentityError(
                 f"CA service {self._url} failed: {exc.__class__.__name__}: {exc}",
                 hint="is 'nodeproxy ca serve' running, and is this node's certificate valid?",
@@ -119,15 +120,15 @@ class RemoteCaClient:
             reason = doc.get("reason") if isinstance(doc, dict) else None
             err_cls = IssuanceRefused if status == 403 else IdentityError
             raise err_cls(f"CA service refused {identity} ({status}): {reason or text[:200]}")
-        if not isinstance(doc, dict) or not isinstance(doc.get("chain"), str) or not isinstance(
-            doc.get("bundle"), str
+        if not (
+            isinstance(doc, dict)
+            and isinstance(doc.get("chain"), str)
+            and isinstance(doc.get("bundle"), str)
         ):
             raise IdentityError(f"CA service answered without chain/bundle: {text[:200]!r}")
         return doc["chain"].encode(), doc["bundle"].encode()
 
-    def _check_server(self, resp: Any) -> None:
-        transport = resp.connection.transport if resp.connection is not None else None
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    def _check_server(self, ssl_object: Any) -> None:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             raise IdentityError("CA service presented no certificate")
@@ -139,6 +140,24 @@ class RemoteCaClient:
                 f"CA service presented {uri}, expected {self._expected_server}",
                 hint="is the URL pointing at the nodeproxy CA service?",
             )
+
+
+def _verifying_connector(check: Callable[[Any], None]) -> Any:
+    """A TCPConnector that checks the server's identity right after the TLS handshake, before
+    the request is sent (ssl has no verify callback; hostname checks do not apply)."""
+    import aiohttp
+
+    class _Connector(aiohttp.TCPConnector):
+        async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+            transport, proto = await super()._wrap_create_connection(*args, **kwargs)
+            try:
+                check(transport.get_extra_info("ssl_object"))
+            except IdentityError:
+                transport.close()
+                raise
+            return transport, proto
+
+    return _Connector()
 
 
 def _json(text: str) -> Any:

@@ -41,8 +41,8 @@ RotateCallback = Callable[[SpiffeId, Svid], None]
 
 def backoff_delay(failures: int, rng: Callable[[], float]) -> float:
     """Delay before retry number ``failures`` (>= 1): exponential, jittered, <= 150 s."""
-    base = min(MAX_BACKOFF, INITIAL_BACKOFF * 2 ** min(failures - 1, 16))
-    return base * (0.5 + 0.5 * rng())
+    base = min(MAX_BACKOFF, INITIAL_BACKOFF * 2.0 ** min(failures - 1, 16))
+    return float(base * (0.5 + 0.5 * rng()))
 
 
 def refresh_at(svid: Svid) -> float:
@@ -194,8 +194,13 @@ class CertificateManager:
             slot.last_error = str(exc)
             log.warning(
                 "certificate issuance failed; retrying with back-off",
-                extra={"component": "identity", "identity": identity.uri,
-                       "failures": slot.failures, "retry_in": round(delay, 1), "error": str(exc)},
+                extra={
+                    "component": "identity",
+                    "identity": identity.uri,
+                    "failures": slot.failures,
+                    "retry_in": round(delay, 1),
+                    "error": str(exc),
+                },
             )
             if not isinstance(exc, IdentityError):
                 raise IdentityError(f"issuing a certificate for {identity} failed: {exc}") from exc
@@ -210,8 +215,12 @@ class CertificateManager:
         self._bundle = bundle
         log.info(
             "certificate installed",
-            extra={"component": "identity", "identity": identity.uri, "serial": svid.serial_hex,
-                   "not_after": svid.not_after.isoformat()},
+            extra={
+                "component": "identity",
+                "identity": identity.uri,
+                "serial": svid.serial_hex,
+                "not_after": svid.not_after.isoformat(),
+            },
         )
         for callback in list(self._callbacks):
             try:

@@ -90,6 +90,18 @@ def node_identity_from_der(der_cert: bytes | None) -> NodeId:
         ) from None
 
 
+def same_public_key(a: object, b: object) -> bool:
+    def der(k: object) -> bytes:
+        to_bytes = getattr(k, "public_bytes", None)
+        if to_bytes is None:
+            return b""
+        return bytes(
+            to_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+
+    return der(a) == der(b) != b""
+
+
 def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -116,7 +128,7 @@ class Svid:
         """Build from an issued chain, checking that the leaf matches the key and identity."""
         certs = load_pem_chain(chain_pem, f"certificate chain for {identity}")
         leaf = certs[0]
-        if leaf.public_key().public_numbers() != key.public_key().public_numbers():
+        if not same_public_key(leaf.public_key(), key.public_key()):
             raise IdentityError(f"issued certificate for {identity} does not match our key")
         uri = single_uri_san(leaf)
         if uri != identity.uri:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fnmatch
+import json
 import os
+import re
+import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -22,6 +26,7 @@ from typing import Any
 
 from nodeproxy.lab.capture import Capture
 from nodeproxy.lab.topology import (
+    NETNS_DIR,
     NODE_SYSCTLS,
     Batch,
     ClusterPlan,
@@ -99,18 +104,46 @@ def write_sysctls(jobs: Sequence[tuple[str, Sequence[tuple[str, str]]]]) -> None
         raise LabError(f"setting sysctls in the lab namespaces failed: {errors[0]}")
 
 
-def list_netns(netns_dir: str = "/var/run/netns") -> list[str]:
+def list_netns(netns_dir: str = NETNS_DIR) -> list[str]:
     try:
         return sorted(os.listdir(netns_dir))
     except FileNotFoundError:
         return []
 
 
-def netns_pids(name: str) -> list[int]:
-    out = subprocess.run(
-        ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
-    )
-    return [int(x) for x in out.stdout.split() if x.isdigit()]
+def netns_pids(names: Sequence[str], netns_dir: str = NETNS_DIR) -> list[int]:
+    """Processes whose network namespace is one of ``names`` (like ``ip netns pids``, for
+    many namespaces at once and without spawning anything)."""
+    wanted = set()
+    for name in names:
+        try:
+            st = os.stat(os.path.join(netns_dir, name))
+        except OSError:
+            continue
+        wanted.add((st.st_dev, st.st_ino))
+    pids: list[int] = []
+    if not wanted:
+        return pids
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in wanted:
+            pids.append(int(entry))
+    return pids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie waits for its parent to reap it, e.g. a Popen the
+    caller has not waited for yet; it holds no namespace)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _kill_pids(pids: Sequence[int], grace: float) -> None:
@@ -126,7 +159,7 @@ def _kill_pids(pids: Sequence[int], grace: float) -> None:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            alive = [p for p in alive if os.path.exists(f"/proc/{p}")]
+            alive = [p for p in alive if _running(p)]
             if not alive:
                 return
             time.sleep(0.02)
@@ -136,7 +169,7 @@ def _kill_pids(pids: Sequence[int], grace: float) -> None:
 def remove_netns(names: Sequence[str], *, grace: float = 2.0) -> list[str]:
     """Kill what still runs inside ``names`` (processes keep a namespace and its veths
     alive after its name is gone), then delete the namespaces.  Returns what was removed."""
-    pids = sorted({pid for name in names for pid in netns_pids(name)} - {os.getpid()})
+    pids = sorted(set(netns_pids(names)) - {os.getpid()})
     _kill_pids(pids, grace)
     removed = []
     if names:
@@ -157,11 +190,23 @@ def remove_netns(names: Sequence[str], *, grace: float = 2.0) -> list[str]:
     return removed
 
 
+_LAB_SUFFIX = re.compile(r"(fab|n[0-9]+|n[0-9]+p[0-9]+)")
+
+
+def is_lab_netns(name: str, prefix_glob: str) -> bool:
+    """Whether ``name`` is a lab namespace (``<prefix>fab``, ``<prefix>n1``,
+    ``<prefix>n1p2``) of a prefix matching ``prefix_glob``; anything else is never touched."""
+    for cut in range(len(name)):
+        if _LAB_SUFFIX.fullmatch(name[cut:]) and fnmatch.fnmatchcase(name[:cut], prefix_glob):
+            return True
+    return False
+
+
 def sweep(prefix_glob: str) -> list[str]:
-    """Remove every namespace matching ``prefix_glob`` (``np*-`` style prefixes get a
-    trailing ``*``), e.g. leftovers of crashed runs.  Returns the names removed."""
-    pattern = prefix_glob if prefix_glob.endswith("*") else prefix_glob + "*"
-    return remove_netns([n for n in list_netns() if fnmatch.fnmatchcase(n, pattern)])
+    """Remove the lab namespaces of every prefix matching ``prefix_glob`` (an exact prefix
+    such as ``np3fa9-`` or a glob such as ``np????-``), e.g. leftovers of crashed runs.
+    Returns the names removed."""
+    return remove_netns([n for n in list_netns() if is_lab_netns(n, prefix_glob)])
 
 
 class Cluster:
@@ -176,7 +221,7 @@ class Cluster:
     def create(cls, plan: ClusterPlan) -> Cluster:
         """Build ``plan``; on any failure everything already created is removed."""
         cluster = cls(plan)
-        taken = [n for n in plan.all_netns() if n in set(list_netns(plan.spec.netns_dir))]
+        taken = [n for n in plan.all_netns() if n in set(list_netns())]
         if taken:
             raise LabError(
                 f"network namespaces already exist: {', '.join(taken)}",
@@ -259,6 +304,50 @@ class Cluster:
         self._captures.append(cap)
         return cap
 
+    # -- traffic apps (nodeproxy.lab.apps) --------------------------------------------------
+
+    def serve(
+        self, netns: str, port: int, *, tag: str | None = None, record: str | None = None,
+        timeout: float = 10.0,
+    ) -> subprocess.Popen[str]:
+        """Start the echo server app inside ``netns`` and wait until it listens."""
+        argv = [sys.executable, "-m", "nodeproxy.lab.apps", "server", "--port", str(port),
+                "--tag", tag or netns]
+        if record is not None:
+            argv += ["--record", record]
+        proc = self.popen(netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else ""
+        if '"listening"' not in line:
+            proc.kill()
+            _, err = proc.communicate()
+            raise LabError(
+                f"app server in {netns} on port {port} did not start: {err.strip()[-500:]}",
+                hint="is the port already taken in that namespace?",
+            )
+        return proc
+
+    def connect(
+        self, netns: str, target: str, text: str = "hello", *, count: int = 1,
+        timeout: float = 5.0,
+    ) -> list[dict[str, Any]]:
+        """Run the client app inside ``netns`` against ``target`` (``ip:port``); one result
+        dict per connection (see nodeproxy.lab.apps)."""
+        out = self.exec(
+            netns,
+            [sys.executable, "-m", "nodeproxy.lab.apps", "client", "--connect", target,
+             "--send", text, "--timeout", str(timeout), "--count", str(count)],
+            timeout=timeout * count + 30,
+        )
+        results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        if len(results) != count:
+            raise LabError(
+                f"client app in {netns} printed {len(results)} of {count} results: "
+                f"{out.stderr.strip()[-500:]}"
+            )
+        return results
+
     # -- teardown -------------------------------------------------------------------------
 
     def destroy(self) -> None:
@@ -274,9 +363,11 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
         self._procs.clear()
-        mine = [n for n in list_netns(self.plan.spec.netns_dir) if n.startswith(self.prefix)]
-        remove_netns(mine)
+        remove_netns([n for n in list_netns() if is_lab_netns(n, self.prefix)])
 
     def __enter__(self) -> Cluster:
         return self

@@ -29,7 +29,7 @@ POD_NET = "10.251"
 FABRIC_IP = f"{FABRIC_NET}.1"
 BRIDGE = "br0"
 UPLINK = "eth0"
-NETNS_DIR = "/var/run/netns"
+NETNS_DIR = "/var/run/netns"  # where `ip netns add` mounts them; agents open these
 MAX_NODES = 200
 MAX_PODS_PER_NODE = 250
 # Longest netns name is prefix + "n200p250" (8 chars); keep the whole well under NAME_MAX
@@ -54,7 +54,6 @@ class ClusterSpec:
     prefix: str
     nodes: int = 2
     pods_per_node: int = 2
-    netns_dir: str = NETNS_DIR
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +109,7 @@ class ClusterPlan:
     def node(self, name: str) -> NodePlan:
         """Look a node up by config name (``node1``), netns name or index string."""
         for node in self.nodes:
-            if name in (node.name, node.netns, str(node.index)):
+            if name in (node.name, node.netns, f"n{node.index}", str(node.index)):
                 return node
         raise LabError(f"no node {name!r} in cluster {self.prefix!r}",
                        hint=f"nodes are {', '.join(n.name for n in self.nodes)}")
@@ -156,7 +155,7 @@ def plan_cluster(spec: ClusterSpec) -> ClusterPlan:
             index=i,
             name=f"node{i}",
             netns=f"{p}n{i}",
-            netns_path=os.path.join(spec.netns_dir, f"{p}n{i}"),
+            netns_path=os.path.join(NETNS_DIR, f"{p}n{i}"),
             ip=f"{FABRIC_NET}.{10 + i}",
             uplink=UPLINK,
             fabric_port=f"n{i}",
@@ -171,7 +170,7 @@ def plan_cluster(spec: ClusterSpec) -> ClusterPlan:
                     index=j,
                     name=short,
                     netns=f"{p}{short}",
-                    netns_path=os.path.join(spec.netns_dir, f"{p}{short}"),
+                    netns_path=os.path.join(NETNS_DIR, f"{p}{short}"),
                     node=node.name,
                     node_netns=node.netns,
                     ip=f"{POD_NET}.{i}.{j + 1}",
@@ -183,7 +182,7 @@ def plan_cluster(spec: ClusterSpec) -> ClusterPlan:
     return ClusterPlan(
         spec=spec,
         fabric_netns=fabric,
-        fabric_netns_path=os.path.join(spec.netns_dir, fabric),
+        fabric_netns_path=os.path.join(NETNS_DIR, fabric),
         bridge=BRIDGE,
         fabric_ip=FABRIC_IP,
         fabric_cidr=f"{FABRIC_NET}.0/24",

@@ -1,0 +1,592 @@
+"""Thin asyncio glue around :class:`HboneConnection`.
+
+One :class:`HboneProtocol` per TLS connection (asyncio or uvloop SSL transport). It feeds
+received bytes to the sans-I/O layer, dispatches events to :class:`HboneStream` objects and
+writes what the layer produces.
+
+Flow control, both directions:
+* receive: bytes sit in the stream's buffer until ``read()`` returns them; only then are
+  they acknowledged (WINDOW_UPDATE). Buffering is therefore bounded by the windows we
+  advertise (4 MiB per stream, 16 MiB per connection); a peer exceeding them is a
+  FLOW_CONTROL_ERROR. Reading from the transport is never paused because control frames
+  (WINDOW_UPDATE, PING, RST) must keep flowing.
+* send: ``write()`` hands the layer only what the h2 windows accept and waits for
+  WindowOpened for the rest; it also waits while the transport asked us to pause writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from h2.errors import ErrorCodes
+
+from nodeproxy.errors import ProxyError
+from nodeproxy.hbone import events as ev
+from nodeproxy.hbone import settings as cfg
+from nodeproxy.hbone.protocol import HboneConnection, HboneProtocolError, StreamLimitError
+
+log = logging.getLogger("nodeproxy.hbone")
+
+RequestHandler = Callable[["HboneStream", ev.ConnectRequest], Awaitable[None]]
+PeerVerifier = Callable[[asyncio.BaseTransport], None]
+
+
+class StreamResetError(ProxyError):
+    """The HBONE stream was reset (by the peer, or because the connection died)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message, status=503, flags="CONNECT")
+        self.code = code
+
+
+def status_error(status: int, authority: str) -> ProxyError:
+    """Map a non-200 CONNECT answer to a ProxyError: 401/403 -> DENY, others -> CONNECT."""
+    if status in (401, 403):
+        return ProxyError(f"HBONE CONNECT {authority} denied ({status})", status=status,
+                          flags="DENY", hint="check the authorization policies of the target")
+    if status == 400:
+        return ProxyError(f"HBONE CONNECT {authority} rejected as bad request (400)",
+                          status=400, flags="CONNECT",
+                          hint="is the authority a workload IP:port local to that node?")
+    return ProxyError(f"HBONE CONNECT {authority} failed ({status})", status=status,
+                      flags="CONNECT", hint="is the destination workload listening on that port?")
+
+
+class HboneStream:
+    """One CONNECT tunnel. Async byte-stream API used by the relay."""
+
+    def __init__(self, proto: HboneProtocol, stream_id: int, authority: str) -> None:
+        self._proto = proto
+        self.stream_id = stream_id
+        self.authority = authority
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._buf: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._reset_code: int | None = None
+        self._write_closed = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._response: asyncio.Future[ev.ConnectResponse] | None = None
+        self.responded = False
+
+    @property
+    def protocol(self) -> HboneProtocol:
+        """The connection carrying this stream (peer identity, addresses)."""
+        return self._proto
+
+    # ----------------------------------------------------------- server side
+
+    def accept(self) -> None:
+        """Server: answer 200; the tunnel is open."""
+        self._respond(200)
+
+    def refuse(self, status: int) -> None:
+        """Server: answer ``status`` (400 / 401 / 503 ...) and end the stream."""
+        self._respond(status)
+
+    def _respond(self, status: int) -> None:
+        if self.responded or self._reset_code is not None:
+            return
+        self.responded = True
+        self._proto.conn.respond(self.stream_id, status)
+        if status != 200:
+            self._write_closed = True
+        self._proto.flush()
+
+    # ----------------------------------------------------------- data
+
+    async def read(self, max_bytes: int = cfg.RELAY_READ_SIZE) -> bytes:
+        """Up to ``max_bytes``; b"" once the peer half-closed. Raises StreamResetError."""
+        while not self._buf:
+            if self._reset_code is not None:
+                raise StreamResetError(f"HBONE stream to {self.authority} was reset",
+                                       self._reset_code)
+            if self._eof:
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        data = self._buf.popleft()
+        if len(data) > max_bytes:
+            self._buf.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        n = len(data)
+        self._buffered -= n
+        self.bytes_received += n
+        proto = self._proto
+        if not proto.conn.dead:
+            proto.conn.acknowledge(self.stream_id, n)
+            proto.flush()
+        return data
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``, waiting for flow-control window and transport drain."""
+        mv = memoryview(data)
+        proto = self._proto
+        conn = proto.conn
+        while True:
+            if self._reset_code is not None:
+                raise StreamResetError(f"HBONE stream to {self.authority} was reset",
+                                       self._reset_code)
+            if self._write_closed:
+                raise StreamResetError(f"HBONE stream to {self.authority} is closed for "
+                                       "writing", ErrorCodes.STREAM_CLOSED)
+            if proto.write_paused:
+                await proto.wait_writable()
+                continue
+            if not mv:
+                return
+            try:
+                n = conn.send_data(self.stream_id, mv)
+            except HboneProtocolError as exc:
+                raise StreamResetError(str(exc), ErrorCodes.STREAM_CLOSED) from exc
+            if n:
+                self.bytes_sent += n
+                mv = mv[n:]
+                proto.flush()
+                continue
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
+
+    def write_eof(self) -> None:
+        """Half-close (END_STREAM)."""
+        if self._write_closed or self._reset_code is not None or self._proto.conn.dead:
+            return
+        self._write_closed = True
+        try:
+            self._proto.conn.end_stream(self.stream_id)
+        except HboneProtocolError:
+            return
+        self._proto.flush()
+
+    def reset(self, code: int = ErrorCodes.CANCEL) -> None:
+        """RST_STREAM (default CANCEL); pending readers/writers get StreamResetError."""
+        if self._reset_code is None:
+            self._on_reset(code)
+            if not self._proto.conn.dead:
+                self._proto.conn.reset_stream(self.stream_id, code)
+                self._proto.flush()
+
+    def close(self) -> None:
+        """Release the stream: RST_STREAM CANCEL unless both directions already ended."""
+        if not (self._eof and self._write_closed):
+            self.reset()
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    @property
+    def is_reset(self) -> bool:
+        return self._reset_code is not None
+
+    # ----------------------------------------------------------- from the protocol
+
+    def _on_data(self, data: bytes) -> None:
+        self._buf.append(data)
+        self._buffered += len(data)
+        self._wake_reader()
+
+    def _on_end(self) -> None:
+        self._eof = True
+        self._wake_reader()
+
+    def _on_reset(self, code: int) -> None:
+        if self._reset_code is None:
+            self._reset_code = code
+        self._buf.clear()
+        self._wake_reader()
+        self._wake_writer()
+        if self._response is not None and not self._response.done():
+            self._response.set_exception(
+                StreamResetError(f"HBONE stream to {self.authority} was reset", code))
+
+    def _wake_reader(self) -> None:
+        w = self._read_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_writer(self) -> None:
+        w = self._write_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+class HboneProtocol(asyncio.BufferedProtocol):
+    """asyncio protocol for one HBONE connection (client or server side)."""
+
+    def __init__(self, client_side: bool, *, on_request: RequestHandler | None = None,
+                 verify_peer: PeerVerifier | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None, fast_path: bool = True) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.conn = HboneConnection(client_side, self.loop.time, fast_path=fast_path)
+        self._on_request = on_request
+        self._verify_peer = verify_peer
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, HboneStream] = {}
+        self._rbuf = bytearray(cfg.RELAY_READ_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        # Nobody may await ``ready`` (server side): mark its exception as retrieved.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.close_reason: str | None = None
+        # Filled by the caller's verify_peer hook (e.g. the peer's SPIFFE ID); opaque here.
+        self.peer_identity: Any = None
+        self.peer_ip: str = ""
+
+    # ----------------------------------------------------------- transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        if self._verify_peer is not None:
+            try:
+                self._verify_peer(transport)  # before any application byte goes out
+            except Exception as exc:
+                self.close_reason = str(exc)
+                if not self.ready.done():
+                    self.ready.set_exception(exc)
+                transport.abort()  # type: ignore[attr-defined]
+                return
+        self.flush()
+        self._timer = self.loop.call_later(cfg.TICK_INTERVAL, self._tick)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._rview
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._dispatch(self.conn.receive_data(self._rview[:nbytes]))
+        self.flush()
+        if not self.ready.done() and self.conn.settings_received:
+            self.ready.set_result(None)  # peer's limits (max streams, windows) now known
+
+    def eof_received(self) -> bool:
+        self._fail_all("peer closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        self._fail_all(self.close_reason or reason)
+        self.conn.dead = True
+        self.transport = None
+        if not self.ready.done():
+            self.ready.set_exception(ProxyError(f"HBONE connection failed: {reason}",
+                                                flags="CONNECT"))
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        for task in list(self._tasks):
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+
+    async def wait_writable(self) -> None:
+        if not self.write_paused or self.transport is None:
+            if self.transport is None:
+                self.write_paused = False
+            return
+        fut = self.loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    # ----------------------------------------------------------- plumbing
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        self._dispatch(self.conn.tick(self.loop.time()))
+        self.flush()
+        if self.transport is not None:
+            self._timer = self.loop.call_later(cfg.TICK_INTERVAL, self._tick)
+
+    def _dispatch(self, events: list[ev.Event]) -> None:
+        streams = self.streams
+        for e in events:
+            if type(e) is ev.StreamData:
+                st = streams.get(e.stream_id)
+                if st is not None:
+                    st._on_data(e.data)
+                else:  # nobody will read it: give the window back
+                    self.conn.acknowledge(e.stream_id, len(e.data))
+            elif type(e) is ev.WindowOpened:
+                if e.stream_id is None:
+                    for st in streams.values():
+                        st._wake_writer()
+                elif (st := streams.get(e.stream_id)) is not None:
+                    st._wake_writer()
+            elif type(e) is ev.StreamEnded:
+                if (st := streams.get(e.stream_id)) is not None:
+                    st._on_end()
+            elif type(e) is ev.StreamReset:
+                if (st := streams.get(e.stream_id)) is not None:
+                    st._on_reset(e.error_code)
+            elif type(e) is ev.StreamClosed:
+                streams.pop(e.stream_id, None)
+                self._maybe_finish_drain()
+            elif type(e) is ev.ConnectResponse:
+                st = streams.get(e.stream_id)
+                if st is not None and st._response is not None and not st._response.done():
+                    st._response.set_result(e)
+            elif type(e) is ev.ConnectRequest:
+                self._start_request(e)
+            elif type(e) is ev.BadRequest:
+                log.info("component=hbone rejected request stream=%d: %s (400)",
+                         e.stream_id, e.reason)
+            elif type(e) is ev.GoAway:
+                log.info("component=hbone peer sent GOAWAY last_stream=%d code=%d",
+                         e.last_stream_id, e.error_code)
+                self._maybe_finish_drain()
+            elif type(e) is ev.ConnectionError:
+                self.close_reason = e.reason
+                log.warning("component=hbone connection error: %s", e.reason)
+                self._fail_all(e.reason)
+                self.flush()
+                if self.transport is not None:
+                    self.transport.close()
+
+    def _start_request(self, req: ev.ConnectRequest) -> None:
+        stream = HboneStream(self, req.stream_id, req.authority)
+        self.streams[req.stream_id] = stream
+        if self._on_request is None:
+            stream.refuse(503)
+            return
+        task = self.loop.create_task(self._run_handler(stream, req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, stream: HboneStream, req: ev.ConnectRequest) -> None:
+        assert self._on_request is not None
+        try:
+            await self._on_request(stream, req)
+        except asyncio.CancelledError:
+            stream.reset()
+            raise
+        except Exception:
+            log.exception("component=hbone request handler failed for %s", req.authority)
+            if not stream.responded:
+                stream.refuse(503)
+        finally:
+            if not stream.responded:
+                stream.refuse(503)
+            elif not (stream.at_eof and stream._write_closed):
+                stream.reset()  # handler is done with a stream that is still open
+
+    def _fail_all(self, reason: str) -> None:
+        for st in list(self.streams.values()):
+            st._on_reset(ErrorCodes.CANCEL)
+        self.streams.clear()
+
+    def _maybe_finish_drain(self) -> None:
+        draining = self.conn.goaway_sent_last_id is not None or self.conn.goaway_received
+        if draining and not self.streams and self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+    # ----------------------------------------------------------- API
+
+    def new_stream(self, authority: str, headers: Sequence[tuple[str, str]]) -> HboneStream:
+        sid = self.conn.open_stream(authority, headers)
+        stream = HboneStream(self, sid, authority)
+        stream._response = self.loop.create_future()
+        self.streams[sid] = stream
+        self.flush()
+        return stream
+
+    def goaway(self) -> None:
+        """Graceful: no new streams; close once in-flight streams are done."""
+        if self.transport is None:
+            return
+        self.conn.goaway()
+        self.flush()
+        self._maybe_finish_drain()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class HboneClientConnection:
+    """Client side of one HBONE connection."""
+
+    def __init__(self, proto: HboneProtocol) -> None:
+        self._proto = proto
+
+    @property
+    def protocol(self) -> HboneProtocol:
+        return self._proto
+
+    @property
+    def is_usable(self) -> bool:
+        return self._proto.transport is not None and self.streams_available() > 0
+
+    def streams_available(self) -> int:
+        return self._proto.conn.streams_available()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._proto.streams)
+
+    async def open_stream(self, authority: str,
+                          headers: Sequence[tuple[str, str]] = ()) -> HboneStream:
+        """CONNECT; return the tunnel on 200, else raise ProxyError (see status_error)."""
+        if self._proto.transport is None:
+            raise ProxyError(f"HBONE connection is closed ({self._proto.close_reason})",
+                             flags="CONNECT")
+        stream = self._proto.new_stream(authority, headers)
+        assert stream._response is not None
+        resp = await stream._response
+        stream._response = None
+        if resp.status != 200:
+            stream.reset()
+            raise status_error(resp.status, authority)
+        return stream
+
+    def goaway(self) -> None:
+        self._proto.goaway()
+
+    def close(self) -> None:
+        """Graceful close: GOAWAY, then the transport closes when streams are done."""
+        self._proto.goaway()
+
+    def abort(self) -> None:
+        self._proto.abort()
+
+    async def wait_closed(self) -> None:
+        await self._proto.closed
+
+
+async def open_connection(host: str | None, port: int | None, ssl_context: ssl.SSLContext, *,
+                          sock: object | None = None, verify_peer: PeerVerifier | None = None,
+                          timeout: float = 10.0) -> HboneClientConnection:
+    """Open a TLS (ALPN h2, no SNI) HBONE connection; ``sock`` (an already connected socket
+    from the injected factory) replaces host/port."""
+    loop = asyncio.get_running_loop()
+    proto: HboneProtocol | None = None
+
+    def factory() -> HboneProtocol:
+        nonlocal proto
+        proto = HboneProtocol(True, verify_peer=verify_peer, loop=loop)
+        return proto
+
+    target = f"{host}:{port}" if sock is None else "socket"
+    try:
+        async with asyncio.timeout(timeout):
+            if sock is not None:
+                await loop.create_connection(factory, sock=sock,  # type: ignore[call-overload]
+                                             ssl=ssl_context, server_hostname="")
+            else:
+                await loop.create_connection(factory, host, port,  # type: ignore[arg-type]
+                                             ssl=ssl_context, server_hostname="")
+            assert proto is not None
+            await proto.ready
+    except TimeoutError as exc:
+        if proto is not None:
+            proto.abort()
+        hint = f"is {target} reachable, and is port 15008 open between nodes?"
+        raise ProxyError(f"HBONE connection to {target} timed out", hint=hint) from exc
+    except ssl.SSLError as exc:
+        raise ProxyError(f"TLS handshake with {target} failed: {exc.reason or exc}",
+                         flags="TLS_FAILURE",
+                         hint="check certificates and the trust bundle") from exc
+    except OSError as exc:
+        from nodeproxy.errors import from_os_error
+
+        raise from_os_error(exc, "HBONE connection to", target) from exc
+    return HboneClientConnection(proto)
+
+
+class HboneServer:
+    """A listening HBONE server and its live connections."""
+
+    def __init__(self, server: asyncio.Server, protocols: set[HboneProtocol]) -> None:
+        self.server = server
+        self.protocols = protocols
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self, *, graceful: bool = True, timeout: float = 5.0) -> None:
+        """Stop accepting; GOAWAY every connection (graceful) or abort them; wait."""
+        self.server.close()
+        protos = list(self.protocols)
+        for proto in protos:
+            proto.goaway() if graceful else proto.abort()
+        if protos:
+            _done, pending = await asyncio.wait([p.closed for p in protos], timeout=timeout)
+            for proto in protos:
+                if not proto.closed.done():
+                    proto.abort()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        await self.server.wait_closed()
+
+
+async def start_server(on_request: RequestHandler, host: str | None, port: int | None,
+                       ssl_context: ssl.SSLContext, *, sock: object | None = None,
+                       verify_peer: PeerVerifier | None = None) -> HboneServer:
+    """Serve HBONE; ``on_request(stream, req)`` decides and calls accept()/refuse()."""
+    loop = asyncio.get_running_loop()
+    protocols: set[HboneProtocol] = set()
+
+    def factory() -> HboneProtocol:
+        proto = HboneProtocol(False, on_request=on_request, verify_peer=verify_peer, loop=loop)
+        protocols.add(proto)
+        proto.closed.add_done_callback(lambda _f: protocols.discard(proto))
+        return proto
+
+    if sock is not None:
+        server = await loop.create_server(factory, sock=sock,  # type: ignore[call-overload]
+                                          ssl=ssl_context)
+    else:
+        server = await loop.create_server(factory, host, port or 0, ssl=ssl_context)
+    return HboneServer(server, protocols)
+
+
+__all__ = [
+    "HboneClientConnection",
+    "HboneProtocol",
+    "HboneServer",
+    "HboneStream",
+    "StreamLimitError",
+    "StreamResetError",
+    "open_connection",
+    "start_server",
+    "status_error",
+]

@@ -1,0 +1,63 @@
+"""A multi-node cluster made of network namespaces, for tests and ``nodeproxy demo``.
+
+See docs/lab.md.  ``topology`` plans (pure), ``build`` creates and tears down, ``capture``
+records the node-to-node link, ``config`` renders a nodeproxy config for the cluster and
+``apps`` are the tiny traffic programs run inside pods.
+
+Names are imported lazily so that ``python -m nodeproxy.lab.apps`` (started many times per
+test inside pods) does not pay for importing the rest of the project.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodeproxy.lab.build import Cluster, sweep
+    from nodeproxy.lab.capture import Capture, CaptureResult, Packet
+    from nodeproxy.lab.config import PodRole, ServiceDef, dump_config, render_config
+    from nodeproxy.lab.topology import (
+        ClusterPlan,
+        ClusterSpec,
+        LabError,
+        NodePlan,
+        PodPlan,
+        plan_cluster,
+        random_prefix,
+    )
+
+_WHERE = {
+    "Cluster": "build", "sweep": "build",
+    "Capture": "capture", "CaptureResult": "capture", "Packet": "capture",
+    "PodRole": "config", "ServiceDef": "config", "dump_config": "config",
+    "render_config": "config",
+    "ClusterPlan": "topology", "ClusterSpec": "topology", "LabError": "topology",
+    "NodePlan": "topology", "PodPlan": "topology", "plan_cluster": "topology",
+    "random_prefix": "topology",
+}
+
+__all__ = [
+    "Capture",
+    "CaptureResult",
+    "Cluster",
+    "ClusterPlan",
+    "ClusterSpec",
+    "LabError",
+    "NodePlan",
+    "Packet",
+    "PodPlan",
+    "PodRole",
+    "ServiceDef",
+    "dump_config",
+    "plan_cluster",
+    "random_prefix",
+    "render_config",
+    "sweep",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"nodeproxy.lab.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'nodeproxy.lab' has no attribute {name!r}")

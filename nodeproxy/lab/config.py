@@ -1,0 +1,118 @@
+"""Render a nodeproxy config (DESIGN §6 shape) for a lab cluster.
+
+Pure: takes a :class:`ClusterPlan` plus the roles of its pods and returns a dict; dump it
+with :func:`dump_config`.  Mesh pods get ``protocol: HBONE`` and their ``netns`` path (the
+agent of their node enrolls them); pods outside the mesh get ``protocol: TCP`` and no
+``netns``, so no agent ever captures their traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from nodeproxy.lab.topology import ClusterPlan, LabError, PodPlan
+
+
+@dataclass(frozen=True, slots=True)
+class PodRole:
+    """Who a pod is in the config.  ``name`` defaults to the pod's short name (n1p1)."""
+
+    namespace: str = "default"
+    service_account: str = "default"
+    mesh: bool = True
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDef:
+    """A service VIP whose endpoints are lab pods (by short name or workload name)."""
+
+    name: str
+    vip: str
+    ports: Mapping[int, int]
+    endpoints: Sequence[str]
+    namespace: str = "default"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+
+def workload_name(pod: PodPlan, role: PodRole) -> str:
+    return role.name or pod.name
+
+
+def render_config(
+    plan: ClusterPlan,
+    roles: Mapping[str, PodRole] | None = None,
+    services: Sequence[ServiceDef] = (),
+    policies: Sequence[Mapping[str, Any]] = (),
+    *,
+    cluster: str = "cluster1",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config document for ``plan``.  ``roles`` is keyed by pod short name; pods not
+    listed are mesh pods in ``default`` with service account ``default``.  ``extra``
+    top-level keys (e.g. ``peerAuthentication``) are copied in as given."""
+    roles = dict(roles or {})
+    unknown = sorted(set(roles) - {p.name for p in plan.pods})
+    if unknown:
+        raise LabError(f"roles given for unknown pods: {', '.join(unknown)}",
+                       hint=f"pods are {', '.join(p.name for p in plan.pods)}")
+    by_name: dict[str, PodPlan] = {}
+    for pod in plan.pods:
+        by_name[pod.name] = pod
+        by_name[workload_name(pod, roles.get(pod.name, PodRole()))] = pod
+
+    memberships: dict[str, dict[str, dict[int, int]]] = {}
+    rendered_services = []
+    for svc in services:
+        key = f"{svc.namespace}/{svc.hostname}"
+        for ep in svc.endpoints:
+            if ep not in by_name:
+                raise LabError(f"service {svc.name}: unknown endpoint pod {ep!r}")
+            memberships.setdefault(by_name[ep].name, {})[key] = dict(svc.ports)
+        rendered_services.append({
+            "name": svc.name,
+            "namespace": svc.namespace,
+            "hostname": svc.hostname,
+            "vips": [f"/{svc.vip}"],
+            "ports": dict(svc.ports),
+            **svc.extra,
+        })
+
+    workloads = []
+    for pod in plan.pods:
+        role = roles.get(pod.name, PodRole())
+        name = workload_name(pod, role)
+        wl: dict[str, Any] = {
+            "uid": f"{cluster}//v1/Pod/{role.namespace}/{name}",
+            "name": name,
+            "namespace": role.namespace,
+            "serviceAccount": role.service_account,
+            "workloadIps": [pod.ip],
+            "node": pod.node,
+            "protocol": "HBONE" if role.mesh else "TCP",
+        }
+        if role.mesh:
+            wl["netns"] = pod.netns_path
+        if pod.name in memberships:
+            wl["services"] = memberships[pod.name]
+        workloads.append(wl)
+
+    doc: dict[str, Any] = {
+        "workloads": workloads,
+        "services": rendered_services,
+        "policies": [dict(p) for p in policies],
+    }
+    doc.update(extra or {})
+    return doc
+
+
+def dump_config(doc: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(doc), sort_keys=False, default_flow_style=False)

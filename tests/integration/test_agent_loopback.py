@@ -1,0 +1,207 @@
+"""Two agents in one process on loopback (``--no-redirect`` mode): the whole data path with
+real TLS 1.3, real HTTP/2 CONNECT, real certificates from a real CA directory.
+
+Pods are loopback addresses (127.0.1.x on node1, 127.0.2.x on node2).  There is no REDIRECT
+here, so the test injects the "original destination" of each outbound connection, keyed by
+the client's source address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nodeproxy.app import AgentApp, AgentOptions
+from nodeproxy.identity.ca import CertificateAuthority
+from nodeproxy.identity.ca_client import LocalCaClient
+from nodeproxy.metrics import Metrics
+from nodeproxy.proxy.env import ProxyEnv
+
+CONFIG = textwrap.dedent(
+    """
+    workloads:
+    - uid: c1//Pod/default/client
+      name: client
+      namespace: default
+      serviceAccount: client
+      workloadIps: ["127.0.1.1"]
+      node: node1
+      protocol: HBONE
+    - uid: c1//Pod/legacy/intruder
+      name: intruder
+      namespace: legacy
+      serviceAccount: intruder
+      workloadIps: ["127.0.1.2"]
+      node: node1
+      protocol: HBONE
+    - uid: c1//Pod/shop/server
+      name: server
+      namespace: shop
+      serviceAccount: server
+      workloadIps: ["127.0.2.1"]
+      node: node2
+      protocol: HBONE
+    - uid: c1//Pod/external/plain
+      name: plain
+      namespace: external
+      serviceAccount: plain
+      workloadIps: ["127.0.3.1"]
+      node: node2
+      protocol: TCP
+    policies:
+    - name: deny-legacy
+      namespace: shop
+      scope: Namespace
+      action: Deny
+      rules: [[[{namespaces: ["legacy"]}]]]
+    """
+)
+
+APP_PORT = 18080
+
+
+@dataclass
+class Mesh:
+    apps: dict[str, AgentApp]
+    targets: dict[tuple[str, int], tuple[str, int]]
+    received: list[bytes]
+    peers: list[str]
+
+    async def connect_via(self, pod_ip: str, target: tuple[str, int]) -> tuple[
+        asyncio.StreamReader, asyncio.StreamWriter
+    ]:
+        """Connect from ``pod_ip`` to its outbound listener as if redirected to ``target``."""
+        sock = socket.socket()
+        sock.bind((pod_ip, 0))
+        sock.setblocking(False)
+        self.targets[sock.getsockname()[:2]] = target
+        await asyncio.get_running_loop().sock_connect(sock, (pod_ip, 15001))
+        return await asyncio.open_connection(sock=sock)
+
+
+async def _echo_server(host: str, received: list[bytes], peers: list[str]) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[0])
+        while data := await reader.read(65536):
+            received.append(data)
+            writer.write(data.upper())
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, host, APP_PORT)
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    ca_dir = tmp_path / "ca"
+    CertificateAuthority.init(ca_dir)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(CONFIG)
+    targets: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def inject(env: ProxyEnv) -> None:
+        env.original_dst = lambda sock: targets[sock.getpeername()[:2]]
+
+    apps: dict[str, AgentApp] = {}
+    tasks = []
+    for node in ("node1", "node2"):
+        options = AgentOptions(
+            config=str(config), node=node, in_pod=False,
+            readiness_addr=("127.0.0.1", 0), metrics_addr=("127.0.0.1", 0),
+            admin_addr=("127.0.0.1", 0), socket_mark=False, handle_signals=False,
+            drain_timeout=1.0,
+        )
+        holder: list[AgentApp] = []
+        client = LocalCaClient(CertificateAuthority.load(ca_dir), node,
+                               lambda h=holder: h[0].env.snapshot())
+        app = AgentApp(options, client, None, metrics=Metrics(), env_overrides=inject)
+        holder.append(app)
+        apps[node] = app
+        tasks.append(asyncio.create_task(app.run()))
+    received: list[bytes] = []
+    peers: list[str] = []
+    servers = [await _echo_server(ip, received, peers) for ip in ("127.0.2.1", "127.0.3.1")]
+    try:
+        async with asyncio.timeout(10):
+            while not all(a.agent.ready and a.started.is_set() for a in apps.values()):
+                await asyncio.sleep(0.02)
+        yield Mesh(apps, targets, received, peers)
+    finally:
+        for app in apps.values():
+            await app.quit()
+        await asyncio.gather(*tasks)
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+def _counter(app: AgentApp, name: str, **labels: str) -> float:
+    total = 0.0
+    for metric in app.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def test_round_trip_through_hbone(mesh: Mesh) -> None:
+    reader, writer = await mesh.connect_via("127.0.1.1", ("127.0.2.1", APP_PORT))
+    writer.write(b"hello mesh")
+    await writer.drain()
+    assert await reader.readexactly(10) == b"HELLO MESH"
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert mesh.received == [b"hello mesh"]
+    node1, node2 = mesh.apps["node1"], mesh.apps["node2"]
+    assert _counter(node1, "istio_tcp_connections_opened_total", reporter="source",
+                    connection_security_policy="mutual_tls") == 1
+    assert _counter(node2, "istio_tcp_connections_opened_total", reporter="destination",
+                    source_principal="spiffe://cluster.local/ns/default/sa/client",
+                    destination_workload="server") == 1
+    assert _counter(node1, "istio_tcp_sent_bytes_total", reporter="source") == 10
+    assert _counter(node1, "istio_tcp_received_bytes_total", reporter="source") == 10
+
+
+async def test_denied_source_gets_no_byte_through(mesh: Mesh) -> None:
+    reader, writer = await mesh.connect_via("127.0.1.2", ("127.0.2.1", APP_PORT))
+    writer.write(b"sneaky")
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await reader.readexactly(1)
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert mesh.received == []
+    assert _counter(mesh.apps["node2"], "istio_tcp_connections_failed_total",
+                    response_flags="DENY") == 1
+
+
+async def test_non_mesh_destination_is_passed_through(mesh: Mesh) -> None:
+    reader, writer = await mesh.connect_via("127.0.1.1", ("127.0.3.1", APP_PORT))
+    writer.write(b"plain")
+    assert await reader.readexactly(5) == b"PLAIN"
+    writer.close()
+    assert _counter(mesh.apps["node1"], "istio_tcp_connections_opened_total",
+                    connection_security_policy="unknown") == 1
+
+
+async def test_many_concurrent_connections_share_the_pool(mesh: Mesh) -> None:
+    async def one(i: int) -> bytes:
+        reader, writer = await mesh.connect_via("127.0.1.1", ("127.0.2.1", APP_PORT))
+        payload = f"msg-{i:04d}".encode()
+        writer.write(payload)
+        reply = await reader.readexactly(len(payload))
+        writer.close()
+        return reply
+
+    replies = await asyncio.gather(*(one(i) for i in range(150)))
+    assert sorted(replies) == sorted(f"MSG-{i:04d}".encode() for i in range(150))
+    pod = mesh.apps["node1"].agent.pods["c1//Pod/default/client"]
+    stats = pod.pool.stats()  # type: ignore[attr-defined]
+    assert 1 <= stats["connections"] <= 2  # 150 streams need at most 2 pooled connections

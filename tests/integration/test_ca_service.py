@@ -1,0 +1,272 @@
+"""`nodeproxy ca serve` as a real subprocess on 127.0.0.1: node-restricted issuance over mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from nodeproxy.errors import IdentityError
+from nodeproxy.identity.ca import new_key_and_csr
+from nodeproxy.identity.ca_client import IssuanceRefused, RemoteCaClient
+from nodeproxy.identity.manager import CertificateManager
+from nodeproxy.identity.svid import load_pem_chain, uri_sans
+from nodeproxy.tls import context_from_pem
+from ztunnel_cfg.spiffe import SpiffeId
+
+NODEPROXY = str(Path(sys.executable).with_name("nodeproxy"))
+CLIENT = SpiffeId.of("default", "client")  # scheduled on node1
+CART = SpiffeId.of("shop", "cart")  # scheduled on node2
+LATER = SpiffeId.of("default", "later")  # added to the config while the service runs
+
+WORKLOAD = """\
+- uid: c1//v1/Pod/{ns}/{name}
+  name: {name}
+  namespace: {ns}
+  serviceAccount: {sa}
+  workloadIps: ["{ip}"]
+  node: {node}
+  protocol: HBONE
+"""
+
+
+def _config(*extra: str) -> str:
+    rows = [
+        WORKLOAD.format(ns="default", name="client-0", sa="client", ip="10.10.1.2", node="node1"),
+        WORKLOAD.format(ns="shop", name="cart-0", sa="cart", ip="10.10.2.2", node="node2"),
+        *extra,
+    ]
+    return "workloads:\n" + "".join(rows)
+
+
+def _run(*args: str) -> None:
+    res = subprocess.run([NODEPROXY, *args], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    url: str
+    port: int
+    dir: Path
+    config: Path
+    proc: subprocess.Popen[str]
+    log: Path
+
+    def node_files(self, node: str) -> tuple[bytes, bytes, bytes]:
+        d = self.dir.parent
+        return (
+            (d / f"{node}-cert.pem").read_bytes(),
+            (d / f"{node}-key.pem").read_bytes(),
+            (d / "bundle.pem").read_bytes(),
+        )
+
+    def client(self, node: str) -> RemoteCaClient:
+        cert, key, bundle = self.node_files(node)
+        return RemoteCaClient(self.url, cert, key, bundle)
+
+    def ssl_as(self, node: str) -> ssl.SSLContext:
+        cert, key, bundle = self.node_files(node)
+        return context_from_pem(
+            server=False, chain_pem=cert, key_pem=key, bundle_pem=bundle, alpn=["http/1.1"]
+        )
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    base = tmp_path_factory.mktemp("casvc")
+    ca_dir = base / "ca"
+    _run("ca", "init", "--dir", str(ca_dir), "--intermediate")
+    for node in ("node1", "node2"):
+        _run(
+            "ca", "issue-node", "--dir", str(ca_dir), "--node", node,
+            "--out-cert", str(base / f"{node}-cert.pem"),
+            "--out-key", str(base / f"{node}-key.pem"),
+            "--out-bundle", str(base / "bundle.pem"), "--force",
+        )  # fmt: skip
+    config = base / "cluster.yaml"
+    config.write_text(_config())
+    port = _free_port()
+    log = base / "ca.log"
+    with log.open("w") as logf:
+        proc = subprocess.Popen(
+            [NODEPROXY, "--log-format", "json", "ca", "serve", "--dir", str(ca_dir),
+             "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+            stdout=logf, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        if "CA service listening" in log.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"CA service did not start:\n{log.read_text()}")
+    svc = Service(f"https://127.0.0.1:{port}", port, ca_dir, config, proc, log)
+    try:
+        yield svc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_node1_gets_a_certificate_for_its_workload(service: Service) -> None:
+    key, csr = new_key_and_csr(CLIENT)
+    chain, bundle = await service.client("node1").sign(CLIENT, csr)
+    certs = load_pem_chain(chain)
+    assert len(certs) == 2  # leaf + intermediate
+    assert uri_sans(certs[0]) == [CLIENT.uri]
+    assert certs[0].public_key() == key.public_key()
+    assert bundle == service.node_files("node1")[2]
+    leaf, inter = service.dir.parent / "leaf.pem", service.dir.parent / "inter.pem"
+    leaf.write_bytes(certs[0].public_bytes(Encoding.PEM))
+    inter.write_bytes(certs[1].public_bytes(Encoding.PEM))
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(service.dir / "root-cert.pem"), "-untrusted",
+         str(inter), str(leaf)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stderr
+    serial = format(certs[0].serial_number, "x")
+    await asyncio.sleep(0.1)
+    logs = service.log.read_text()
+    issued = [line for line in logs.splitlines() if '"msg": "issued"' in line and serial in line]
+    assert len(issued) == 1
+    assert CLIENT.uri in issued[0]
+    assert '"node": "node1"' in issued[0]
+    assert "PRIVATE KEY" not in logs
+    assert "BEGIN CERTIFICATE REQUEST" not in logs
+
+
+async def test_node1_is_refused_a_workload_of_node2(service: Service) -> None:
+    _, csr = new_key_and_csr(CART)
+    with pytest.raises(IssuanceRefused) as info:
+        await service.client("node1").sign(CART, csr)
+    assert "(403)" in str(info.value)
+    assert "it runs on node2" in str(info.value)
+    # ... while node2 may have it.
+    chain, _ = await service.client("node2").sign(CART, csr)
+    assert uri_sans(load_pem_chain(chain)[0]) == [CART.uri]
+
+
+async def test_client_without_node_certificate_is_refused_at_tls(service: Service) -> None:
+    bundle = service.node_files("node1")[2]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=bundle.decode())
+    _, csr = new_key_and_csr(CLIENT)
+    body = {"identity": CLIENT.uri, "csr": csr.decode()}
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)) as info:
+            async with session.post(f"{service.url}/v1/sign", json=body, ssl=ctx) as resp:
+                await resp.read()
+    assert "certificate required" in str(info.value) or isinstance(
+        info.value, (aiohttp.ServerDisconnectedError, ConnectionError)
+    )
+
+
+async def test_workload_certificate_cannot_act_as_a_node(service: Service) -> None:
+    key, csr = new_key_and_csr(CLIENT)
+    chain, bundle = await service.client("node1").sign(CLIENT, csr)
+    from nodeproxy.identity.svid import private_key_pem
+
+    ctx = context_from_pem(
+        server=False, chain_pem=chain, key_pem=private_key_pem(key), bundle_pem=bundle,
+        alpn=["http/1.1"],
+    )  # fmt: skip
+    status, doc = await _post(service, ctx, {"identity": CLIENT.uri, "csr": csr.decode()})
+    assert status == 403
+    assert "not a node certificate" in doc["reason"]
+
+
+async def _post(service: Service, ctx: ssl.SSLContext, body: object) -> tuple[int, dict]:  # type: ignore[type-arg]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{service.url}/v1/sign", json=body, ssl=ctx) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"identity": "spiffe://cluster.local/ns/default", "csr": "x"}, "is not of the form"),
+        ({"identity": CLIENT.uri}, "expected"),
+        ("just a string", "expected"),
+        ({"identity": CLIENT.uri, "csr": "garbage"}, "not a valid PEM"),
+        (
+            {
+                "identity": CLIENT.uri,
+                "csr": new_key_and_csr(SpiffeId.of("default", "x"))[1].decode(),
+            },
+            "requested identity is",
+        ),
+        (
+            {"identity": "spiffe://other.td/ns/default/sa/client", "csr": "x"},
+            "not in trust domain",
+        ),
+    ],
+    ids=["malformed-id", "no-csr", "not-object", "garbage-csr", "csr-other-id", "other-td"],
+)
+async def test_bad_requests_get_400(service: Service, body: object, reason: str) -> None:
+    status, doc = await _post(service, service.ssl_as("node1"), body)
+    assert status == 400
+    assert reason in doc["reason"]
+
+
+async def test_config_changes_are_picked_up(service: Service) -> None:
+    _, csr = new_key_and_csr(LATER)
+    with pytest.raises(IssuanceRefused, match="no workload in the config has identity"):
+        await service.client("node1").sign(LATER, csr)
+    later = WORKLOAD.format(ns="default", name="later-0", sa="later", ip="10.10.1.9", node="node1")
+    tmp = service.config.with_suffix(".new")
+    tmp.write_text(_config(later))
+    os.replace(tmp, service.config)
+    chain, _ = await service.client("node1").sign(LATER, csr)
+    assert uri_sans(load_pem_chain(chain)[0]) == [LATER.uri]
+    # A broken file keeps the last good snapshot.
+    service.config.write_text("workloads: [{bogus: 1}]\n")
+    try:
+        chain, _ = await service.client("node1").sign(LATER, csr)
+        assert uri_sans(load_pem_chain(chain)[0]) == [LATER.uri]
+        assert "config rejected" in service.log.read_text()
+    finally:
+        service.config.write_text(_config(later))
+
+
+async def test_certificate_manager_over_the_service(service: Service) -> None:
+    manager = CertificateManager(service.client("node1"))
+    try:
+        svid = await manager.get(CLIENT)
+        assert svid.identity == CLIENT
+        assert manager.bundle is not None
+        assert manager.bundle.roots[0] == x509.load_pem_x509_certificate(
+            (service.dir / "root-cert.pem").read_bytes()
+        )
+        with pytest.raises(IdentityError, match="403"):
+            await manager.get(CART)
+    finally:
+        await manager.aclose()
