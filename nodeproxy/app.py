@@ -162,7 +162,10 @@ class AgentApp:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if opts.handle_signals else ()
         for sig in signals:
-            loop.add_signal_handler(sig, self._sighup if sig == signal.SIGHUP else self._stop.set)
+            if sig == signal.SIGHUP:
+                loop.add_signal_handler(sig, self._sighup)
+            else:
+                loop.add_signal_handler(sig, self._signalled, sig)
         watcher = loop.create_task(self.config.run(), name="config-watch")
         retry = loop.create_task(self._retry_loop(), name="enroll-retry")
         try:
@@ -189,6 +192,10 @@ class AgentApp:
             await self._http.close()
             await self.certs.aclose()
             log.info("agent stopped", extra=_EXTRA)
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        log.info("received %s", sig.name, extra=_EXTRA)
+        self._stop.set()
 
     def _sighup(self) -> None:
         log.info("SIGHUP: reloading config", extra=_EXTRA)
