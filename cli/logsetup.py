@@ -14,7 +14,11 @@ class _TextFormatter(logging.Formatter):
         component = getattr(record, "component", record.name)
         extras = _extras(record)
         tail = "".join(f" {k}={v}" for k, v in extras.items())
-        line = f"{ts}.{int(record.msecs):03d}Z {record.levelname.lower():5} component={component}{tail} {record.getMessage()}"
+        level = record.levelname.lower()
+        line = (
+            f"{ts}.{int(record.msecs):03d}Z {level:5} component={component}{tail} "
+            f"{record.getMessage()}"
+        )
         if record.exc_info and record.levelno >= logging.ERROR:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -35,11 +39,17 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "component", "asctime", "taskName"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "component",
+    "asctime",
+    "taskName",
+}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+    items = record.__dict__.items()
+    return {k: v for k, v in items if k not in _STANDARD and not k.startswith("_")}
 
 
 def configure_logging(level: str = "info", fmt: str = "text") -> None:

@@ -15,13 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ztunnel_cfg.snapshot import Snapshot
-
 from nodeproxy.errors import ProxyError
 from nodeproxy.metrics import Metrics
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.model import Protocol as WorkloadProtocol
 from ztunnel_cfg.model import Workload
+from ztunnel_cfg.snapshot import Snapshot
 
 log = logging.getLogger("nodeproxy.agent")
 _EXTRA = {"component": "agent"}

@@ -127,6 +127,22 @@ class ConnectionPool(Generic[C]):
 
         self._reaper = loop.call_later(interval, tick)
 
+    async def aclose(self, timeout: float = 1.0) -> None:
+        """Close every connection (GOAWAY) and wait up to ``timeout`` for them to finish."""
+        conns = [e.conn for es in self._entries.values() for e in es if e.conn is not None]
+        self.close()
+        waits = [c.wait_closed() for c in conns if hasattr(c, "wait_closed")]
+        if waits:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(w) for w in waits], timeout=timeout
+            )
+            for conn in conns:
+                abort = getattr(conn, "abort", None)
+                if pending and abort is not None:
+                    abort()
+            for task in pending:
+                task.cancel()
+
     def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()

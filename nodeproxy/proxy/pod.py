@@ -153,7 +153,7 @@ class PodProxy:
             await asyncio.gather(*self._conns, return_exceptions=True)
         await asyncio.gather(*self._accept_tasks, return_exceptions=True)
         self._accept_tasks.clear()
-        self.pool.close()
+        await self.pool.aclose(timeout=max(drain_timeout, 0.5))
         self.sockets.close()
 
     async def _accept_loop(

@@ -49,6 +49,12 @@ class ClientConnection:
     def close(self) -> None:
         self._conn.close()
 
+    def abort(self) -> None:
+        self._conn.abort()
+
+    async def wait_closed(self) -> None:
+        await self._conn.wait_closed()
+
 
 PoolLease = Lease[ClientConnection]
 
