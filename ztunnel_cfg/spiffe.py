@@ -25,7 +25,8 @@ def check_trust_domain(trust_domain: str) -> str:
         raise SpiffeIdError("trust domain is empty")
     if len(trust_domain) > 255 or not _TRUST_DOMAIN.match(trust_domain):
         raise SpiffeIdError(
-            f"trust domain {trust_domain!r} is invalid: use lowercase letters, digits, '.', '-', '_'"
+            f"trust domain {trust_domain!r} is invalid: "
+            "use lowercase letters, digits, '.', '-', '_'"
         )
     return trust_domain
 
@@ -76,7 +77,9 @@ class SpiffeId:
         return cls(trust_domain, segments[1], segments[3])
 
     @classmethod
-    def of(cls, namespace: str, service_account: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> SpiffeId:
+    def of(
+        cls, namespace: str, service_account: str, trust_domain: str = DEFAULT_TRUST_DOMAIN
+    ) -> SpiffeId:
         """Build and validate from parts."""
         return cls.parse(f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 

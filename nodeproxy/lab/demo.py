@@ -926,9 +926,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 out.write(f"[{progress.n}/{progress.total}] keeping the cluster, agents and "
                           f"apps running\n")
                 if mesh is not None:
-                    for worker in mesh._workers.values():  # threads only; agents keep running
-                        worker.close()
-                    mesh._workers.clear()
+                    mesh.detach()  # threads only; agents keep running
                 out.write(render_next_steps(prefix, workdir, [n.name for n in plan.nodes],
                                             pods))
             else:

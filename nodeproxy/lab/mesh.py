@@ -199,6 +199,12 @@ class Mesh:
             time.sleep(0.05)
 
     # -- teardown -------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Release this process's helper threads; the CA service and agents keep running."""
+        for worker in self._workers.values():
+            worker.close()
+        self._workers.clear()
+
     def stop(self) -> None:
         for node in list(self.agents):
             with contextlib.suppress(Exception):
@@ -210,6 +216,4 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 self.ca_proc.kill()
                 self.ca_proc.wait()
-        for worker in self._workers.values():
-            worker.close()
-        self._workers.clear()
+        self.detach()

@@ -26,6 +26,7 @@ from nodeproxy.proxy.env import ProxyEnv
 from nodeproxy.sockets import SocketFactory
 from nodeproxy.tls import ContextCache
 from ztunnel_cfg.authz import ConnectionInfo, authorize
+from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.model import MtlsMode, Workload
 from ztunnel_cfg.routing import Route, RouteKind, route
 from ztunnel_cfg.spiffe import SpiffeId
@@ -192,17 +193,18 @@ class PodProxy:
             decision = route(env.snapshot(), self.workload, dst_ip, dst_port, env.choose)
             if decision.kind is RouteKind.NO_ENDPOINTS:
                 raise ProxyError(decision.reason, status=503, flags="UH")
-            labels = self._outbound_labels(decision, "-")
-            env.metrics.connection_opened(labels)
             if decision.kind is RouteKind.PASSTHROUGH:
-                path = "passthrough"
                 upstream = await self.sockets.connect(
                     str(decision.target_ip), decision.target_port, timeout=env.connect_timeout
                 )
+                # Opened only once the upstream side exists, so opened - closed = open now.
+                env.metrics.connection_opened(self._outbound_labels(decision, "-"))
+                path = "passthrough"
                 result = await tunnel.relay_sockets(sock, upstream, env.idle_timeout)
             else:
-                path = "waypoint" if decision.kind is RouteKind.WAYPOINT else "hbone"
                 stream, lease = await self._open_stream(decision, src_addr)
+                env.metrics.connection_opened(self._outbound_labels(decision, "-"))
+                path = "waypoint" if decision.kind is RouteKind.WAYPOINT else "hbone"
                 try:
                     result = await tunnel.relay_stream(sock, stream, env.idle_timeout)
                 finally:
@@ -211,8 +213,9 @@ class PodProxy:
             if result.reset:
                 flags = "UR" if result.error is None else "URX"
             env.metrics.connection_closed(self._outbound_labels(decision, flags), sent, received)
-        except ProxyError as exc:
-            flags, reason = exc.flags, str(exc)
+        except (NodeproxyError, OSError) as exc:
+            flags, reason = _failure_flags(exc), str(exc)
+            path = "denied" if flags == "DENY" else "failed"
             env.metrics.connection_failed(self._outbound_labels(decision, flags))
             _reset(sock)
             log.info("outbound %s failed: %s", conn_id, exc, extra={"component": "outbound"})
@@ -293,9 +296,10 @@ class PodProxy:
             env.metrics.connection_closed(
                 _labels_for("destination", src, src_principal, dst, "", flags, True), sent, received
             )
-        except ProxyError as exc:
-            flags, reason, path = exc.flags, str(exc), "denied" if exc.status == 401 else "failed"
-            stream.refuse(exc.status)
+        except (NodeproxyError, OSError) as exc:
+            flags, reason = _failure_flags(exc), str(exc)
+            path = "denied" if flags == "DENY" else "failed"
+            stream.refuse(getattr(exc, "status", 503))
             env.metrics.connection_failed(
                 _labels_for("destination", src, src_principal, dst, "", flags, True)
             )
@@ -356,8 +360,9 @@ class PodProxy:
             env.metrics.connection_closed(
                 _labels_for("destination", src, None, dst, "", flags, False), sent, received
             )
-        except ProxyError as exc:
-            flags, reason, path = exc.flags, str(exc), "denied" if exc.status == 401 else "failed"
+        except (NodeproxyError, OSError) as exc:
+            flags, reason = _failure_flags(exc), str(exc)
+            path = "denied" if flags == "DENY" else "failed"
             env.metrics.connection_failed(_labels_for("destination", src, None, dst, "", flags,
                                                       False))
             _reset(sock)
@@ -379,16 +384,24 @@ class PodProxy:
         sent: int, received: int, started: float, flags: str, reason: str,
     ) -> None:
         dst = decision.destination if decision else None
+        meshed = decision is not None and decision.kind in (RouteKind.HBONE, RouteKind.WAYPOINT)
         accesslog.write(accesslog.AccessRecord(
             conn_id=conn_id, direction=direction, src_addr=src_addr,
             dst_addr=f"{decision.target_ip}:{decision.target_port}" if decision else "",
             src_workload=self.workload.name, src_identity=str(self.workload.identity),
-            dst_workload=dst.name if dst else "", dst_identity=str(dst.identity) if dst else "",
+            dst_workload=dst.name if dst else "",
+            dst_identity=str(dst.identity) if dst and meshed else "",
             dst_service=decision.service.hostname if decision and decision.service else "",
             path=path, bytes_sent=sent, bytes_received=received,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             response_flags=flags, policy="", reason=reason,
         ))
+
+
+def _failure_flags(exc: BaseException) -> str:
+    """Istio response_flags for a failure: the error's own, else CONNECT."""
+    flags = getattr(exc, "flags", None)
+    return flags if isinstance(flags, str) else "CONNECT"
 
 
 def _parse_authority(authority: str) -> tuple[str, int]:

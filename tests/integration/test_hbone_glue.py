@@ -44,6 +44,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 def _runner(kind: str) -> Runner:
     def run(main: Callable[[], Awaitable[Any]]) -> Any:
         errors: list[dict[str, Any]] = []
+        gc.collect()  # garbage of earlier tests must not be blamed on this one
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             with asyncio.Runner(loop_factory=LOOPS[kind]) as runner:

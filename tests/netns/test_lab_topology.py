@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from nodeproxy.lab import Cluster, ClusterSpec, LabError, plan_cluster, random_prefix, sweep
-from nodeproxy.lab.build import list_netns
+from nodeproxy.lab.build import list_netns, netns_pids
 
 
 def _root_links() -> str:
@@ -150,6 +151,12 @@ def test_create_refuses_existing_namespaces_and_sweep_removes_leftovers():
     plan = plan_cluster(ClusterSpec(random_prefix(), nodes=1, pods_per_node=1))
     crashed = Cluster.create(plan)  # a "crashed run": never destroyed by its owner
     holder = crashed.popen("n1p1", ["sleep", "300"])
+    # `ip netns exec` enters the namespace just after the fork: wait until it is inside, or
+    # the sweep below could miss it and the test would race.
+    deadline = time.monotonic() + 5
+    while holder.pid not in netns_pids([plan.pod("n1p1").netns]):
+        assert time.monotonic() < deadline, "sleep never entered the pod namespace"
+        time.sleep(0.01)
     try:
         with pytest.raises(LabError, match="already exist"):
             Cluster.create(plan)

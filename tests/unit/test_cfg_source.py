@@ -102,7 +102,9 @@ def test_manual_reload_keeps_last_good(tmp_path: Path, caplog: pytest.LogCapture
     assert len(got) == 1
     assert source.fail_count == 1
     assert source.state.last_error is not None
-    (record,) = [r for r in caplog.records if r.name == "nodeproxy.config"]
+    (record,) = [
+        r for r in caplog.records if r.name == "nodeproxy.config" and r.levelno >= logging.ERROR
+    ]
     assert record.component == "config"  # type: ignore[attr-defined]
     assert "keeping the last good config" in record.getMessage()
     assert "mesh.yaml:3:" in record.getMessage()
