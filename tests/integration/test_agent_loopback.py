@@ -205,3 +205,50 @@ async def test_many_concurrent_connections_share_the_pool(mesh: Mesh) -> None:
     pod = mesh.apps["node1"].agent.pods["c1//Pod/default/client"]
     stats = pod.pool.stats()  # type: ignore[attr-defined]
     assert 1 <= stats["connections"] <= 2  # 150 streams need at most 2 pooled connections
+
+
+async def _hbone_connect(tmp_path: Path, sa_ns: str, sa: str, authority: str, data: bytes,
+                         *extra: str) -> tuple[int, bytes, str]:
+    import sys
+
+    cert, key = tmp_path / f"{sa}.pem", tmp_path / f"{sa}-key.pem"
+    if not cert.exists():
+        issue = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", "ca", "issue", "--dir", str(tmp_path / "ca"),
+            "--spiffe-id", f"spiffe://cluster.local/ns/{sa_ns}/sa/{sa}", "--out-cert",
+            str(cert), "--out-key", str(key), "--out-bundle", str(tmp_path / "bundle.pem"),
+            "--force",
+        )
+        assert await issue.wait() == 0
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "hbone", "connect", "127.0.2.1:15008",
+        "--authority", authority, "--cert", str(cert), "--key", str(key),
+        "--ca", str(tmp_path / "bundle.pem"), *extra,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(data)
+    assert proc.returncode is not None
+    return proc.returncode, out, err.decode()
+
+
+async def test_hbone_connect_tool_reports_each_failure_kind(mesh: Mesh, tmp_path: Path) -> None:
+    server = f"127.0.2.1:{APP_PORT}"
+    code, out, err = await _hbone_connect(
+        tmp_path, "default", "client", server, b"tool test",
+        "--expect-san", "spiffe://cluster.local/ns/shop/sa/server",
+    )
+    assert (code, out) == (0, b"TOOL TEST"), err
+    assert "CONNECT 127.0.2.1:18080 -> 200" in err
+    code, _, err = await _hbone_connect(
+        tmp_path, "default", "client", server, b"x",
+        "--expect-san", "spiffe://cluster.local/ns/shop/sa/impostor",
+    )
+    assert code == 3 and "not the expected" in err
+    code, _, err = await _hbone_connect(tmp_path, "legacy", "intruder", server, b"x")
+    assert code == 4 and "401" in err
+    code, _, err = await _hbone_connect(tmp_path, "default", "client", "10.9.9.9:80", b"x")
+    assert code == 6 and "400" in err
+    code, _, err = await _hbone_connect(tmp_path, "default", "client", "127.0.2.1:1", b"x")
+    assert code == 5 and "503" in err
+    assert mesh.received == [b"tool test"]
