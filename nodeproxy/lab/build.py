@@ -8,8 +8,6 @@ creation that failed half way or a crashed run (:func:`sweep`).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import fnmatch
 import json
 import os
@@ -35,14 +33,13 @@ from nodeproxy.lab.topology import (
     PodPlan,
     render_stages,
 )
+from nodeproxy.netns import setns
 
-CLONE_NEWNET = 0x40000000
 _IP_TIMEOUT = 30.0
 _POD_SYSCTLS: tuple[tuple[str, str], ...] = (
     # No IPv6 on lab links: keeps router solicitations and DAD out of captures.
     ("net/ipv6/conf/default/disable_ipv6", "1"),
 )
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def _run_batches(batches: Sequence[Batch]) -> None:
@@ -72,16 +69,6 @@ def _run_batches(batches: Sequence[Batch]) -> None:
         )
 
 
-def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
 def write_sysctls(jobs: Sequence[tuple[str, Sequence[tuple[str, str]]]]) -> None:
     """Write /proc/sys values inside namespaces given by path, from one short-lived thread
     (setns changes only the calling thread; /proc/sys/net follows the opener's netns)."""
@@ -90,7 +77,7 @@ def write_sysctls(jobs: Sequence[tuple[str, Sequence[tuple[str, str]]]]) -> None
     def work() -> None:
         try:
             for path, items in jobs:
-                _setns(path)
+                setns(path)  # raises ProxyError with the reason
                 for key, value in items:
                     with open(f"/proc/sys/{key}", "w") as fh:
                         fh.write(value)
