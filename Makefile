@@ -5,7 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nodeproxy-installed
-APT_PACKAGES := iptables nftables iproute2 tcpdump openssl socat procps psmisc haproxy iperf3 util-linux
+APT_PACKAGES := iptables nftables iproute2 tcpdump openssl socat procps psmisc haproxy iperf3 util-linux \
+	python3-bpfcc
+# Debian's bcc is exposed to the venv alone (a .pth naming a directory that holds only a `bcc`
+# symlink), never the rest of Debian's dist-packages.
+BCC_DIR := $(VENV)/debian-bcc
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-unit test-privileged lint bench deps apt clean
@@ -23,6 +27,8 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	@echo "==> installing nodeproxy (editable) with test extras"
 	@$(VENV)/bin/pip install -q -e '.[test]'
+	@mkdir -p $(BCC_DIR) && ln -sfn /usr/lib/python3/dist-packages/bcc $(BCC_DIR)/bcc
+	@$(PY) -c 'import site,os; open(os.path.join(site.getsitepackages()[0], "debian-bcc.pth"), "w").write(os.path.abspath("$(BCC_DIR)") + "\n")'
 	@touch $(STAMP)
 
 lint: deps
