@@ -244,11 +244,78 @@ async def test_hbone_connect_tool_reports_each_failure_kind(mesh: Mesh, tmp_path
         tmp_path, "default", "client", server, b"x",
         "--expect-san", "spiffe://cluster.local/ns/shop/sa/impostor",
     )
-    assert code == 3 and "not the expected" in err
+    assert code == 3
+    assert "not the expected" in err
     code, _, err = await _hbone_connect(tmp_path, "legacy", "intruder", server, b"x")
-    assert code == 4 and "401" in err
+    assert code == 4
+    assert "401" in err
     code, _, err = await _hbone_connect(tmp_path, "default", "client", "10.9.9.9:80", b"x")
-    assert code == 6 and "400" in err
+    assert code == 6
+    assert "400" in err
     code, _, err = await _hbone_connect(tmp_path, "default", "client", "127.0.2.1:1", b"x")
-    assert code == 5 and "503" in err
+    assert code == 5
+    assert "503" in err
     assert mesh.received == [b"tool test"]
+
+
+async def test_thousand_concurrent_connections_over_the_pool(mesh: Mesh) -> None:
+    """1,000 simultaneous client connections: 10 pooled HBONE connections of 100 streams."""
+    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(1000):  # all open at once before any is used or closed
+            opened.append(await mesh.connect_via("127.0.1.1", ("127.0.2.1", APP_PORT)))
+
+        async def exchange(i: int) -> bytes:
+            reader, writer = opened[i]
+            writer.write(f"c{i:04d}".encode())
+            return await reader.readexactly(5)
+
+        replies = await asyncio.gather(*(exchange(i) for i in range(1000)))
+        assert sorted(replies) == sorted(f"C{i:04d}".encode() for i in range(1000))
+        pod = mesh.apps["node1"].agent.pods["c1//Pod/default/client"]
+        pool = pod.pool  # type: ignore[attr-defined]
+        assert pool.stats() == {"connections": 10, "streams": 1000, "keys": 1}
+    finally:
+        for _, writer in opened:
+            writer.close()
+
+
+async def test_one_gib_transfer_keeps_integrity(mesh: Mesh) -> None:
+    """1 GiB through outbound -> HBONE -> inbound; sha256 compared on both ends."""
+    import hashlib
+
+    chunk = hashlib.sha256(b"seed").digest() * 8192  # 256 KiB of non-repeating-ish bytes
+    total = 1 << 30
+    sender_hash = hashlib.sha256()
+    receiver_hash = hashlib.sha256()
+    received = 0
+    done = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        while data := await reader.read(1 << 18):
+            receiver_hash.update(data)
+            received += len(data)
+        writer.write(b"done")
+        await writer.drain()
+        writer.close()
+        done.set()
+
+    server = await asyncio.start_server(sink, "127.0.2.1", APP_PORT + 1)
+    try:
+        reader, writer = await mesh.connect_via("127.0.1.1", ("127.0.2.1", APP_PORT + 1))
+        sent = 0
+        while sent < total:
+            writer.write(chunk)
+            sender_hash.update(chunk)
+            sent += len(chunk)
+            await writer.drain()
+        writer.write_eof()
+        assert await reader.read() == b"done"
+        await done.wait()
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert received == total
+    assert receiver_hash.hexdigest() == sender_hash.hexdigest()

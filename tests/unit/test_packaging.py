@@ -9,7 +9,8 @@ import sys
 
 def test_bcc_comes_from_debian_and_nothing_else_does() -> None:
     spec = importlib.util.find_spec("bcc")
-    assert spec is not None and spec.origin is not None, "run 'make deps' (python3-bpfcc)"
+    assert spec is not None, "run 'make deps' (python3-bpfcc)"
+    assert spec.origin is not None
     assert "debian-bcc" in spec.origin
     # debconf lives next to bcc in /usr/lib/python3/dist-packages: it must stay invisible.
     assert importlib.util.find_spec("debconf") is None
