@@ -65,7 +65,9 @@ def _register() -> None:
             if exc.name != f"cli.{name}":
                 raise
             continue
-        cli.add_command(module.command)
+        # A module exports one `command`, or a list `commands` of top-level commands.
+        for cmd in getattr(module, "commands", None) or [module.command]:
+            cli.add_command(cmd)
 
 
 _register()

@@ -13,7 +13,10 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
 
 from nodeproxy.agent import Agent, PodProxy, Redirector
 from nodeproxy.config_source import ConfigSource
@@ -27,7 +30,7 @@ from nodeproxy.http_endpoints import (
 )
 from nodeproxy.identity.ca_client import CaClient
 from nodeproxy.identity.manager import CertificateManager
-from nodeproxy.identity.svid import Svid
+from nodeproxy.identity.svid import Svid, load_pem_chain, uri_sans
 from nodeproxy.metrics import Metrics
 from nodeproxy.proxy.env import Ports, ProxyEnv
 from nodeproxy.proxy.pod import PodProxy as PodProxyImpl
@@ -131,7 +134,7 @@ class AgentApp:
         doc["node"] = self.options.node
         doc["enrolled"] = sorted(self.agent.pods)
         doc["enrollmentFailures"] = {uid: f.reason for uid, f in self.agent.failures.items()}
-        doc["certificates"] = [asdict(info) for info in self.certs.snapshot()]
+        doc["certificates"] = certificates_document(self.certs)
         if self.config is not None:
             state = self.config.state
             doc["configReloads"] = {"ok": state.ok_count, "failed": state.fail_count}
@@ -140,8 +143,13 @@ class AgentApp:
         return doc
 
     def connections(self) -> list[dict[str, object]]:
-        return [{"pod": uid, "open": pod.connections()}  # type: ignore[attr-defined]
-                for uid, pod in self.agent.pods.items()]
+        rows: list[dict[str, object]] = []
+        for pod in list(self.agent.pods.values()):
+            live = getattr(pod, "live_connections", None)
+            if live is not None:
+                rows.extend(conn.to_row() for conn in live())
+        rows.sort(key=lambda row: (str(row["workload"]), str(row["started"])))
+        return rows
 
     async def quit(self) -> None:
         self._stop.set()
@@ -208,3 +216,48 @@ class AgentApp:
             if self.agent.failures:
                 await self.agent.retry_failed()
 
+
+
+# -- certificates in the config dump (certificates only: never key material) ----------------------
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _cert_entry(cert: x509.Certificate, role: str) -> dict[str, object]:
+    return {
+        "type": role,
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": format(cert.serial_number, "x"),
+        "notBefore": cert.not_valid_before_utc.isoformat(),
+        "notAfter": cert.not_valid_after_utc.isoformat(),
+        "uriSans": uri_sans(cert),
+    }
+
+
+def certificates_document(certs: CertificateManager) -> list[dict[str, object]]:
+    """One entry per identity: state, serial, validity, the chain (leaf first) and the roots."""
+    bundle = certs.bundle
+    roots = [_cert_entry(c, "Root") for c in bundle.roots] if bundle is not None else []
+    out: list[dict[str, object]] = []
+    for info in certs.snapshot():
+        entry: dict[str, object] = {
+            "identity": info.identity,
+            "state": info.state,
+            "serial": info.serial,
+            "not_before": _iso(info.not_before),
+            "not_after": _iso(info.not_after),
+            "failures": info.failures,
+            "last_error": info.last_error,
+        }
+        svid = certs.current(SpiffeId.parse(info.identity))
+        chain: list[dict[str, object]] = []
+        if svid is not None:
+            parsed = load_pem_chain(svid.cert_chain_pem)
+            chain = [_cert_entry(c, "Leaf" if i == 0 else "Intermediate")
+                     for i, c in enumerate(parsed)]
+        entry["chain"] = chain
+        entry["roots"] = roots
+        out.append(entry)
+    return out

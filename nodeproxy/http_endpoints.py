@@ -60,18 +60,20 @@ def metrics_app(registry: CollectorRegistry) -> web.Application:
     return app
 
 
-def admin_app(hooks: AdminHooks) -> web.Application:
-    @web.middleware
-    async def loopback_only(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if not _is_loopback(request.remote):
-            log.warning("admin request from non-loopback %s refused", request.remote,
-                        extra={"component": "admin"})
-            return web.json_response({"error": "admin API is served to localhost only"},
-                                     status=403)
-        return await handler(request)
+@web.middleware
+async def loopback_only(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse (403) any admin request whose peer is not a loopback address."""
+    if not _is_loopback(request.remote):
+        log.warning("admin request from non-loopback %s refused", request.remote,
+                    extra={"component": "admin"})
+        return web.json_response({"error": "admin API is served to localhost only"},
+                                 status=403)
+    return await handler(request)
 
+
+def admin_app(hooks: AdminHooks) -> web.Application:
     async def config_dump(_: web.Request) -> web.Response:
         return web.json_response(hooks.config_dump(), dumps=_dumps)
 

@@ -710,6 +710,10 @@ def render_next_steps(prefix: str, workdir: Path, nodes: Sequence[str],
         f"  ip netns exec {n1} curl -s localhost:15000/config_dump | python3 -m json.tool   "
         "# admin",
         f"  ip netns exec {n1} curl -s localhost:15021/healthz/ready                # readiness",
+        f"  ip netns exec {n1} nodeproxy workloads        # also services, policies, "
+        "certificates, connections",
+        f"  ip netns exec {n1} nodeproxy explain --from frontend --to "
+        f"{server.ip if server else '10.251.2.2'}:{APP_PORT}   # why allowed/denied/routed",
         f"  nodeproxy config show {workdir / 'cluster.yaml'}",
         f"  nodeproxy redirect show --netns /var/run/netns/{prefix}"
         f"{client.pod if client else 'n1p1'}",

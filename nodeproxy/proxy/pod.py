@@ -42,6 +42,27 @@ class PoolKey:
     port: int
 
 
+@dataclass(frozen=True, slots=True)
+class LiveConnection:
+    """One row of ``/debug/connections`` (istioctl ztunnel-config connections columns)."""
+
+    conn_id: str
+    started: float  # wall-clock epoch seconds
+    direction: str  # outbound | inbound | inbound_plaintext
+    workload: str  # ns/name of the pod this agent proxies for
+    local: str  # the pod-side address
+    remote: str  # the peer address (dialed address for outbound)
+    target: str  # outbound: the original destination; inbound: the CONNECT authority
+    protocol: str  # HBONE | TCP
+
+    def to_row(self) -> dict[str, object]:
+        return {
+            "id": self.conn_id, "started": self.started, "direction": self.direction,
+            "workload": self.workload, "local": self.local, "remote": self.remote,
+            "target": self.target, "protocol": self.protocol,
+        }
+
+
 def _reset(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0) so the client sees a failure, not a clean EOF."""
     with contextlib.suppress(OSError):
@@ -97,6 +118,8 @@ class PodProxy:
         self._conns: set[asyncio.Task[None]] = set()
         self._closing = False
         self._hbone: tunnel.InboundServer | None = None
+        # Live connection table for /debug/connections: one insert and one pop per connection.
+        self.live: dict[str, LiveConnection] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,6 +201,9 @@ class PodProxy:
     def connections(self) -> int:
         return len(self._conns)
 
+    def live_connections(self) -> list[LiveConnection]:
+        return list(self.live.values())
+
     # -- outbound (15001) ---------------------------------------------------------------------
     async def _outbound(self, sock: socket.socket) -> None:
         env = self.env
@@ -191,6 +217,13 @@ class PodProxy:
         try:
             dst_ip, dst_port = env.original_dst(sock)
             decision = route(env.snapshot(), self.workload, dst_ip, dst_port, env.choose)
+            tunnelled = decision.kind in (RouteKind.HBONE, RouteKind.WAYPOINT)
+            dialed = decision.tunnel_port if tunnelled else decision.target_port
+            self.live[conn_id] = LiveConnection(
+                conn_id, time.time(), "outbound", self.workload.key, src_addr,
+                f"{decision.target_ip}:{dialed}",
+                f"{dst_ip}:{dst_port}", "HBONE" if tunnelled else "TCP",
+            )
             if decision.kind is RouteKind.NO_ENDPOINTS:
                 raise ProxyError(decision.reason, status=503, flags="UH")
             if decision.kind is RouteKind.PASSTHROUGH:
@@ -212,7 +245,9 @@ class PodProxy:
             sent, received = result.bytes_up, result.bytes_down
             if result.reset:
                 flags = "UR" if result.error is None else "URX"
-            env.metrics.connection_closed(self._outbound_labels(decision, flags), sent, received)
+            # Istio's istio_tcp_sent_bytes is the response direction (destination -> source) on
+            # both reporters, received the request direction; here up = client -> destination.
+            env.metrics.connection_closed(self._outbound_labels(decision, flags), received, sent)
         except (NodeproxyError, OSError) as exc:
             flags, reason = _failure_flags(exc), str(exc)
             path = "denied" if flags == "DENY" else "failed"
@@ -220,6 +255,7 @@ class PodProxy:
             _reset(sock)
             log.info("outbound %s failed: %s", conn_id, exc, extra={"component": "outbound"})
         finally:
+            self.live.pop(conn_id, None)
             with contextlib.suppress(OSError):
                 sock.close()
             self._access(
@@ -282,6 +318,9 @@ class PodProxy:
                 raise ProxyError(f"{authority} is not a workload of this pod", status=400,
                                  flags="NR")
             src_ip = stream.peer_ip
+            self.live[conn_id] = LiveConnection(
+                conn_id, time.time(), "inbound", dst.key, authority, src_ip, authority, "HBONE"
+            )
             decision = authorize(snapshot, dst, ConnectionInfo(peer, src_ip, host, port))
             policy = decision.policy or ""
             if not decision.allowed:
@@ -304,6 +343,7 @@ class PodProxy:
                 _labels_for("destination", src, src_principal, dst, "", flags, True)
             )
         finally:
+            self.live.pop(conn_id, None)
             env_src = src.name if src else ""
             accesslog.write(accesslog.AccessRecord(
                 conn_id=conn_id, direction="inbound", src_addr=stream.peer_ip,
@@ -342,6 +382,10 @@ class PodProxy:
         try:
             host, port = env.original_dst(sock)
             dst_addr = f"{host}:{port}"
+            self.live[conn_id] = LiveConnection(
+                conn_id, time.time(), "inbound_plaintext", dst.key, dst_addr,
+                f"{peer_ip}:{peer_port}", dst_addr, "TCP",
+            )
             if snapshot.mtls_mode(self.workload) is MtlsMode.STRICT:
                 raise ProxyError(
                     f"plaintext connection from {peer_ip} refused: {self.workload.namespace}/"
@@ -367,6 +411,7 @@ class PodProxy:
                                                       False))
             _reset(sock)
         finally:
+            self.live.pop(conn_id, None)
             with contextlib.suppress(OSError):
                 sock.close()
             accesslog.write(accesslog.AccessRecord(

@@ -1,0 +1,282 @@
+"""The admin API of real in-process agents (loopback mode): config dump round trip, certificate
+chain without keys, the live connection table, the CLI against it, and loopback-only access."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from click.testing import CliRunner
+
+from cli.inspect_cmd import snapshot_from_dump
+from cli.main import cli
+from nodeproxy.app import AgentApp, AgentOptions
+from nodeproxy.errors import ProxyError
+from nodeproxy.http_endpoints import check_admin_address, loopback_only
+from nodeproxy.identity.ca import CertificateAuthority
+from nodeproxy.identity.ca_client import LocalCaClient
+from nodeproxy.metrics import Metrics
+from nodeproxy.proxy.env import ProxyEnv
+from tests.integration.test_agent_loopback import CONFIG as LOOPBACK_CONFIG
+from tests.integration.test_agent_loopback import Mesh
+from ztunnel_cfg.loader import load_config_text
+
+# The loopback suite's config on addresses of our own, so both suites can run at once.
+CONFIG = (LOOPBACK_CONFIG.replace("127.0.1.", "127.0.41.").replace("127.0.2.", "127.0.42.")
+          .replace("127.0.3.", "127.0.43."))
+CLIENT, INTRUDER, SERVER = "127.0.41.1", "127.0.41.2", "127.0.42.1"
+APP_PORT = 18480
+
+# -- loopback-only ---------------------------------------------------------------------------
+
+
+def _request(peer: tuple[str, int] | None) -> web.Request:
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        peer if name == "peername" else default
+    )
+    return make_mocked_request("GET", "/config_dump", transport=transport)
+
+
+@pytest.mark.parametrize(("peer", "allowed"), [
+    (("127.0.0.1", 5000), True),
+    (("127.9.9.9", 5000), True),
+    (("::1", 5000), True),
+    (("10.1.2.3", 5000), False),
+    (("192.168.0.10", 5000), False),
+    (("fd00::1", 5000), False),
+    (None, False),
+])
+async def test_admin_middleware_refuses_non_loopback_peers(
+    peer: tuple[str, int] | None, allowed: bool
+) -> None:
+    called: list[web.Request] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        called.append(request)
+        return web.Response(text="dump")
+
+    resp = await loopback_only(_request(peer), handler)
+    if allowed:
+        assert (resp.status, len(called)) == (200, 1)
+    else:
+        assert (resp.status, called) == (403, [])
+        assert isinstance(resp, web.Response)
+        assert resp.text is not None
+        assert "localhost only" in resp.text
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.1", "::", "localhost.example"])
+def test_admin_address_must_be_loopback(host: str) -> None:
+    with pytest.raises(ProxyError, match="not a loopback address"):
+        check_admin_address(host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_loopback_admin_addresses_are_accepted(host: str) -> None:
+    check_admin_address(host)
+
+
+async def _echo_server(host: str, received: list[bytes]) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                received.append(data)
+                writer.write(data.upper())
+                await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, host, APP_PORT)
+
+
+# -- real agents -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Agents(Mesh):
+    admin: dict[str, str]
+
+
+@pytest.fixture
+async def agents(tmp_path: Path) -> AsyncIterator[Agents]:
+    ca_dir = tmp_path / "ca"
+    CertificateAuthority.init(ca_dir)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(CONFIG)
+    targets: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def inject(env: ProxyEnv) -> None:
+        env.original_dst = lambda sock: targets[sock.getpeername()[:2]]
+
+    apps: dict[str, AgentApp] = {}
+    admin: dict[str, str] = {}
+    tasks = []
+    for node in ("node1", "node2"):
+        port = _free_port()
+        admin[node] = f"127.0.0.1:{port}"
+        options = AgentOptions(
+            config=str(config), node=node, in_pod=False,
+            readiness_addr=("127.0.0.1", 0), metrics_addr=("127.0.0.1", 0),
+            admin_addr=("127.0.0.1", port), socket_mark=False, handle_signals=False,
+            drain_timeout=1.0,
+        )
+        holder: list[AgentApp] = []
+        client = LocalCaClient(CertificateAuthority.load(ca_dir), node,
+                               lambda h=holder: h[0].env.snapshot())
+        app = AgentApp(options, client, None, metrics=Metrics(), env_overrides=inject)
+        holder.append(app)
+        apps[node] = app
+        tasks.append(asyncio.create_task(app.run()))
+    received: list[bytes] = []
+    peers: list[str] = []
+    servers = [await _echo_server(SERVER, received)]
+    try:
+        async with asyncio.timeout(10):
+            while not all(a.agent.ready and a.started.is_set() for a in apps.values()):
+                await asyncio.sleep(0.02)
+        result = Agents(apps, targets, received, peers)
+        result.admin = admin
+        yield result
+    finally:
+        for app in apps.values():
+            await app.quit()
+        await asyncio.gather(*tasks)
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+async def _get(addr: str, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{addr}{path}") as resp:
+        return resp.status, await resp.text()
+
+
+async def _json(addr: str, path: str) -> Any:
+    status, body = await _get(addr, path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    for _ in range(200):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never true: {what}")
+
+
+async def test_config_dump_round_trips_and_shows_certificates_without_keys(
+    agents: Agents,
+) -> None:
+    status, body = await _get(agents.admin["node1"], "/config_dump")
+    assert status == 200
+    assert "PRIVATE KEY" not in body
+    assert "BEGIN" not in body
+    dump = json.loads(body)
+    assert snapshot_from_dump(dump, "node1").config == load_config_text(CONFIG)
+    assert dump["node"] == "node1"
+    assert sorted(dump["enrolled"]) == ["c1//Pod/default/client", "c1//Pod/legacy/intruder"]
+    certs = {c["identity"]: c for c in dump["certificates"]}
+    assert set(certs) == {"spiffe://cluster.local/ns/default/sa/client",
+                          "spiffe://cluster.local/ns/legacy/sa/intruder"}
+    for uri, cert in certs.items():
+        assert cert["state"] == "available"
+        [leaf] = cert["chain"]
+        assert (leaf["type"], leaf["serial"], leaf["uriSans"]) == ("Leaf", cert["serial"], [uri])
+        assert leaf["notAfter"] == cert["not_after"]
+        [root] = cert["roots"]
+        assert root["type"] == "Root"
+        assert root["subject"] == leaf["issuer"]
+
+
+async def test_debug_connections_lists_live_connections_on_both_agents(agents: Agents) -> None:
+    n1, n2 = agents.admin["node1"], agents.admin["node2"]
+    assert await _json(n1, "/debug/connections") == []
+    reader, writer = await agents.connect_via(CLIENT, (SERVER, APP_PORT))
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"PING"
+    client_port = writer.get_extra_info("sockname")[1]
+
+    [out] = await _json(n1, "/debug/connections")
+    assert {k: out[k] for k in ("direction", "workload", "local", "remote", "target",
+                                "protocol")} == {
+        "direction": "outbound", "workload": "default/client",
+        "local": f"{CLIENT}:{client_port}", "remote": f"{SERVER}:15008",
+        "target": f"{SERVER}:{APP_PORT}", "protocol": "HBONE",
+    }
+    [inb] = await _json(n2, "/debug/connections")
+    assert {k: inb[k] for k in ("direction", "workload", "target", "protocol")} == {
+        "direction": "inbound", "workload": "shop/server", "target": f"{SERVER}:{APP_PORT}",
+        "protocol": "HBONE",
+    }
+    # Loopback mode dials from the agent's namespace, so the tunnel's peer is 127.0.0.1 here
+    # (in-pod mode it is the source pod's IP: checked in tests/netns/test_observability.py).
+    assert inb["remote"].startswith("127.")
+
+    # The CLI shows the same row (it is synchronous: run it off the event loop).
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["connections", "--admin", n1])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1].split() == [
+        "default/client", "outbound", f"{CLIENT}:{client_port}", f"{SERVER}:15008",
+        f"{SERVER}:{APP_PORT}", "HBONE",
+    ]
+
+    writer.close()
+    await writer.wait_closed()
+
+    async def empty() -> bool:
+        return (await _json(n1, "/debug/connections") == []
+                and await _json(n2, "/debug/connections") == [])
+
+    await _until(empty, "the closed connection left /debug/connections")
+
+
+async def test_cli_against_a_running_agent(agents: Agents) -> None:
+    admin = agents.admin["node2"]
+    runner = CliRunner()
+    result = await asyncio.to_thread(runner.invoke, cli, ["workloads", "--admin", admin,
+                                                          "-o", "json"])
+    assert result.exit_code == 0, result.output
+    assert {w["name"] for w in json.loads(result.output)} == {"client", "intruder", "server",
+                                                              "plain"}
+    result = await asyncio.to_thread(runner.invoke, cli, ["certificates", "--admin", admin])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines()[1:]]
+    assert [r[:4] for r in rows] == [
+        ["spiffe://cluster.local/ns/shop/sa/server", "Leaf", "Available", "true"],
+        ["spiffe://cluster.local/ns/shop/sa/server", "Root", "Available", "true"],
+    ]
+
+
+async def test_explain_agrees_with_the_denied_connection(agents: Agents) -> None:
+    """explain says deny-legacy rule 0 denies intruder -> server; the data path does that."""
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli, ["explain", "--admin", agents.admin["node1"], "--from",
+                                  "legacy/intruder", "--to", f"{SERVER}:{APP_PORT}",
+                                  "-o", "json"])
+    assert result.exit_code == 0, result.output
+    [outcome] = json.loads(result.output)["outcomes"]
+    assert (outcome["path"], outcome["allowed"], outcome["policy"], outcome["rule"]) == \
+        ("HBONE", False, "shop/deny-legacy", 0)
+
+    reader, writer = await agents.connect_via(INTRUDER, (SERVER, APP_PORT))
+    writer.write(b"sneaky")
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await reader.readexactly(1)
+    writer.close()
+    assert agents.received == []
