@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 
 from cryptography import x509
 
@@ -34,6 +36,7 @@ from nodeproxy.identity.svid import Svid, load_pem_chain, uri_sans
 from nodeproxy.metrics import Metrics
 from nodeproxy.proxy.env import Ports, ProxyEnv
 from nodeproxy.proxy.pod import PodProxy as PodProxyImpl
+from nodeproxy.sdnotify import Notifier, run_watchdog, supervise
 from nodeproxy.sockets import NetnsSocketFactory, SocketFactory, SocketOptions
 from nodeproxy.tls import ContextCache
 from ztunnel_cfg.dump import config_to_document
@@ -42,6 +45,15 @@ from ztunnel_cfg.snapshot import Snapshot
 from ztunnel_cfg.spiffe import SpiffeId
 
 log = logging.getLogger("nodeproxy.app")
+
+
+def _version() -> str:
+    try:
+        return version("nodeproxy")
+    except PackageNotFoundError:  # a source tree without installation
+        return "0.0.0+source"
+
+
 _EXTRA = {"component": "agent"}
 
 
@@ -70,12 +82,18 @@ class AgentApp:
         *,
         metrics: Metrics | None = None,
         env_overrides: Callable[[ProxyEnv], None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.options = options
         self.metrics = metrics or Metrics()
         self.certs = CertificateManager(ca_client)
         self.contexts = ContextCache(self.certs)
         self.certs.on_rotate(self._rotated)
+        self.certs.on_failure(
+            lambda identity, _error: self.metrics.cert_failures.labels(
+                identity=str(identity)).inc()
+        )
+        self._agent_gauges()
         self._snapshot: Snapshot | None = None
         self.env = ProxyEnv(snapshot=self._current, metrics=self.metrics, node=options.node,
                             ports=options.ports)
@@ -95,8 +113,31 @@ class AgentApp:
         self._http = HttpEndpoints()
         self.config: ConfigSource | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.notifier = notifier or Notifier()  # no-op unless run by systemd (NOTIFY_SOCKET)
 
     # -- wiring -------------------------------------------------------------------------------
+    def _agent_gauges(self) -> None:
+        """Health gauges computed at scrape time from the live objects (nothing to keep in
+        sync on the data path)."""
+        metrics = self.metrics
+        metrics.build.info({"version": _version(), "python": platform.python_version()})
+
+        def pool(field: str) -> float:
+            return float(sum(p.pool.stats()[field] for p in self._pod_impls()))
+
+        metrics.pool_connections.set_function(lambda: pool("connections"))
+        metrics.pool_streams.set_function(lambda: pool("streams"))
+        def open_in(direction: str) -> Callable[[], float]:
+            return lambda: float(sum(
+                1 for p in self._pod_impls() for c in p.live.values() if c.direction == direction
+            ))
+
+        for direction in ("outbound", "inbound", "inbound_plaintext"):
+            metrics.open_connections.labels(direction=direction).set_function(open_in(direction))
+
+    def _pod_impls(self) -> list[PodProxyImpl]:
+        return [p for p in self.agent.pods.values() if isinstance(p, PodProxyImpl)]
+
     def _current(self) -> Snapshot:
         assert self._snapshot is not None
         return self._snapshot
@@ -176,6 +217,14 @@ class AgentApp:
                 loop.add_signal_handler(sig, self._signalled, sig)
         watcher = loop.create_task(self.config.run(), name="config-watch")
         retry = loop.create_task(self._retry_loop(), name="enroll-retry")
+        sd_stop = asyncio.Event()
+        sd_tasks = [
+            loop.create_task(supervise(self.notifier, self._sd_ready,
+                                       self.agent.readiness_detail, sd_stop), name="sd-notify"),
+            # Pings come from this loop, so a wedged loop (or a dead config watcher) stops them.
+            loop.create_task(run_watchdog(self.notifier, lambda: not watcher.done(), sd_stop),
+                             name="sd-watchdog"),
+        ]
         try:
             await self._http.add(readiness_app(hooks), *opts.readiness_addr, "readiness")
             await self._http.add(metrics_app(self.metrics.registry), *opts.metrics_addr,
@@ -185,6 +234,7 @@ class AgentApp:
             log.info("agent for node %s started (%s mode)", opts.node,
                      "in-pod" if opts.in_pod else "no-redirect", extra=_EXTRA)
             await self._stop.wait()
+            self.notifier.stopping()
             log.info("draining (deadline %.1f s)", opts.drain_timeout, extra=_EXTRA)
         finally:
             for sig in signals:
@@ -199,6 +249,9 @@ class AgentApp:
             await asyncio.gather(watcher, retry, return_exceptions=True)
             await self._http.close()
             await self.certs.aclose()
+            sd_stop.set()  # after the drain: the watchdog keeps pinging while connections finish
+            await asyncio.gather(*sd_tasks, return_exceptions=True)
+            self.notifier.close()
             log.info("agent stopped", extra=_EXTRA)
 
     def _signalled(self, sig: signal.Signals) -> None:
@@ -208,7 +261,15 @@ class AgentApp:
     def _sighup(self) -> None:
         log.info("SIGHUP: reloading config", extra=_EXTRA)
         assert self.config is not None
+        self.notifier.reloading()
         self.config.reload()
+        self.notifier.ready(self.agent.readiness_detail())  # ends systemd's "reloading" state
+
+    def _sd_ready(self) -> bool:
+        # systemd readiness = serving, config loaded and applied once; NOT "every pod enrolled"
+        # (that is /healthz/ready): one broken pod netns must not fail the unit's start and
+        # restart-loop the agent for every other pod of the node.
+        return self.started.is_set() and self._snapshot is not None and not self._tasks
 
     async def _retry_loop(self) -> None:
         while True:

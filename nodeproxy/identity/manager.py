@@ -91,6 +91,7 @@ class CertificateManager:
         self._rng = rng
         self._slots: dict[SpiffeId, _Slot] = {}
         self._callbacks: list[RotateCallback] = []
+        self._failure_callbacks: list[Callable[[SpiffeId, str], None]] = []
         self._bundle: TrustBundle | None = None
         self._closed = False
 
@@ -102,6 +103,10 @@ class CertificateManager:
 
     def on_rotate(self, callback: RotateCallback) -> None:
         self._callbacks.append(callback)
+
+    def on_failure(self, callback: Callable[[SpiffeId, str], None]) -> None:
+        """Called with (identity, error) after every failed issuance (e.g. to count it)."""
+        self._failure_callbacks.append(callback)
 
     def current(self, identity: SpiffeId) -> Svid | None:
         """The installed certificate if it is still valid, without waiting."""
@@ -202,6 +207,8 @@ class CertificateManager:
                     "error": str(exc),
                 },
             )
+            for failed in list(self._failure_callbacks):
+                failed(identity, str(exc))
             if not isinstance(exc, IdentityError):
                 raise IdentityError(f"issuing a certificate for {identity} failed: {exc}") from exc
             raise
