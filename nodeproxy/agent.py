@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from nodeproxy.errors import ProxyError
 from nodeproxy.metrics import Metrics
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.model import Protocol as WorkloadProtocol
@@ -173,8 +172,3 @@ class Agent:
             )
             self._metrics.enrolled_pods.set(0)
 
-
-def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, ProxyError):
-        return f"{exc} [{exc.flags}]"
-    return str(exc)

@@ -198,9 +198,6 @@ class PodProxy:
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
-    def connections(self) -> int:
-        return len(self._conns)
-
     def live_connections(self) -> list[LiveConnection]:
         return list(self.live.values())
 
