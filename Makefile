@@ -11,8 +11,12 @@ APT_PACKAGES := iptables nftables iproute2 tcpdump openssl socat procps psmisc h
 # symlink), never the rest of Debian's dist-packages.
 BCC_DIR := $(VENV)/debian-bcc
 PYTEST_ARGS ?=
+# Vagrant multi-VM suite (docs/vagrant.md): host packages, extra pytest args for tests/vagrant.
+VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients \
+	qemu-system-x86 qemu-utils mmdebstrap extlinux syslinux-common dnsmasq-base fdisk
+VAGRANT_PYTEST_ARGS ?=
 
-.PHONY: demo test test-unit test-privileged lint bench deps apt clean
+.PHONY: demo test test-unit test-privileged lint bench deps apt clean test-vagrant
 
 deps: apt $(STAMP)
 
@@ -45,6 +49,11 @@ test: lint
 
 test-unit: deps
 	@$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+# Multi-VM cluster (3 TCG VMs): box build (cached), up, provision, tests/vagrant, teardown.
+test-vagrant: deps
+	@NPV_APT_PACKAGES="$(VAGRANT_APT_PACKAGES)" NPV_PYTEST_ARGS="$(VAGRANT_PYTEST_ARGS)" \
+		scripts/vagrant/run-suite.sh
 
 demo: deps
 	@$(VENV)/bin/nodeproxy demo $(DEMO_ARGS)

@@ -1,0 +1,79 @@
+"""Drive the Vagrant cluster over ssh (the config written by ``vagrant ssh-config``, with a
+ControlMaster so each command costs one channel, not one handshake, under TCG)."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+
+NODE_OF_POD = {"client-0": "node1", "intruder-0": "node1", "echo-0": "node2"}
+POD_IP = {"client-0": "10.251.1.2", "intruder-0": "10.251.1.3", "echo-0": "10.251.2.2"}
+ECHO_PORT = 8080
+HBONE_PORT = 15008
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+class Cluster:
+    def __init__(self, ssh_config: str) -> None:
+        self.ssh_config = ssh_config
+
+    def sh(self, vm: str, script: str, *, check: bool = True, timeout: float = 180) -> Result:
+        """Run ``script`` with bash as root on ``vm``."""
+        proc = subprocess.run(
+            ["ssh", "-F", self.ssh_config, vm, "sudo", "bash", "-s"],
+            input=script, text=True, capture_output=True, timeout=timeout, check=False,
+        )
+        res = Result(proc.returncode, proc.stdout, proc.stderr)
+        if check and res.rc != 0:
+            raise AssertionError(f"{vm}: exit {res.rc}\n$ {script}\n{res.out}\n{res.err}")
+        return res
+
+    def pod(self, pod: str, args: str, *, timeout: float = 180) -> Result:
+        """Run the pod test app inside ``pod``'s network namespace on its node."""
+        return self.sh(
+            NODE_OF_POD[pod],
+            f"ip netns exec pv-{pod} python3 /opt/npv-test/podnet.py {args}",
+            check=False, timeout=timeout,
+        )
+
+    def echo(self, src: str, dst: str, message: str) -> Result:
+        return self.pod(src, f"echo {POD_IP[dst]} {ECHO_PORT} {shlex.quote(message)}")
+
+    def http_get(self, vm: str, url: str) -> tuple[int, str]:
+        script = (
+            "python3 - <<'PY'\n"
+            "import urllib.request, urllib.error\n"
+            "try:\n"
+            f"    r = urllib.request.urlopen({url!r}, timeout=5); print(r.status); "
+            "print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+            "except OSError:\n    print(0)\n"
+            "PY\n"
+        )
+        out = self.sh(vm, script, check=False).out
+        status, _, body = out.partition("\n")
+        return int(status or 0), body
+
+    def wait_ready(self, vm: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.http_get(vm, "http://127.0.0.1:15021/healthz/ready")[0] == 200:
+                return
+            time.sleep(2)
+        journal = self.sh(vm, "journalctl -u nodeproxy --no-pager -n 40", check=False).out
+        raise AssertionError(f"agent on {vm} not ready after {timeout:.0f} s\n{journal}")
+
+    def journal(self, vm: str, unit: str) -> str:
+        return self.sh(vm, f"journalctl -u {unit} -b --no-pager -o cat").out
+
+    def unit_props(self, vm: str, unit: str, *props: str) -> dict[str, str]:
+        out = self.sh(vm, f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props)).out
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
