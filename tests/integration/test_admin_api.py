@@ -4,7 +4,6 @@ chain without keys, the live connection table, the CLI against it, and loopback-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,15 +19,10 @@ from click.testing import CliRunner
 
 from cli.inspect_cmd import snapshot_from_dump
 from cli.main import cli
-from nodeproxy.app import AgentApp, AgentOptions
 from nodeproxy.errors import ProxyError
 from nodeproxy.http_endpoints import check_admin_address, loopback_only
-from nodeproxy.identity.ca import CertificateAuthority
-from nodeproxy.identity.ca_client import LocalCaClient
-from nodeproxy.metrics import Metrics
-from nodeproxy.proxy.env import ProxyEnv
 from tests.integration.test_agent_loopback import CONFIG as LOOPBACK_CONFIG
-from tests.integration.test_agent_loopback import Mesh
+from tests.integration.test_agent_loopback import Mesh, running_mesh
 from ztunnel_cfg.loader import load_config_text
 
 # The loopback suite's config on addresses of our own, so both suites can run at once.
@@ -87,18 +81,6 @@ def test_loopback_admin_addresses_are_accepted(host: str) -> None:
     check_admin_address(host)
 
 
-async def _echo_server(host: str, received: list[bytes]) -> asyncio.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                received.append(data)
-                writer.write(data.upper())
-                await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(handle, host, APP_PORT)
-
-
 # -- real agents -----------------------------------------------------------------------------
 
 
@@ -114,51 +96,11 @@ class Agents(Mesh):
 
 @pytest.fixture
 async def agents(tmp_path: Path) -> AsyncIterator[Agents]:
-    ca_dir = tmp_path / "ca"
-    CertificateAuthority.init(ca_dir)
-    config = tmp_path / "cluster.yaml"
-    config.write_text(CONFIG)
-    targets: dict[tuple[str, int], tuple[str, int]] = {}
-
-    def inject(env: ProxyEnv) -> None:
-        env.original_dst = lambda sock: targets[sock.getpeername()[:2]]
-
-    apps: dict[str, AgentApp] = {}
-    admin: dict[str, str] = {}
-    tasks = []
-    for node in ("node1", "node2"):
-        port = _free_port()
-        admin[node] = f"127.0.0.1:{port}"
-        options = AgentOptions(
-            config=str(config), node=node, in_pod=False,
-            readiness_addr=("127.0.0.1", 0), metrics_addr=("127.0.0.1", 0),
-            admin_addr=("127.0.0.1", port), socket_mark=False, handle_signals=False,
-            drain_timeout=1.0,
-        )
-        holder: list[AgentApp] = []
-        client = LocalCaClient(CertificateAuthority.load(ca_dir), node,
-                               lambda h=holder: h[0].env.snapshot())
-        app = AgentApp(options, client, None, metrics=Metrics(), env_overrides=inject)
-        holder.append(app)
-        apps[node] = app
-        tasks.append(asyncio.create_task(app.run()))
-    received: list[bytes] = []
-    peers: list[str] = []
-    servers = [await _echo_server(SERVER, received)]
-    try:
-        async with asyncio.timeout(10):
-            while not all(a.agent.ready and a.started.is_set() for a in apps.values()):
-                await asyncio.sleep(0.02)
-        result = Agents(apps, targets, received, peers)
+    admin = {node: f"127.0.0.1:{_free_port()}" for node in ("node1", "node2")}
+    async with running_mesh(tmp_path, CONFIG, (SERVER,), APP_PORT, admin) as mesh:
+        result = Agents(mesh.apps, mesh.targets, mesh.received, mesh.peers)
         result.admin = admin
         yield result
-    finally:
-        for app in apps.values():
-            await app.quit()
-        await asyncio.gather(*tasks)
-        for server in servers:
-            server.close()
-            await server.wait_closed()
 
 
 async def _get(addr: str, path: str) -> tuple[int, str]:

@@ -9,6 +9,7 @@ the client's source address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import textwrap
 from collections.abc import AsyncIterator
@@ -85,7 +86,9 @@ class Mesh:
         return await asyncio.open_connection(sock=sock)
 
 
-async def _echo_server(host: str, received: list[bytes], peers: list[str]) -> asyncio.Server:
+async def _echo_server(
+    host: str, received: list[bytes], peers: list[str], port: int = APP_PORT
+) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peers.append(writer.get_extra_info("peername")[0])
         while data := await reader.read(65536):
@@ -94,15 +97,20 @@ async def _echo_server(host: str, received: list[bytes], peers: list[str]) -> as
             await writer.drain()
         writer.close()
 
-    return await asyncio.start_server(handle, host, APP_PORT)
+    return await asyncio.start_server(handle, host, port)
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+@contextlib.asynccontextmanager
+async def running_mesh(
+    tmp_path: Path, config_text: str, server_ips: tuple[str, ...], app_port: int,
+    admin: dict[str, str] | None = None,
+) -> AsyncIterator[Mesh]:
+    """Two in-process agents (node1, node2) on loopback plus echo servers on ``server_ips``.
+    ``admin`` maps node -> "127.0.0.1:PORT" for tests that talk to the admin API."""
     ca_dir = tmp_path / "ca"
     CertificateAuthority.init(ca_dir)
     config = tmp_path / "cluster.yaml"
-    config.write_text(CONFIG)
+    config.write_text(config_text)
     targets: dict[tuple[str, int], tuple[str, int]] = {}
 
     def inject(env: ProxyEnv) -> None:
@@ -111,10 +119,11 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     apps: dict[str, AgentApp] = {}
     tasks = []
     for node in ("node1", "node2"):
+        admin_host, _, admin_port = (admin or {}).get(node, "127.0.0.1:0").rpartition(":")
         options = AgentOptions(
             config=str(config), node=node, in_pod=False,
             readiness_addr=("127.0.0.1", 0), metrics_addr=("127.0.0.1", 0),
-            admin_addr=("127.0.0.1", 0), socket_mark=False, handle_signals=False,
+            admin_addr=(admin_host, int(admin_port)), socket_mark=False, handle_signals=False,
             drain_timeout=1.0,
         )
         holder: list[AgentApp] = []
@@ -126,7 +135,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         tasks.append(asyncio.create_task(app.run()))
     received: list[bytes] = []
     peers: list[str] = []
-    servers = [await _echo_server(ip, received, peers) for ip in ("127.0.2.1", "127.0.3.1")]
+    servers = [await _echo_server(ip, received, peers, app_port) for ip in server_ips]
     try:
         async with asyncio.timeout(10):
             while not all(a.agent.ready and a.started.is_set() for a in apps.values()):
@@ -139,6 +148,12 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         for server in servers:
             server.close()
             await server.wait_closed()
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with running_mesh(tmp_path, CONFIG, ("127.0.2.1", "127.0.3.1"), APP_PORT) as m:
+        yield m
 
 
 def _counter(app: AgentApp, name: str, **labels: str) -> float:

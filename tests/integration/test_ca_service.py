@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import ssl
@@ -183,7 +184,10 @@ async def test_client_without_node_certificate_is_refused_at_tls(service: Servic
         with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)) as info:
             async with session.post(f"{service.url}/v1/sign", json=body, ssl=ctx) as resp:
                 await resp.read()
-    assert "certificate required" in str(info.value) or isinstance(
+    # TLS 1.3: the server's "certificate required" alert races with its close, so the client
+    # sees the alert, a disconnect or a reset (ECONNRESET) depending on timing.
+    reset = getattr(info.value, "errno", None) == errno.ECONNRESET
+    assert reset or "certificate required" in str(info.value) or isinstance(
         info.value, (aiohttp.ServerDisconnectedError, ConnectionError)
     )
 
