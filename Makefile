@@ -13,7 +13,7 @@ BCC_DIR := $(VENV)/debian-bcc
 PYTEST_ARGS ?=
 # Vagrant multi-VM suite (docs/vagrant.md): host packages, extra pytest args for tests/vagrant.
 VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients \
-	qemu-system-x86 qemu-utils mmdebstrap extlinux syslinux-common dnsmasq-base fdisk
+	qemu-system-x86 qemu-utils mmdebstrap extlinux syslinux-common dnsmasq-base fdisk e2fsprogs
 VAGRANT_PYTEST_ARGS ?=
 
 .PHONY: demo test test-unit test-privileged lint bench deps apt clean test-vagrant

@@ -9,10 +9,9 @@ from __future__ import annotations
 import re
 import secrets
 import threading
+import time
 
-import pytest
-
-from tests.vagrant.cluster import ECHO_PORT, HBONE_PORT, POD_IP, Cluster
+from tests.vagrant.cluster import ECHO_PORT, HBONE_PORT, POD_IP, Cluster, Result
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 ECHO_ID = "spiffe://cluster.local/ns/default/sa/echo"
@@ -72,18 +71,23 @@ def test_authorization_deny(cluster: Cluster) -> None:
     assert ok.rc == 0, ok.out
 
 
-def test_journal_shows_ready(cluster: Cluster) -> None:
+def test_journal_shows_ready_and_watchdog_pings(cluster: Cluster) -> None:
     props = cluster.unit_props("node1", "nodeproxy", "Type", "ActiveState", "WatchdogUSec",
-                               "StatusText", "NRestarts")
+                               "NRestarts")
+    # Type=notify: systemd logs "Started ..." and reports "active" only after READY=1.
+    assert props["Type"] == "notify", props
     assert props["ActiveState"] == "active", props
+    assert props["WatchdogUSec"] not in ("0", "infinity", ""), props
     journal = cluster.journal("node1", "nodeproxy")
     assert re.search(r"agent for node node1 started", journal), journal[-2000:]
-    if props["Type"] == "notify":
-        # Type=notify is only "active" after READY=1; the watchdog must be armed too.
-        assert props["WatchdogUSec"] not in ("0", "infinity", ""), props
-    else:
-        pytest.fail(f"nodeproxy.service runs as Type={props['Type']}: agent sends no READY=1 "
-                    "(sd_notify not wired yet)")
+    assert re.search(r"^Started nodeproxy", journal, re.M), journal[-2000:]
+    # Armed is not enough: the agent must keep pinging (every WatchdogSec/2 = 15 s).
+    first = cluster.unit_props("node1", "nodeproxy", "WatchdogTimestampMonotonic")
+    time.sleep(17)
+    second = cluster.unit_props("node1", "nodeproxy", "WatchdogTimestampMonotonic", "NRestarts")
+    assert int(second["WatchdogTimestampMonotonic"]) > int(first["WatchdogTimestampMonotonic"]), (
+        first, second)
+    assert second["NRestarts"] == props["NRestarts"], (props, second)
 
 
 def test_restart_recovers(cluster: Cluster) -> None:
@@ -152,10 +156,12 @@ def _issued_serials(cluster: Cluster, identity: str) -> set[str]:
 
 def test_rotation_keeps_long_connection(cluster: Cluster) -> None:
     lifetime = cluster.sh("cp", "cat /etc/nodeproxy/ca.env").out
-    seconds = int(re.search(r"--lifetime (\d+)s", lifetime).group(1))  # type: ignore[union-attr]
+    found = re.search(r"--lifetime (\d+)s", lifetime)
+    assert found, f"no --lifetime in cp's ca.env: {lifetime}"
+    seconds = int(found.group(1))
     hold = seconds * 0.5 + 40  # past the half-life refresh of every certificate in use
     before = _issued_serials(cluster, CLIENT_ID) | _issued_serials(cluster, ECHO_ID)
-    result: dict[str, object] = {}
+    result: dict[str, Result] = {}
 
     def long_connection() -> None:
         result["res"] = cluster.pod(
@@ -166,8 +172,8 @@ def test_rotation_keeps_long_connection(cluster: Cluster) -> None:
     t.join(hold + 150)
     res = result.get("res")
     assert res is not None, "long connection did not finish"
-    assert res.rc == 0, f"long connection broke during rotation: {res}"  # type: ignore[union-attr]
-    rounds = int(res.out.strip())  # type: ignore[union-attr]
+    assert res.rc == 0, f"long connection broke during rotation: {res}"
+    rounds = int(res.out.strip())
     assert rounds >= hold, f"only {rounds} round trips in {hold:.0f} s"
     after = _issued_serials(cluster, CLIENT_ID) | _issued_serials(cluster, ECHO_ID)
     assert after - before, f"no certificate was rotated in {hold:.0f} s (lifetime {seconds} s)"
