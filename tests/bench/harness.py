@@ -425,8 +425,8 @@ class Bench:
             timeout=p.cps_seconds + 30)
 
     def profile_agents(self, case: str) -> dict[str, Any]:
-        """Extra passes (not part of the figures: sampling costs CPU) of the 1-stream iperf3
-        and of the connections/s test, with py-spy recording both agents; returns the top
+        """Extra passes (not part of the figures: sampling costs CPU) of the 1-stream iperf3,
+        the connections/s and the request/response tests, with py-spy recording both agents; returns the top
         self-time frames per agent and pass and leaves raw collapsed stacks in profile_dir."""
         assert self.profile_dir is not None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -435,6 +435,9 @@ class Bench:
             "tput1": (lambda: self.iperf(case, 1),
                       self.params.iperf_seconds + self.params.iperf_omit),
             "cps": (lambda: self.cps(case), self.params.cps_seconds),
+            # ~0.6 ms per round trip through the mesh: sample a little past the last one.
+            "rr": (lambda: self.rr(case),
+                   (self.params.rr_count + self.params.rr_warmup) * 0.0006 + 1),
         }
         for name, (work, seconds) in passes.items():
             recorders = []
