@@ -39,7 +39,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter else []
-    if skipped:
+    if skipped and reporter is not None:
         reporter.write_line(
             f"CI: {len(skipped)} test(s) skipped; skips are failures in CI", red=True
         )

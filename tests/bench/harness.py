@@ -426,8 +426,9 @@ class Bench:
 
     def profile_agents(self, case: str) -> dict[str, Any]:
         """Extra passes (not part of the figures: sampling costs CPU) of the 1-stream iperf3,
-        the connections/s and the request/response tests, with py-spy recording both agents; returns the top
-        self-time frames per agent and pass and leaves raw collapsed stacks in profile_dir."""
+        the connections/s and the request/response tests, with py-spy recording both agents;
+        returns the top self-time frames per agent and pass and leaves raw collapsed stacks in
+        profile_dir."""
         assert self.profile_dir is not None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         out: dict[str, Any] = {}

@@ -182,8 +182,8 @@ async def test_debug_connections_lists_live_connections_on_both_agents(agents: A
     await writer.wait_closed()
 
     async def empty() -> bool:
-        return (await _json(n1, "/debug/connections") == []
-                and await _json(n2, "/debug/connections") == [])
+        return bool(await _json(n1, "/debug/connections") == []
+                    and await _json(n2, "/debug/connections") == [])
 
     await _until(empty, "the closed connection left /debug/connections")
 

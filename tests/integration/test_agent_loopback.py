@@ -23,6 +23,7 @@ from nodeproxy.identity.ca import CertificateAuthority
 from nodeproxy.identity.ca_client import LocalCaClient
 from nodeproxy.metrics import Metrics
 from nodeproxy.proxy.env import ProxyEnv
+from ztunnel_cfg.snapshot import Snapshot
 
 CONFIG = textwrap.dedent(
     """
@@ -127,8 +128,10 @@ async def running_mesh(
             drain_timeout=1.0,
         )
         holder: list[AgentApp] = []
-        client = LocalCaClient(CertificateAuthority.load(ca_dir), node,
-                               lambda h=holder: h[0].env.snapshot())
+        def snapshot(h: list[AgentApp] = holder) -> Snapshot:
+            return h[0].env.snapshot()
+
+        client = LocalCaClient(CertificateAuthority.load(ca_dir), node, snapshot)
         app = AgentApp(options, client, None, metrics=Metrics(), env_overrides=inject)
         holder.append(app)
         apps[node] = app

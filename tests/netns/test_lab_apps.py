@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 
 @pytest.fixture
-def server(tmp_path: Path):
+def server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     record = tmp_path / "rec.bin"
     proc = subprocess.Popen(
         [sys.executable, "-m", "nodeproxy.lab.apps", "server", "--host", "127.0.0.1",
@@ -19,15 +21,17 @@ def server(tmp_path: Path):
         stdout=subprocess.PIPE, text=True,
     )
     try:
+        assert proc.stdout is not None
         ready = json.loads(proc.stdout.readline())
         yield ready["listening"][1], record
     finally:
         proc.kill()
         proc.wait()
-        proc.stdout.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
-def _client(*args: str) -> tuple[int, list[dict]]:
+def _client(*args: str) -> tuple[int, list[dict[str, Any]]]:
     out = subprocess.run(
         [sys.executable, "-m", "nodeproxy.lab.apps", "client", *args],
         capture_output=True, text=True, timeout=30, check=False,
@@ -35,7 +39,7 @@ def _client(*args: str) -> tuple[int, list[dict]]:
     return out.returncode, [json.loads(line) for line in out.stdout.splitlines()]
 
 
-def test_client_and_server_round_trip(server):
+def test_client_and_server_round_trip(server: tuple[int, Path]) -> None:
     port, record = server
     rc, results = _client("--connect", f"127.0.0.1:{port}", "--send", "MARK-1", "--count", "3")
     assert rc == 0
@@ -50,7 +54,7 @@ def test_client_and_server_round_trip(server):
     assert record.read_bytes() == b"MARK-1" * 3
 
 
-def test_client_reports_failure_and_exit_status(server):
+def test_client_reports_failure_and_exit_status(server: tuple[int, Path]) -> None:
     port, _ = server
     # Nothing listens on port+1 (almost surely): refused, exit status 1.
     rc, results = _client("--connect", f"127.0.0.1:{port + 1}", "--timeout", "2")

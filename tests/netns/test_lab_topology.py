@@ -11,6 +11,7 @@ import pytest
 
 from nodeproxy.lab import Cluster, ClusterSpec, LabError, plan_cluster, random_prefix, sweep
 from nodeproxy.lab.build import list_netns, netns_pids
+from tests.netns.conftest import MakeCluster
 
 
 def _root_links() -> str:
@@ -20,7 +21,7 @@ def _root_links() -> str:
 
 
 @pytest.mark.privileged
-def test_cross_node_pod_to_pod_and_source_ip_is_preserved(lab_cluster):
+def test_cross_node_pod_to_pod_and_source_ip_is_preserved(lab_cluster: MakeCluster) -> None:
     c = lab_cluster(nodes=2, pods_per_node=2)
     c.serve("n2p1", 8080, tag="server-n2p1")
     [res] = c.connect("n1p2", f"{c.pod('n2p1').ip}:8080", "hello across nodes")
@@ -31,7 +32,7 @@ def test_cross_node_pod_to_pod_and_source_ip_is_preserved(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_same_node_pod_to_pod(lab_cluster):
+def test_same_node_pod_to_pod(lab_cluster: MakeCluster) -> None:
     c = lab_cluster(nodes=2, pods_per_node=3)
     c.serve("n1p3", 9000, tag="n1p3")
     results = c.connect("n1p1", "10.251.1.4:9000", "local", count=3)
@@ -40,7 +41,7 @@ def test_same_node_pod_to_pod(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_nodes_and_pods_reach_the_fabric_address(lab_cluster):
+def test_nodes_and_pods_reach_the_fabric_address(lab_cluster: MakeCluster) -> None:
     c = lab_cluster(nodes=3, pods_per_node=1)
     c.serve("fabric", 7000, tag="ca")
     for who, src in [("node1", "10.250.0.11"), ("node3", "10.250.0.13"), ("n2p1", "10.251.2.2")]:
@@ -50,7 +51,7 @@ def test_nodes_and_pods_reach_the_fabric_address(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_node_has_forwarding_on_and_expected_routes(lab_cluster):
+def test_node_has_forwarding_on_and_expected_routes(lab_cluster: MakeCluster) -> None:
     c = lab_cluster(nodes=3, pods_per_node=2)
     fwd = c.exec("node2", ["cat", "/proc/sys/net/ipv4/ip_forward"], check=True)
     assert fwd.stdout.strip() == "1"
@@ -64,7 +65,7 @@ def test_node_has_forwarding_on_and_expected_routes(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_capture_on_node_link_sees_plaintext_marker_without_mesh(lab_cluster):
+def test_capture_on_node_link_sees_plaintext_marker_without_mesh(lab_cluster: MakeCluster) -> None:
     """Proves the capture tool works, so the mesh test's 'marker never seen' is meaningful."""
     c = lab_cluster(nodes=2, pods_per_node=2)
     c.serve("n2p2", 8080, tag="b")
@@ -81,7 +82,7 @@ def test_capture_on_node_link_sees_plaintext_marker_without_mesh(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_same_node_traffic_does_not_cross_the_node_link(lab_cluster):
+def test_same_node_traffic_does_not_cross_the_node_link(lab_cluster: MakeCluster) -> None:
     c = lab_cluster(nodes=2, pods_per_node=2)
     c.serve("n1p2", 8080)
     cap = c.capture("node1")
@@ -93,7 +94,7 @@ def test_same_node_traffic_does_not_cross_the_node_link(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_app_server_records_received_bytes(lab_cluster, tmp_path: Path):
+def test_app_server_records_received_bytes(lab_cluster: MakeCluster, tmp_path: Path) -> None:
     c = lab_cluster(nodes=1, pods_per_node=2)
     record = tmp_path / "received.bin"
     c.serve("n1p2", 8080, record=str(record))
@@ -104,7 +105,7 @@ def test_app_server_records_received_bytes(lab_cluster, tmp_path: Path):
 
 
 @pytest.mark.privileged
-def test_client_reports_refused_connection(lab_cluster):
+def test_client_reports_refused_connection(lab_cluster: MakeCluster) -> None:
     c = lab_cluster(nodes=2, pods_per_node=1)
     [res] = c.connect("n1p1", "10.251.2.2:8081", "nobody listens", timeout=2)
     assert res["ok"] is False
@@ -112,7 +113,7 @@ def test_client_reports_refused_connection(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_teardown_removes_everything_and_kills_processes(lab_cluster):
+def test_teardown_removes_everything_and_kills_processes(lab_cluster: MakeCluster) -> None:
     before = _root_links()
     c = lab_cluster(nodes=2, pods_per_node=3)
     assert _root_links() == before  # nothing is created in the root namespace
@@ -127,7 +128,7 @@ def test_teardown_removes_everything_and_kills_processes(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_two_clusters_with_same_addresses_are_isolated(lab_cluster):
+def test_two_clusters_with_same_addresses_are_isolated(lab_cluster: MakeCluster) -> None:
     a = lab_cluster(nodes=2, pods_per_node=1)
     b = lab_cluster(nodes=2, pods_per_node=1)
     a.serve("n2p1", 8080, tag="cluster-a")
@@ -137,7 +138,7 @@ def test_two_clusters_with_same_addresses_are_isolated(lab_cluster):
 
 
 @pytest.mark.privileged
-def test_failed_create_rolls_back():
+def test_failed_create_rolls_back() -> None:
     plan = plan_cluster(ClusterSpec(random_prefix(), nodes=2, pods_per_node=2))
     bad_node = dataclasses.replace(plan.nodes[1], ip="10.250.0.999")
     broken = dataclasses.replace(plan, nodes=(plan.nodes[0], bad_node))
@@ -147,7 +148,7 @@ def test_failed_create_rolls_back():
 
 
 @pytest.mark.privileged
-def test_create_refuses_existing_namespaces_and_sweep_removes_leftovers():
+def test_create_refuses_existing_namespaces_and_sweep_removes_leftovers() -> None:
     plan = plan_cluster(ClusterSpec(random_prefix(), nodes=1, pods_per_node=1))
     crashed = Cluster.create(plan)  # a "crashed run": never destroyed by its owner
     holder = crashed.popen("n1p1", ["sleep", "300"])
@@ -169,7 +170,7 @@ def test_create_refuses_existing_namespaces_and_sweep_removes_leftovers():
 
 
 @pytest.mark.privileged
-def test_context_manager_tears_down_on_error():
+def test_context_manager_tears_down_on_error() -> None:
     plan = plan_cluster(ClusterSpec(random_prefix(), nodes=1, pods_per_node=1))
     seen: list[str] = []
 

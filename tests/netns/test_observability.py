@@ -94,7 +94,10 @@ def test_allowed_connection_counts_exact_bytes_on_both_reporters(env: MeshEnv) -
         def closed(n: str = node, r: str = reporter) -> bool:
             return delta(before[n], env.mesh.metrics(n), CLOSED, reporter=r, **labels) == 1
 
-        poll(closed, 10, lambda n=node: f"{n}: no closed connection\n{env.logs(n)}")
+        def why(n: str = node) -> str:
+            return f"{n}: no closed connection\n{env.logs(n)}"
+
+        poll(closed, 10, why)
         after = env.mesh.metrics(node)
         got = {m: delta(before[node], after, m, reporter=reporter, **labels)
                for m in (OPENED, CLOSED, SENT, RECEIVED)}

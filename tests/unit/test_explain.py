@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from ztunnel_cfg.authz import ConnectionInfo, authorize
 from ztunnel_cfg.explain import ExplainError, Path, Verdict, explain, parse_target
 from ztunnel_cfg.loader import load_config_text
+from ztunnel_cfg.model import Workload
 from ztunnel_cfg.routing import route
 from ztunnel_cfg.snapshot import Snapshot
 
@@ -184,7 +186,10 @@ def test_vip_outcomes_match_route_and_authorize(snapshot: Snapshot) -> None:
     assert e.selection.startswith("round-robin")
     by_endpoint = {h.endpoint: h for h in e.hops}
     for ep in snapshot.healthy_endpoints("data/db.data.svc.cluster.local"):
-        r = route(snapshot, client, "10.96.0.11", 5432, lambda _e, ep=ep: ep)
+        def pick(_endpoints: Sequence[Workload], chosen: Workload = ep) -> Workload:
+            return chosen
+
+        r = route(snapshot, client, "10.96.0.11", 5432, pick)
         assert r.target_ip is not None
         d = authorize(snapshot, ep, ConnectionInfo(client.identity, "10.0.1.1", r.target_ip,
                                                    r.target_port))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -288,7 +289,8 @@ def test_server_rejects_non_connect_with_400() -> None:
     assert "GET" in events[0].reason
     replies = client.receive_data(s.data_to_send())
     resp = next(e for e in replies if isinstance(e, h2.events.ResponseReceived))
-    assert dict(resp.headers)[":status"] == "400"
+    headers: dict[Any, Any] = dict(resp.headers)  # str: header_encoding="utf-8"
+    assert headers[":status"] == "400"
 
 
 @pytest.mark.parametrize("authority", ["10.0.0.1", "10.0.0.1:0", "10.0.0.1:99999", "::1:80",
@@ -353,7 +355,8 @@ def test_fast_client_against_vanilla_h2_server() -> None:
     got = b""
     for e in s.receive_data(c.data_to_send()):
         if isinstance(e, h2.events.RequestReceived):
-            assert dict(e.headers)[":method"] == "CONNECT"
+            req_headers: dict[Any, Any] = dict(e.headers)  # str: header_encoding="utf-8"
+            assert req_headers[":method"] == "CONNECT"
             s.send_headers(sid, [(":status", "200")])
         elif isinstance(e, h2.events.DataReceived):
             got += e.data

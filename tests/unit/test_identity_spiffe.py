@@ -92,5 +92,6 @@ def test_node_ids(text: str, ok: bool) -> None:
 def test_workload_and_node_ids_are_distinct_types() -> None:
     sid = SpiffeId.of("default", "node1")
     nid = NodeId.of("node1")
-    assert sid != nid
+    node_as_object: object = nid  # distinct types: never equal, even with the same text
+    assert sid != node_as_object
     assert str(nid) == "spiffe://cluster.local/node/node1"

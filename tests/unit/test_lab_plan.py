@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from nodeproxy.lab.build import is_lab_netns
 from nodeproxy.lab.capture import CaptureResult, parse_pcap
 from nodeproxy.lab.config import PodRole, ServiceDef, dump_config, render_config
 from nodeproxy.lab.topology import (
+    ClusterPlan,
     ClusterSpec,
     LabError,
     plan_cluster,
@@ -24,7 +26,7 @@ from ztunnel_cfg import load_config_text
 # -- plan_cluster --------------------------------------------------------------------------
 
 
-def test_names_and_addresses_of_a_small_cluster():
+def test_names_and_addresses_of_a_small_cluster() -> None:
     plan = plan_cluster(ClusterSpec("np1a2b-", nodes=2, pods_per_node=2))
     assert plan.fabric_netns == "np1a2b-fab"
     assert plan.fabric_ip == "10.250.0.1"
@@ -44,7 +46,7 @@ def test_names_and_addresses_of_a_small_cluster():
 
 
 @pytest.mark.parametrize(("nodes", "pods"), [(1, 1), (2, 3), (5, 7), (200, 2), (3, 250)])
-def test_plan_invariants(nodes, pods):
+def test_plan_invariants(nodes: int, pods: int) -> None:
     plan = plan_cluster(ClusterSpec("np0000-", nodes=nodes, pods_per_node=pods))
     ips = [p.ip for p in plan.pods] + [n.ip for n in plan.nodes] + [plan.fabric_ip]
     assert len(set(ips)) == len(ips)
@@ -75,13 +77,13 @@ def test_plan_invariants(nodes, pods):
         ClusterSpec("np0000-", pods_per_node=251),
     ],
 )
-def test_invalid_specs_are_rejected_with_a_hint(spec):
+def test_invalid_specs_are_rejected_with_a_hint(spec: ClusterSpec) -> None:
     with pytest.raises(LabError) as err:
         plan_cluster(spec)
     assert err.value.hint
 
 
-def test_random_prefixes_are_valid_and_distinct():
+def test_random_prefixes_are_valid_and_distinct() -> None:
     prefixes = {random_prefix() for _ in range(50)}
     assert len(prefixes) > 40
     for p in prefixes:
@@ -91,7 +93,7 @@ def test_random_prefixes_are_valid_and_distinct():
         plan_cluster(ClusterSpec(p))
 
 
-def test_lookups():
+def test_lookups() -> None:
     plan = plan_cluster(ClusterSpec("np0000-", nodes=2, pods_per_node=2))
     assert plan.node("node2") is plan.node("np0000-n2") is plan.node("n2")
     assert plan.pod("n1p2") is plan.pod("np0000-n1p2") is plan.pod("10.251.1.3")
@@ -104,7 +106,7 @@ def test_lookups():
 # -- render_stages -------------------------------------------------------------------------
 
 
-def test_stages_create_namespaces_first_and_configure_each_namespace_once():
+def test_stages_create_namespaces_first_and_configure_each_namespace_once() -> None:
     plan = plan_cluster(ClusterSpec("np0000-", nodes=3, pods_per_node=2))
     create, fabric, nodes, pods = render_stages(plan)
     assert create[0].netns is None
@@ -118,7 +120,7 @@ def test_stages_create_namespaces_first_and_configure_each_namespace_once():
     assert "route add 10.251.3.0/24 via 10.250.0.13 onlink dev br0" in fab
 
 
-def test_node_batch_routes_to_other_nodes_only_and_to_each_pod():
+def test_node_batch_routes_to_other_nodes_only_and_to_each_pod() -> None:
     plan = plan_cluster(ClusterSpec("np0000-", nodes=3, pods_per_node=2))
     node2 = render_stages(plan)[2][1].lines
     assert "addr add 10.250.0.12/24 dev eth0" in node2
@@ -130,7 +132,7 @@ def test_node_batch_routes_to_other_nodes_only_and_to_each_pod():
     assert "route add 10.251.2.3/32 dev p2 src 10.251.2.1" in node2
 
 
-def test_pod_batch_uses_onlink_gateway():
+def test_pod_batch_uses_onlink_gateway() -> None:
     plan = plan_cluster(ClusterSpec("np0000-", nodes=1, pods_per_node=1))
     assert render_stages(plan)[3][0].lines == (
         "link set lo up",
@@ -155,14 +157,14 @@ def test_pod_batch_uses_onlink_gateway():
         ("npx-exp", "np*", False),
     ],
 )
-def test_is_lab_netns(name, glob, expected):
+def test_is_lab_netns(name: str, glob: str, expected: bool) -> None:
     assert is_lab_netns(name, glob) is expected
 
 
 # -- render_config -------------------------------------------------------------------------
 
 
-def _doc():
+def _doc() -> tuple[ClusterPlan, dict[str, Any]]:
     plan = plan_cluster(ClusterSpec("np0000-", nodes=2, pods_per_node=2))
     roles = {
         "n1p1": PodRole(name="client", service_account="client"),
@@ -178,7 +180,7 @@ def _doc():
     return plan, render_config(plan, roles, [svc], [policy])
 
 
-def test_render_config_workloads_services_policies():
+def test_render_config_workloads_services_policies() -> None:
     _plan, doc = _doc()
     wl = {w["name"]: w for w in doc["workloads"]}
     assert wl["client"] == {
@@ -204,7 +206,7 @@ def test_render_config_workloads_services_policies():
     assert doc["policies"][0]["name"] == "allow-client"
 
 
-def test_rendered_config_is_accepted_by_the_loader():
+def test_rendered_config_is_accepted_by_the_loader() -> None:
     _plan, doc = _doc()
     cfg = load_config_text(dump_config(doc), "lab.yaml")
     assert sorted(w.name for w in cfg.workloads) == ["client", "echo-1", "echo-2", "legacy"]
@@ -212,7 +214,7 @@ def test_rendered_config_is_accepted_by_the_loader():
     assert len(cfg.policies) == 1
 
 
-def test_default_roles_and_errors():
+def test_default_roles_and_errors() -> None:
     plan = plan_cluster(ClusterSpec("np0000-", nodes=1, pods_per_node=2))
     doc = render_config(plan)
     assert [(w["name"], w["protocol"], w["serviceAccount"]) for w in doc["workloads"]] == [
@@ -227,14 +229,17 @@ def test_default_roles_and_errors():
 # -- pcap reader ---------------------------------------------------------------------------
 
 
-def _pcap(frames, linktype=1, endian="<"):
+def _pcap(frames: list[bytes], linktype: int = 1, endian: str = "<") -> bytes:
     out = struct.pack(endian + "IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype)
     for frame in frames:
         out += struct.pack(endian + "IIII", 0, 0, len(frame), len(frame)) + frame
     return out
 
 
-def _tcp_frame(src, dst, sport, dport, payload=b"", flags=0x18, eth=True):
+def _tcp_frame(
+    src: str, dst: str, sport: int, dport: int, payload: bytes = b"", flags: int = 0x18,
+    eth: bool = True,
+) -> bytes:
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0) + payload
     ip = struct.pack(
         "!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0,
@@ -243,7 +248,7 @@ def _tcp_frame(src, dst, sport, dport, payload=b"", flags=0x18, eth=True):
     return (b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip) if eth else ip
 
 
-def test_parse_pcap_ethernet_both_byte_orders():
+def test_parse_pcap_ethernet_both_byte_orders() -> None:
     frames = [
         _tcp_frame("10.251.1.2", "10.251.2.2", 40000, 15008, b"\x16\x03\x01"),
         _tcp_frame("10.251.2.2", "10.251.1.2", 15008, 40000, flags=0x10),
@@ -257,7 +262,7 @@ def test_parse_pcap_ethernet_both_byte_orders():
         ]
 
 
-def test_parse_pcap_raw_ip_padding_and_truncation():
+def test_parse_pcap_raw_ip_padding_and_truncation() -> None:
     frame = _tcp_frame("1.2.3.4", "5.6.7.8", 1, 2, b"abc", eth=False) + b"\x00\x00"  # padding
     data = _pcap([frame], linktype=101)
     pkts = parse_pcap(data)
@@ -268,7 +273,7 @@ def test_parse_pcap_raw_ip_padding_and_truncation():
         parse_pcap(b"\x0a\x0d\x0d\x0a" + b"\x00" * 40)
 
 
-def test_capture_result_helpers():
+def test_capture_result_helpers() -> None:
     frames = [
         _tcp_frame("10.0.0.1", "10.0.0.2", 5000, 15008, b"xx-MARK"),
         _tcp_frame("10.0.0.1", "10.0.0.2", 5000, 15008, b"ER-yy"),
@@ -287,7 +292,7 @@ def test_capture_result_helpers():
 # -- apps wire format ----------------------------------------------------------------------
 
 
-def test_greeting_round_trip():
+def test_greeting_round_trip() -> None:
     data = greeting("echo-1", ("10.251.1.2", 41000)) + b"payload\nmore"
     assert parse_reply(data) == ("echo-1", "10.251.1.2:41000", b"payload\nmore")
     assert parse_reply(b"no newline") == (None, None, b"")

@@ -282,9 +282,9 @@ def peer_serial(writer: asyncio.StreamWriter) -> int:
 
 
 async def test_rotation_new_connections_use_new_cert_old_ones_keep_working(
-    serve,
-    ca,
-    bundle,  # type: ignore[no-untyped-def]
+    serve: Callable[[ssl.SSLContext], asyncio.Future[Server]],
+    ca: CertificateAuthority,
+    bundle: TrustBundle,
 ) -> None:
     first = issue(ca, SERVER)
     source = Source(first, bundle)
