@@ -66,22 +66,34 @@ def init_cmd(directory: str, trust_domain: str, intermediate: bool) -> None:
     click.echo(f"created {kind} CA for trust domain {ca.trust_domain} in {directory}")
 
 
-def _write_outputs(
-    out_cert: str, out_key: str | None, chain: bytes, key_pem: bytes | None, force: bool
+def _output_options(func: F) -> F:
+    """--out-cert/--out-key/--out-bundle/--force, shared by the issuing commands."""
+    for option in reversed((
+        click.option("--out-cert", required=True, type=click.Path(dir_okay=False)),
+        click.option("--out-key", required=True, type=click.Path(dir_okay=False)),
+        click.option("--out-bundle", type=click.Path(dir_okay=False),
+                     help="also write the trust bundle"),
+        click.option("--force", is_flag=True, help="replace existing output files"),
+    )):
+        func = option(func)
+    return func
+
+
+def _write_issued(
+    out_cert: str, out_key: str, out_bundle: str | None, chain: bytes, key_pem: bytes,
+    bundle_pem: bytes, force: bool,
 ) -> None:
     write_new_file(out_cert, chain, 0o644, force=force)
-    if out_key is not None and key_pem is not None:
-        write_new_file(out_key, key_pem, 0o600, force=force)
+    write_new_file(out_key, key_pem, 0o600, force=force)
+    if out_bundle:
+        write_new_file(out_bundle, bundle_pem, 0o644, force=force)
 
 
 @command.command("issue")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--spiffe-id", "spiffe_id", required=True)
-@click.option("--out-cert", required=True, type=click.Path(dir_okay=False))
-@click.option("--out-key", required=True, type=click.Path(dir_okay=False))
-@click.option("--out-bundle", type=click.Path(dir_okay=False), help="also write the trust bundle")
+@_output_options
 @_duration_option(DEFAULT_SVID_LIFETIME)
-@click.option("--force", is_flag=True, help="replace existing output files")
 def issue_cmd(
     directory: str,
     spiffe_id: str,
@@ -99,20 +111,16 @@ def issue_cmd(
         raise IdentityError(f"--spiffe-id: {exc.message}") from None
     key, csr = new_key_and_csr(identity)
     issued = ca.sign_csr(csr, identity, lifetime)
-    _write_outputs(out_cert, out_key, issued.chain_pem, private_key_pem(key), force)
-    if out_bundle:
-        write_new_file(out_bundle, ca.trust_bundle_pem, 0o644, force=force)
+    _write_issued(out_cert, out_key, out_bundle, issued.chain_pem, private_key_pem(key),
+                  ca.trust_bundle_pem, force)
     click.echo(f"issued {identity} serial {issued.serial_hex} until {issued.not_after.isoformat()}")
 
 
 @command.command("issue-node")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--node", required=True)
-@click.option("--out-cert", required=True, type=click.Path(dir_okay=False))
-@click.option("--out-key", required=True, type=click.Path(dir_okay=False))
-@click.option("--out-bundle", type=click.Path(dir_okay=False), help="also write the trust bundle")
+@_output_options
 @_duration_option(DEFAULT_NODE_LIFETIME)
-@click.option("--force", is_flag=True, help="replace existing output files")
 def issue_node_cmd(
     directory: str,
     node: str,
@@ -127,9 +135,8 @@ def issue_node_cmd(
     ca = CertificateAuthority.load(directory)
     issued, key = ca.issue_node_cert(node, lifetime=lifetime)
     assert key is not None
-    _write_outputs(out_cert, out_key, issued.chain_pem, private_key_pem(key), force)
-    if out_bundle:
-        write_new_file(out_bundle, ca.trust_bundle_pem, 0o644, force=force)
+    _write_issued(out_cert, out_key, out_bundle, issued.chain_pem, private_key_pem(key),
+                  ca.trust_bundle_pem, force)
     click.echo(
         f"issued spiffe://{ca.trust_domain}/node/{node} serial {issued.serial_hex} "
         f"until {issued.not_after.isoformat()}"

@@ -57,15 +57,20 @@ def single_uri_san(cert: x509.Certificate) -> str:
     return uris[0]
 
 
-def peer_identity_from_der(der_cert: bytes | None) -> SpiffeId:
-    """The workload SPIFFE ID of a DER certificate (exactly one URI SAN of the ns/sa shape)."""
+def _uri_san_of_der(der_cert: bytes | None) -> str:
+    """The single URI SAN of a peer's DER certificate."""
     if not der_cert:
         raise IdentityError("peer presented no certificate")
     try:
         cert = x509.load_der_x509_certificate(der_cert)
     except ValueError as exc:
         raise IdentityError(f"peer certificate cannot be parsed: {exc}") from None
-    uri = single_uri_san(cert)
+    return single_uri_san(cert)
+
+
+def peer_identity_from_der(der_cert: bytes | None) -> SpiffeId:
+    """The workload SPIFFE ID of a DER certificate (exactly one URI SAN of the ns/sa shape)."""
+    uri = _uri_san_of_der(der_cert)
     try:
         return SpiffeId.parse(uri)
     except SpiffeIdError as exc:
@@ -74,13 +79,7 @@ def peer_identity_from_der(der_cert: bytes | None) -> SpiffeId:
 
 def node_identity_from_der(der_cert: bytes | None) -> NodeId:
     """The node identity (``spiffe://<td>/node/<name>``) of a DER certificate."""
-    if not der_cert:
-        raise IdentityError("peer presented no certificate")
-    try:
-        cert = x509.load_der_x509_certificate(der_cert)
-    except ValueError as exc:
-        raise IdentityError(f"peer certificate cannot be parsed: {exc}") from None
-    uri = single_uri_san(cert)
+    uri = _uri_san_of_der(der_cert)
     try:
         return NodeId.parse(uri)
     except SpiffeIdError as exc:
