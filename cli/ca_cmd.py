@@ -148,11 +148,17 @@ def issue_node_cmd(
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False, exists=True))
 @click.option("--listen", default="0.0.0.0:15012", show_default=True, help="ADDR:PORT")
 @_duration_option(DEFAULT_SVID_LIFETIME)
-def serve_cmd(directory: str, config: str, listen: str, lifetime: timedelta) -> None:
+@click.option("--node-lifetime", default="30d", show_default=True,
+              callback=lambda _c, _p, v: parse_duration(v),
+              help="lifetime of renewed node certificates (agents renew at half-life)")
+def serve_cmd(
+    directory: str, config: str, listen: str, lifetime: timedelta, node_lifetime: timedelta
+) -> None:
     """Serve CSRs over mTLS to agents holding node certificates (node-restricted issuance)."""
     from nodeproxy.identity import ca_service
 
     ca = CertificateAuthority.load(directory)
     host, port = ca_service.parse_listen(listen)
     snapshots = ca_service.SnapshotFile(config)
-    asyncio.run(ca_service.serve(ca, snapshots, host, port, lifetime=lifetime))
+    asyncio.run(ca_service.serve(ca, snapshots, host, port, lifetime=lifetime,
+                                 node_lifetime=node_lifetime))

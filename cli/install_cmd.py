@@ -20,7 +20,7 @@ DEFAULT_BIN = "/opt/nodeproxy/venv/bin/nodeproxy"
 DEFAULT_AGENT_ARGS = (
     "--config /etc/nodeproxy/config.yaml --node NODE --ca-address https://CA-HOST:15012 "
     "--node-cert /etc/nodeproxy/node-cert.pem --node-key /etc/nodeproxy/node-key.pem "
-    "--ca-bundle /etc/nodeproxy/bundle.pem"
+    "--ca-bundle /etc/nodeproxy/bundle.pem --state-dir /var/lib/nodeproxy"
 )
 DEFAULT_CA_ARGS = (
     "--dir /var/lib/nodeproxy/ca --config /etc/nodeproxy/config.yaml --listen 0.0.0.0:15012"

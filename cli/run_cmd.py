@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,10 +12,19 @@ import click
 from nodeproxy.app import AgentApp, AgentOptions
 from nodeproxy.identity.ca import CertificateAuthority
 from nodeproxy.identity.ca_client import CaClient, LocalCaClient, RemoteCaClient
+from nodeproxy.identity.node_credentials import (
+    NodeCertRenewer,
+    NodeCredentials,
+    NodeCredentialStore,
+    choose_credentials,
+)
 from nodeproxy.proxy.env import Ports
 from redirect import ops
 from redirect.spec import RedirectSpec
 from ztunnel_cfg.errors import NodeproxyError
+
+log = logging.getLogger("nodeproxy.run")
+_EXTRA = {"component": "identity"}
 
 
 class OpsRedirector:
@@ -56,6 +67,9 @@ def _read(path: str | None, what: str) -> bytes:
 @click.option("--node-cert", type=click.Path(dir_okay=False), help="node certificate (PEM)")
 @click.option("--node-key", type=click.Path(dir_okay=False), help="node private key (PEM)")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False), help="trust bundle (PEM)")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="keep the renewed node certificate here (node.pem, 0600); without it "
+                   "renewals live in memory only")
 @click.option("--redirect", "backend", type=click.Choice(["iptables", "nftables"]),
               default="iptables", show_default=True, help="capture rules backend")
 @click.option("--no-redirect", is_flag=True,
@@ -75,7 +89,8 @@ def _read(path: str | None, what: str) -> bytes:
 @click.option("--inbound-port", type=int, default=15006, show_default=True)
 def command(
     config_path: str, node: str, ca_dir: str | None, ca_address: str | None,
-    node_cert: str | None, node_key: str | None, ca_bundle: str | None, backend: str,
+    node_cert: str | None, node_key: str | None, ca_bundle: str | None, state_dir: str | None,
+    backend: str,
     no_redirect: bool, cleanup_on_exit: bool, readiness_addr: str, metrics_addr: str,
     admin_addr: str, drain_timeout: float, svid_lifetime: float, hbone_port: int,
     outbound_port: int, inbound_port: int,
@@ -97,6 +112,7 @@ def command(
     )
     client: CaClient
     apps: list[AgentApp] = []
+    renewer: NodeCertRenewer | None = None
     if ca_dir is not None:
         ca = CertificateAuthority.load(ca_dir)
         # Node restriction against the agent's live snapshot (the same file it enrolls from).
@@ -104,12 +120,22 @@ def command(
                                lifetime=timedelta(hours=svid_lifetime))
     else:
         assert ca_address is not None
-        client = RemoteCaClient(
-            ca_address, _read(node_cert, "--node-cert"), _read(node_key, "--node-key"),
-            _read(ca_bundle, "--ca-bundle"),
-        )
+        bootstrap = NodeCredentials.from_pem(
+            _read(node_cert, "--node-cert"), _read(node_key, "--node-key"),
+            f"{node_cert} / {node_key}")
+        store = NodeCredentialStore(state_dir) if state_dir is not None else None
+        creds, why = choose_credentials(bootstrap, store.load() if store else None, time.time())
+        log.info("node certificate %s serial %s until %s (%s)", creds.node_id,
+                 creds.serial_hex, creds.not_after.isoformat(), why, extra=_EXTRA)
+        if store is None:
+            log.warning("no --state-dir: renewed node certificates are kept in memory only; "
+                        "a restart after %s needs a new 'ca issue-node'",
+                        creds.not_after.isoformat(), extra=_EXTRA)
+        remote = RemoteCaClient(ca_address, creds.chain_pem, creds.key_pem,
+                                _read(ca_bundle, "--ca-bundle"))
+        client, renewer = remote, NodeCertRenewer(remote, creds, store)
     redirector = None if no_redirect else OpsRedirector(backend)
-    app = AgentApp(options, client, redirector)
+    app = AgentApp(options, client, redirector, node_renewer=renewer)
     apps.append(app)
     try:
         import uvloop

@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from cryptography import x509
@@ -32,6 +32,7 @@ from nodeproxy.http_endpoints import (
 )
 from nodeproxy.identity.ca_client import CaClient
 from nodeproxy.identity.manager import CertificateManager
+from nodeproxy.identity.node_credentials import NodeCertRenewer
 from nodeproxy.identity.svid import Svid, load_pem_chain, uri_sans
 from nodeproxy.metrics import Metrics
 from nodeproxy.proxy.env import Ports, ProxyEnv
@@ -83,8 +84,10 @@ class AgentApp:
         metrics: Metrics | None = None,
         env_overrides: Callable[[ProxyEnv], None] | None = None,
         notifier: Notifier | None = None,
+        node_renewer: NodeCertRenewer | None = None,
     ) -> None:
         self.options = options
+        self.node_renewer = node_renewer
         self.metrics = metrics or Metrics()
         self.certs = CertificateManager(ca_client)
         self.contexts = ContextCache(self.certs)
@@ -134,6 +137,10 @@ class AgentApp:
 
         for direction in ("outbound", "inbound", "inbound_plaintext"):
             metrics.open_connections.labels(direction=direction).set_function(open_in(direction))
+        renewer = self.node_renewer
+        if renewer is not None:  # the node certificate counts down like the SVIDs
+            metrics.cert_expiry.labels(identity=str(renewer.current.node_id)).set_function(
+                lambda: max(0.0, renewer.current.not_after.timestamp() - time.time()))
 
     def _pod_impls(self) -> list[PodProxyImpl]:
         return [p for p in self.agent.pods.values() if isinstance(p, PodProxyImpl)]
@@ -176,6 +183,15 @@ class AgentApp:
         doc["enrolled"] = sorted(self.agent.pods)
         doc["enrollmentFailures"] = {uid: f.reason for uid, f in self.agent.failures.items()}
         doc["certificates"] = certificates_document(self.certs)
+        if self.node_renewer is not None:
+            node = self.node_renewer.current
+            doc["nodeCertificate"] = {
+                "identity": str(node.node_id), "serial": node.serial_hex,
+                "not_before": node.not_before.isoformat(), "not_after": node.not_after.isoformat(),
+                "renew_at": datetime.fromtimestamp(node.renew_at(), UTC).isoformat(),
+                "failures": self.node_renewer.failures,
+                "last_error": self.node_renewer.last_error,
+            }
         if self.config is not None:
             state = self.config.state
             doc["configReloads"] = {"ok": state.ok_count, "failed": state.fail_count}
@@ -217,6 +233,8 @@ class AgentApp:
                 loop.add_signal_handler(sig, self._signalled, sig)
         watcher = loop.create_task(self.config.run(), name="config-watch")
         retry = loop.create_task(self._retry_loop(), name="enroll-retry")
+        renewal = (loop.create_task(self.node_renewer.run(), name="node-cert-renewal")
+                   if self.node_renewer is not None else None)
         sd_stop = asyncio.Event()
         sd_tasks = [
             loop.create_task(supervise(self.notifier, self._sd_ready,
@@ -241,12 +259,15 @@ class AgentApp:
                 loop.remove_signal_handler(sig)
             self.config.stop()
             retry.cancel()
+            if renewal is not None:
+                renewal.cancel()
             for task in list(self._tasks):
                 with contextlib.suppress(BaseException):
                     await task
             await self.agent.shutdown()
             watcher.cancel()
-            await asyncio.gather(watcher, retry, return_exceptions=True)
+            await asyncio.gather(watcher, retry, *([renewal] if renewal else []),
+                                 return_exceptions=True)
             await self._http.close()
             await self.certs.aclose()
             sd_stop.set()  # after the drain: the watchdog keeps pinging while connections finish

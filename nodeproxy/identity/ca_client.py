@@ -76,35 +76,52 @@ class RemoteCaClient:
         *,
         timeout: float = 10.0,
     ) -> None:
-        from nodeproxy.tls import context_from_pem
-
-        self._url = url.rstrip("/") + "/v1/sign"
+        self._base = url.rstrip("/")
         self._timeout = timeout
-        bundle = TrustBundle.from_pem(bundle_pem)
+        self._bundle_pem = TrustBundle.from_pem(bundle_pem).pem
         leaf = load_pem_chain(node_cert_pem, "node certificate")[0]
         self.trust_domain = single_uri_san(leaf).removeprefix("spiffe://").split("/", 1)[0]
         self._expected_server = ca_service_uri(self.trust_domain)
-        self._ssl: ssl.SSLContext = context_from_pem(
+        self._ssl = self._context(node_cert_pem, node_key_pem)
+
+    def _context(self, node_cert_pem: bytes, node_key_pem: bytes) -> ssl.SSLContext:
+        from nodeproxy.tls import context_from_pem
+
+        return context_from_pem(
             server=False,
             chain_pem=node_cert_pem,
             key_pem=node_key_pem,
-            bundle_pem=bundle.pem,
+            bundle_pem=self._bundle_pem,
             alpn=["http/1.1"],
         )
 
     def __repr__(self) -> str:
-        return f"RemoteCaClient(url={self._url!r})"
+        return f"RemoteCaClient(url={self._base!r})"
+
+    def use_credentials(self, chain_pem: bytes, key_pem: bytes) -> None:
+        """Authenticate with a renewed node certificate from the next request on."""
+        self._ssl = self._context(chain_pem, key_pem)
 
     async def sign(self, identity: SpiffeId, csr_pem: bytes) -> tuple[bytes, bytes]:
+        body = {"identity": identity.uri, "csr": csr_pem.decode("ascii")}
+        return await self._post("/v1/sign", body, str(identity))
+
+    async def renew_node(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+        """A new node certificate for this node's own identity (authenticated by the current
+        one); returns (chain PEM, trust bundle PEM)."""
+        return await self._post("/v1/renew-node", {"csr": csr_pem.decode("ascii")},
+                                "the node certificate")
+
+    async def _post(self, path: str, body: dict[str, str], what: str) -> tuple[bytes, bytes]:
         import aiohttp
 
-        body = {"identity": identity.uri, "csr": csr_pem.decode("ascii")}
+        url = self._base + path
         timeout = aiohttp.ClientTimeout(total=self._timeout)
         connector = _verifying_connector(self._check_server)
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
-                session.post(self._url, json=body, ssl=self._ssl, server_hostname="") as resp,
+                session.post(url, json=body, ssl=self._ssl, server_hostname="") as resp,
             ):
                 text = await resp.text()
                 status = resp.status
@@ -112,14 +129,14 @@ class RemoteCaClient:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
             raise IdentityError(
-                f"CA service {self._url} failed: {exc.__class__.__name__}: {exc}",
+                f"CA service {url} failed: {exc.__class__.__name__}: {exc}",
                 hint="is 'nodeproxy ca serve' running, and is this node's certificate valid?",
             ) from None
         doc = _json(text)
         if status != 200:
             reason = doc.get("reason") if isinstance(doc, dict) else None
             err_cls = IssuanceRefused if status == 403 else IdentityError
-            raise err_cls(f"CA service refused {identity} ({status}): {reason or text[:200]}")
+            raise err_cls(f"CA service refused {what} ({status}): {reason or text[:200]}")
         if not (
             isinstance(doc, dict)
             and isinstance(doc.get("chain"), str)

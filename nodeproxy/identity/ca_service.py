@@ -8,6 +8,10 @@ CA (URI SAN ``spiffe://<td>/node/<name>``); the caller's node name comes from th
 ``400 {"reason"}`` for a malformed body, identity or CSR; ``403 {"reason"}`` when the identity is
 not scheduled on the caller's node (or the client is not a node).
 
+``POST /v1/renew-node`` ``{"csr": "<PEM>"}`` -> the same 200 document with a new node
+certificate for the CALLER's node (the name comes from the certificate it authenticated with;
+a CSR naming another node is a 400).  Agents call it at half-life of their node certificate.
+
 The service's own certificate (URI SAN ``spiffe://<td>/ca``) is issued in memory at start and
 renewed at half-life; its key is never written anywhere.  The config file is re-read when its
 mtime/size changes (checked on each request), so newly scheduled workloads get certificates;
@@ -31,6 +35,7 @@ from aiohttp import web
 
 from nodeproxy.errors import IdentityError
 from nodeproxy.identity.ca import (
+    DEFAULT_NODE_LIFETIME,
     DEFAULT_SVID_LIFETIME,
     CertificateAuthority,
     new_private_key,
@@ -38,7 +43,7 @@ from nodeproxy.identity.ca import (
 from nodeproxy.identity.svid import node_identity_from_der, private_key_pem
 from nodeproxy.tls import context_from_pem
 from ztunnel_cfg.errors import NodeproxyError, SpiffeIdError
-from ztunnel_cfg.spiffe import SpiffeId
+from ztunnel_cfg.spiffe import NodeId, SpiffeId
 
 if TYPE_CHECKING:
     from ztunnel_cfg.snapshot import Snapshot
@@ -132,30 +137,46 @@ def _reply(status: int, **doc: Any) -> web.Response:
     return web.json_response(doc, status=status)
 
 
+def _caller_node(request: web.Request, ca: CertificateAuthority) -> NodeId | web.Response:
+    """The node identity of the mTLS client certificate, or the 403 reply refusing it."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    try:
+        node_id = node_identity_from_der(der)
+    except IdentityError as exc:
+        log.warning("refused: caller is not a node", extra={**_LOG, "reason": exc.message})
+        return _reply(403, reason=exc.message)
+    if node_id.trust_domain != ca.trust_domain:
+        return _reply(403, reason=f"node {node_id} is not in trust domain {ca.trust_domain}")
+    return node_id
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The parsed JSON body, or the 400 reply when it is not JSON."""
+    try:
+        return await request.json()
+    except ValueError:
+        return _reply(400, reason="body is not JSON")
+
+
 def build_app(
     ca: CertificateAuthority,
     snapshots: Callable[[], Snapshot],
     *,
     lifetime: timedelta = DEFAULT_SVID_LIFETIME,
+    node_lifetime: timedelta = DEFAULT_NODE_LIFETIME,
 ) -> web.Application:
     from ztunnel_cfg.issuance import may_issue
 
     async def sign(request: web.Request) -> web.Response:
-        transport = request.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        try:
-            node_id = node_identity_from_der(der)
-        except IdentityError as exc:
-            log.warning("refused: caller is not a node", extra={**_LOG, "reason": exc.message})
-            return _reply(403, reason=exc.message)
+        node_id = _caller_node(request, ca)
+        if isinstance(node_id, web.Response):
+            return node_id
         node = node_id.node
-        if node_id.trust_domain != ca.trust_domain:
-            return _reply(403, reason=f"node {node_id} is not in trust domain {ca.trust_domain}")
-        try:
-            body = await request.json()
-        except ValueError:
-            return _reply(400, reason="body is not JSON")
+        body = await _json_body(request)
+        if isinstance(body, web.Response):
+            return body
         if not (
             isinstance(body, dict)
             and isinstance(body.get("identity"), str)
@@ -206,8 +227,40 @@ def build_app(
             notAfter=issued.not_after.isoformat(),
         )
 
+    async def renew_node(request: web.Request) -> web.Response:
+        # A node renews only its own identity: the name comes from the certificate it
+        # authenticated with, never from the request.
+        node_id = _caller_node(request, ca)
+        if isinstance(node_id, web.Response):
+            return node_id
+        body = await _json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        if not (isinstance(body, dict) and isinstance(body.get("csr"), str)):
+            return _reply(400, reason='expected {"csr": "<PEM>"}')
+        try:
+            issued, _ = ca.issue_node_cert(
+                node_id.node, body["csr"].encode("ascii", "replace"), lifetime=node_lifetime)
+        except IdentityError as exc:
+            log.warning("refused node renewal",
+                        extra={**_LOG, "node": node_id.node, "reason": exc.message})
+            return _reply(400, reason=exc.message)
+        log.info(
+            "renewed node certificate",
+            extra={**_LOG, "identity": node_id.uri, "node": node_id.node,
+                   "serial": issued.serial_hex, "not_after": issued.not_after.isoformat()},
+        )
+        return _reply(
+            200,
+            chain=issued.chain_pem.decode(),
+            bundle=ca.trust_bundle_pem.decode(),
+            serial=issued.serial_hex,
+            notAfter=issued.not_after.isoformat(),
+        )
+
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/v1/sign", sign)
+    app.router.add_post("/v1/renew-node", renew_node)
     return app
 
 
@@ -227,13 +280,15 @@ async def serve(
     stop: asyncio.Event | None = None,
     clock: Callable[[], float] | None = None,
     lifetime: timedelta = DEFAULT_SVID_LIFETIME,
+    node_lifetime: timedelta = DEFAULT_NODE_LIFETIME,
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT)."""
     import time
 
     snapshots.get()  # fail at start-up on a missing/broken config, not on the first request
     contexts = _ServiceContexts(ca, clock or time.time)
-    runner = web.AppRunner(build_app(ca, snapshots.get, lifetime=lifetime), access_log=None)
+    runner = web.AppRunner(build_app(ca, snapshots.get, lifetime=lifetime,
+                                         node_lifetime=node_lifetime), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=contexts.front)
     try:

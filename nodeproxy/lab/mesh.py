@@ -97,6 +97,7 @@ class Mesh:
              "--node-cert", str(self.workdir / f"{node}-cert.pem"),
              "--node-key", str(self.workdir / f"{node}-key.pem"),
              "--ca-bundle", str(self.workdir / "bundle.pem"),
+             "--state-dir", str(self.workdir / f"state-{node}"),
              "--redirect", self.backend, "--drain-timeout", "1",
              *self.extra_agent_args, *extra],
             stdout=log, stderr=subprocess.STDOUT,

@@ -51,7 +51,7 @@ install -m 0644 \$c/$vm.crt /etc/nodeproxy/node.crt
 install -m 0600 \$c/$vm.key /etc/nodeproxy/node.key
 install -m 0644 \$c/bundle.pem /etc/nodeproxy/bundle.pem
 rm -rf \$c
-echo 'NODEPROXY_RUN_ARGS="--config /etc/nodeproxy/config.yaml --node $vm --ca-address https://$priv.10:15012 --node-cert /etc/nodeproxy/node.crt --node-key /etc/nodeproxy/node.key --ca-bundle /etc/nodeproxy/bundle.pem"' > /etc/nodeproxy/agent.env
+echo 'NODEPROXY_RUN_ARGS="--config /etc/nodeproxy/config.yaml --node $vm --ca-address https://$priv.10:15012 --node-cert /etc/nodeproxy/node.crt --node-key /etc/nodeproxy/node.key --ca-bundle /etc/nodeproxy/bundle.pem --state-dir /var/lib/nodeproxy"' > /etc/nodeproxy/agent.env
 /opt/npv-test/pods.sh $i $other $priv ${pods[$vm]}
 systemctl enable -q nodeproxy
 systemctl restart nodeproxy

@@ -12,7 +12,9 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,12 +22,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from nodeproxy.errors import IdentityError
-from nodeproxy.identity.ca import new_key_and_csr
+from nodeproxy.identity.ca import CertificateAuthority, new_key_and_csr
 from nodeproxy.identity.ca_client import IssuanceRefused, RemoteCaClient
 from nodeproxy.identity.manager import CertificateManager
-from nodeproxy.identity.svid import load_pem_chain, uri_sans
+from nodeproxy.identity.node_credentials import (
+    NodeCertRenewer,
+    NodeCredentials,
+    NodeCredentialStore,
+    choose_credentials,
+)
+from nodeproxy.identity.svid import load_pem_chain, private_key_pem, uri_sans
 from nodeproxy.tls import context_from_pem
-from ztunnel_cfg.spiffe import SpiffeId
+from ztunnel_cfg.spiffe import NodeId, SpiffeId
 
 NODEPROXY = str(Path(sys.executable).with_name("nodeproxy"))
 CLIENT = SpiffeId.of("default", "client")  # scheduled on node1
@@ -195,8 +203,6 @@ async def test_client_without_node_certificate_is_refused_at_tls(service: Servic
 async def test_workload_certificate_cannot_act_as_a_node(service: Service) -> None:
     key, csr = new_key_and_csr(CLIENT)
     chain, bundle = await service.client("node1").sign(CLIENT, csr)
-    from nodeproxy.identity.svid import private_key_pem
-
     ctx = context_from_pem(
         server=False, chain_pem=chain, key_pem=private_key_pem(key), bundle_pem=bundle,
         alpn=["http/1.1"],
@@ -206,10 +212,12 @@ async def test_workload_certificate_cannot_act_as_a_node(service: Service) -> No
     assert "not a node certificate" in doc["reason"]
 
 
-async def _post(service: Service, ctx: ssl.SSLContext, body: object) -> tuple[int, dict]:  # type: ignore[type-arg]
+async def _post(
+    service: Service, ctx: ssl.SSLContext, body: object, path: str = "/v1/sign"
+) -> tuple[int, dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{service.url}/v1/sign", json=body, ssl=ctx) as resp,
+        session.post(f"{service.url}{path}", json=body, ssl=ctx) as resp,
     ):
         return resp.status, await resp.json()
 
@@ -274,3 +282,86 @@ async def test_certificate_manager_over_the_service(service: Service) -> None:
             await manager.get(CART)
     finally:
         await manager.aclose()
+
+
+# -- node certificate renewal -----------------------------------------------------------------
+
+
+async def test_node_renews_only_its_own_certificate(service: Service) -> None:
+    node1 = NodeId.of("node1")
+    key, csr = new_key_and_csr(node1)
+    chain, bundle = await service.client("node1").renew_node(csr)
+    renewed = NodeCredentials.from_pem(chain, private_key_pem(key), "reply")
+    bootstrap = NodeCredentials.from_pem(*service.node_files("node1")[:2], "bootstrap")
+    assert renewed.node_id == node1
+    assert renewed.serial_hex != bootstrap.serial_hex
+    assert bundle == service.node_files("node1")[2]
+    await asyncio.sleep(0.1)
+    logs = [line for line in service.log.read_text().splitlines()
+            if "renewed node certificate" in line and renewed.serial_hex in line]
+    assert len(logs) == 1, logs
+    assert '"node": "node1"' in logs[0], logs
+    # The name comes from the caller's certificate: node1 cannot renew into node2.
+    _, other = new_key_and_csr(NodeId.of("node2"))
+    status, doc = await _post(service, service.ssl_as("node1"), {"csr": other.decode()},
+                              "/v1/renew-node")
+    assert status == 400, doc
+    assert "requested identity is spiffe://cluster.local/node/node1" in doc["reason"], doc
+    status, doc = await _post(service, service.ssl_as("node1"), {"nope": 1}, "/v1/renew-node")
+    assert status == 400, doc
+    assert "expected" in doc["reason"], doc
+
+
+async def test_workload_certificate_cannot_renew_a_node(service: Service) -> None:
+    key, csr = new_key_and_csr(CLIENT)
+    chain, bundle = await service.client("node1").sign(CLIENT, csr)
+    ctx = context_from_pem(server=False, chain_pem=chain, key_pem=private_key_pem(key),
+                           bundle_pem=bundle, alpn=["http/1.1"])
+    _, node_csr = new_key_and_csr(NodeId.of("node1"))
+    status, doc = await _post(service, ctx, {"csr": node_csr.decode()}, "/v1/renew-node")
+    assert status == 403, doc
+    assert "not a node certificate" in doc["reason"], doc
+
+
+async def test_renewer_keeps_the_node_enrolled_past_its_bootstrap_expiry(
+    service: Service, tmp_path: Path
+) -> None:
+    lifetime = 4.0
+    issued, key = CertificateAuthority.load(service.dir).issue_node_cert(
+        "node1", lifetime=timedelta(seconds=lifetime))
+    assert key is not None
+    bootstrap = NodeCredentials.from_pem(issued.chain_pem, private_key_pem(key), "bootstrap")
+    bundle = service.node_files("node1")[2]
+    client = RemoteCaClient(service.url, bootstrap.chain_pem, bootstrap.key_pem, bundle)
+    store = NodeCredentialStore(tmp_path / "state")
+    renewer = NodeCertRenewer(client, bootstrap, store)
+    task = asyncio.create_task(renewer.run())
+    try:
+        deadline = time.monotonic() + 15
+        while renewer.current.serial_hex == bootstrap.serial_hex:
+            assert time.monotonic() < deadline, f"no renewal: {renewer.last_error}"
+            assert not task.done(), task
+            await asyncio.sleep(0.1)
+        renewed = renewer.current
+        assert renewed.not_after > bootstrap.not_after
+        # Past the bootstrap certificate's expiry the old credentials are refused at TLS...
+        await asyncio.sleep(max(0.0, bootstrap.not_after.timestamp() - time.time()) + 1.0)
+        stale = RemoteCaClient(service.url, bootstrap.chain_pem, bootstrap.key_pem, bundle)
+        _, csr = new_key_and_csr(CLIENT)
+        with pytest.raises(IdentityError):
+            await stale.sign(CLIENT, csr)
+        # ... while the renewing client keeps getting workload certificates.
+        chain, _ = await client.sign(CLIENT, csr)
+        assert uri_sans(load_pem_chain(chain)[0]) == [CLIENT.uri]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # Persisted for the next start, readable only by the agent, and chosen over the expired
+    # bootstrap pair.
+    assert (store.path.stat().st_mode & 0o777) == 0o600
+    stored = store.load()
+    assert stored is not None
+    assert stored.serial_hex == renewed.serial_hex
+    chosen, why = choose_credentials(bootstrap, stored, time.time())
+    assert chosen.serial_hex == renewed.serial_hex
+    assert "stored renewal" in why
