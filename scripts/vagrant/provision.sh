@@ -5,11 +5,13 @@
 #
 # BUNDLE_DIR holds venv.tar (host-built, see run-suite.sh), guest/ (scripts/vagrant/guest) and, when the
 # repository has them, systemd/ (the real units).  NPV_CA_LIFETIME sets the CA service's
-# certificate lifetime (short, so rotation happens during the tests).
+# certificate lifetime (short, so rotation happens during the tests); NPV_NODE_LIFETIME the
+# bootstrap node certificates' (short, so the agents must renew them during the tests).
 set -euo pipefail
 cfg=$1 bundle=$2
 priv=${NPV_PRIV_CIDR_PREFIX:-172.30.187}
 lifetime=${NPV_CA_LIFETIME:-90s}
+node_lifetime=${NPV_NODE_LIFETIME:-180s}
 np=/opt/nodeproxy/venv/bin/nodeproxy
 s() { local vm=$1; shift; ssh -F "$cfg" "$vm" "$@"; }
 
@@ -24,13 +26,14 @@ for vm in cp node1 node2; do
   s "$vm" test -x $np || { echo "install failed on $vm" >&2; exit 1; }
 done
 
-echo "--> cp: CA, node certificates, CA service (lifetime $lifetime)"
+echo "--> cp: CA, node certificates ($node_lifetime), CA service (lifetime $lifetime)"
 s cp sudo bash -seu <<SH
 [ -d /var/lib/nodeproxy/ca ] || $np ca init --dir /var/lib/nodeproxy/ca
 install -d -m 0700 /root/npv-certs
 for n in node1 node2; do
   $np ca issue-node --dir /var/lib/nodeproxy/ca --node \$n --out-cert /root/npv-certs/\$n.crt \
-    --out-key /root/npv-certs/\$n.key --out-bundle /root/npv-certs/bundle.pem --force
+    --out-key /root/npv-certs/\$n.key --out-bundle /root/npv-certs/bundle.pem --force \
+    --lifetime $node_lifetime
 done
 echo 'NODEPROXY_CA_ARGS="--dir /var/lib/nodeproxy/ca --config /etc/nodeproxy/config.yaml --listen 0.0.0.0:15012 --lifetime $lifetime"' > /etc/nodeproxy/ca.env
 systemctl enable -q nodeproxy-ca

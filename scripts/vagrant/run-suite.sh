@@ -6,7 +6,8 @@
 #
 # Environment: NPV_APT_PACKAGES (from the Makefile), NPV_PYTEST_ARGS, NPV_KEEP=1 (keep the
 # cluster for debugging; tear it down later with `scripts/vagrant/libvirt.sh teardown PREFIX`),
-# NPV_CA_LIFETIME (CA service certificate lifetime, default 90s).
+# NPV_CA_LIFETIME (CA service certificate lifetime, default 90s), NPV_NODE_LIFETIME (bootstrap
+# node certificates, default 180s: they expire mid-suite, so the agents must renew them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
@@ -21,6 +22,7 @@ export VAGRANT_CHECKPOINT_DISABLE=1
 export VAGRANT_BOX_UPDATE_CHECK_DISABLE=1
 export LIBVIRT_DEFAULT_URI=qemu:///system
 export NPV_CA_LIFETIME=${NPV_CA_LIFETIME:-90s}
+export NPV_NODE_LIFETIME=${NPV_NODE_LIFETIME:-180s}
 cache="$repo/.vagrant.d/box-cache"
 ssh_cfg="$run/ssh_config"
 logs="$repo/.vagrant.d/logs"

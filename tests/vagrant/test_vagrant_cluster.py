@@ -179,3 +179,41 @@ def test_rotation_keeps_long_connection(cluster: Cluster) -> None:
     assert after - before, f"no certificate was rotated in {hold:.0f} s (lifetime {seconds} s)"
     # And new connections work with the rotated certificates.
     assert cluster.echo("client-0", "echo-0", "after-rotation").rc == 0
+
+
+def _not_after_epoch(cluster: Cluster, vm: str, pem_path: str) -> int:
+    """notAfter of the first certificate in ``pem_path`` (the guests have no openssl CLI)."""
+    script = (
+        "/opt/nodeproxy/venv/bin/python - <<'PY'\n"
+        "from cryptography import x509\n"
+        f"cert = x509.load_pem_x509_certificates(open({pem_path!r}, 'rb').read())[0]\n"
+        "print(int(cert.not_valid_after_utc.timestamp()))\n"
+        "PY\n"
+    )
+    return int(cluster.sh(vm, script).out.strip())
+
+
+def test_node_certificate_renewed_persisted_and_used_after_restart(cluster: Cluster) -> None:
+    # Provisioning issued the bootstrap node certificates with a short lifetime
+    # (NPV_NODE_LIFETIME, default 180 s): by now the agents must have renewed them.
+    journal = cluster.journal("node1", "nodeproxy")
+    assert "node certificate renewed" in journal, journal[-3000:]
+    stat = cluster.sh("node1", "stat -c '%a %U' /var/lib/nodeproxy/node.pem").out.split()
+    assert stat == ["600", "root"], stat
+    # node.pem = key then chain; its leaf must outlive the bootstrap certificate.
+    bootstrap_end = _not_after_epoch(cluster, "node1", "/etc/nodeproxy/node.crt")
+    stored_end = _not_after_epoch(cluster, "node1", "/var/lib/nodeproxy/node.pem")
+    assert stored_end > bootstrap_end
+    now = int(cluster.sh("node1", "date +%s").out)
+    if now <= bootstrap_end:
+        time.sleep(bootstrap_end - now + 2)
+    # A restart after the bootstrap certificate expired starts from the stored renewal.
+    cluster.sh("node1", "systemctl restart nodeproxy")
+    cluster.wait_ready("node1")
+    restarted = cluster.sh(
+        "node1", "journalctl -u nodeproxy --no-pager -o cat --since '-60s'").out
+    assert "stored renewal" in restarted, restarted[-3000:]
+    secret = marker()
+    res = cluster.echo("client-0", "echo-0", secret)
+    assert res.rc == 0, res
+    assert res.out.strip() == secret, res
