@@ -188,9 +188,22 @@ policies = _listing("policies", "Authorization policies in force on the agent.",
 @admin_option
 @output_option
 def certificates(admin: str, fmt: str) -> None:
-    """The agent's workload certificates: leaf and roots, serial, validity (no keys)."""
-    certs = list(config_dump(admin).get("certificates") or [])
+    """The agent's workload certificates: leaf and roots, serial, validity (no keys); in table
+    form also the node certificate the agent authenticates to the CA with."""
+    dump = config_dump(admin)
+    certs = list(dump.get("certificates") or [])
     click.echo(render(fmt, lambda: certificates_table(certs), lambda: certs), nl=False)
+    node = dump.get("nodeCertificate")
+    if fmt == "table" and isinstance(node, dict):
+        click.echo(node_certificate_line(node))
+
+
+def node_certificate_line(node: dict[str, Any]) -> str:
+    line = (f"node certificate {node.get('identity')} serial {node.get('serial')} valid until "
+            f"{node.get('not_after')}, renews at {node.get('renew_at')}")
+    if node.get("failures"):
+        line += f"; {node['failures']} renewal failure(s), last: {node.get('last_error')}"
+    return line
 
 
 @click.command(name="connections")

@@ -180,6 +180,11 @@ def test_listing_commands_inside_the_node_netns(env: MeshEnv) -> None:
     certs = {c["identity"]: c for c in json.loads(out)}
     assert SERVER_ID in certs
     assert certs[SERVER_ID]["chain"][0]["serial"] == certs[SERVER_ID]["serial"]
+    # Table form: the workload certificates, then the node certificate used towards the CA.
+    code, out, err = cli_in_node(env, "node2", "certificates")
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith(
+        "node certificate spiffe://cluster.local/node/node2 serial "), out
     code, out, err = cli_in_node(env, "node1", "connections")
     assert code == 0, err
     assert out.splitlines()[0].split()[:3] == ["WORKLOAD", "DIRECTION", "LOCAL"]

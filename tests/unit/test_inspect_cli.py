@@ -246,3 +246,17 @@ def test_explain_from_a_file(tmp_path: Any) -> None:
                     "--to", "1.1.1.1:1")
     assert code == 2
     assert "not both" in out
+
+
+def test_node_certificate_line_reports_renewal_failures() -> None:
+    from cli.inspect_cmd import node_certificate_line
+
+    node = {"identity": "spiffe://cluster.local/node/node1", "serial": "ab",
+            "not_after": "2026-12-24T00:00:00+00:00", "renew_at": "2026-12-09T00:00:00+00:00",
+            "failures": 0, "last_error": None}
+    assert node_certificate_line(node) == (
+        "node certificate spiffe://cluster.local/node/node1 serial ab valid until "
+        "2026-12-24T00:00:00+00:00, renews at 2026-12-09T00:00:00+00:00")
+    failing = {**node, "failures": 2, "last_error": "CA service down"}
+    assert node_certificate_line(failing).endswith(
+        "; 2 renewal failure(s), last: CA service down")
