@@ -478,13 +478,17 @@ def _read(path: Path) -> bytes:
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    data = _read(path)
+    return load_ec_private_key(_read(path), f"private key {path}")
+
+
+def load_ec_private_key(data: bytes, what: str) -> ec.EllipticCurvePrivateKey:
+    """An unencrypted PEM EC private key; IdentityError naming ``what`` otherwise."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise IdentityError(f"cannot load private key {path}: {exc}") from None
+        raise IdentityError(f"{what} cannot be loaded: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{path} is not an EC private key")
+        raise IdentityError(f"{what} is not an EC private key")
     return key
 
 

@@ -24,12 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from nodeproxy.errors import IdentityError
-from nodeproxy.identity.ca import new_key_and_csr
+from nodeproxy.identity.ca import load_ec_private_key, new_key_and_csr
 from nodeproxy.identity.manager import MIN_REFRESH, backoff_delay
 from nodeproxy.identity.svid import (
     certs_to_pem,
@@ -71,12 +67,7 @@ class NodeCredentials:
                 f"{origin}: not a node certificate: {exc}",
                 hint="agents authenticate with 'nodeproxy ca issue-node' certificates",
             ) from None
-        try:
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            raise IdentityError(f"{origin}: node private key cannot be loaded: {exc}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise IdentityError(f"{origin}: node private key is not an EC key")
+        key = load_ec_private_key(key_pem, f"{origin}: node private key")
         if not same_public_key(key.public_key(), leaf.public_key()):
             raise IdentityError(
                 f"{origin}: the private key does not belong to the node certificate",
@@ -233,12 +224,12 @@ class NodeCertRenewer:
             await self._sleep(self.next_delay())
             try:
                 await self.renew_once()
-            except IdentityError as exc:
+            except Exception as exc:  # never let the loop die: the node would go dark later
                 self.failures += 1
-                self.last_error = exc.message
+                self.last_error = exc.message if isinstance(exc, IdentityError) else str(exc)
                 log.warning("node certificate renewal failed; retrying with back-off", extra={
                     **_EXTRA, "node": str(self._creds.node_id), "failures": self.failures,
-                    "expires": self._creds.not_after.isoformat(), "error": exc.message})
+                    "expires": self._creds.not_after.isoformat(), "error": self.last_error})
 
     async def renew_once(self) -> NodeCredentials:
         key, csr = new_key_and_csr(self._creds.node_id)
