@@ -38,6 +38,7 @@ from nodeproxy.identity.ca import (
     DEFAULT_NODE_LIFETIME,
     DEFAULT_SVID_LIFETIME,
     CertificateAuthority,
+    IssuedCert,
     new_private_key,
 )
 from nodeproxy.identity.svid import node_identity_from_der, private_key_pem
@@ -137,6 +138,16 @@ def _reply(status: int, **doc: Any) -> web.Response:
     return web.json_response(doc, status=status)
 
 
+def _issued_reply(ca: CertificateAuthority, issued: IssuedCert) -> web.Response:
+    return _reply(
+        200,
+        chain=issued.chain_pem.decode(),
+        bundle=ca.trust_bundle_pem.decode(),
+        serial=issued.serial_hex,
+        notAfter=issued.not_after.isoformat(),
+    )
+
+
 def _caller_node(request: web.Request, ca: CertificateAuthority) -> NodeId | web.Response:
     """The node identity of the mTLS client certificate, or the 403 reply refusing it."""
     transport = request.transport
@@ -219,13 +230,7 @@ def build_app(
                 "not_after": issued.not_after.isoformat(),
             },
         )
-        return _reply(
-            200,
-            chain=issued.chain_pem.decode(),
-            bundle=ca.trust_bundle_pem.decode(),
-            serial=issued.serial_hex,
-            notAfter=issued.not_after.isoformat(),
-        )
+        return _issued_reply(ca, issued)
 
     async def renew_node(request: web.Request) -> web.Response:
         # A node renews only its own identity: the name comes from the certificate it
@@ -250,13 +255,7 @@ def build_app(
             extra={**_LOG, "identity": node_id.uri, "node": node_id.node,
                    "serial": issued.serial_hex, "not_after": issued.not_after.isoformat()},
         )
-        return _reply(
-            200,
-            chain=issued.chain_pem.decode(),
-            bundle=ca.trust_bundle_pem.decode(),
-            serial=issued.serial_hex,
-            notAfter=issued.not_after.isoformat(),
-        )
+        return _issued_reply(ca, issued)
 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/v1/sign", sign)
