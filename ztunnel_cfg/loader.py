@@ -900,9 +900,27 @@ def _items(m: _Map, key: str) -> list[_Loc]:
         return []
 
 
+# Removing every workload un-enrols every pod, so it must be written out, never implied by an
+# empty or half-written file.
+_WRITE_EMPTY_EXPLICITLY = "to remove every workload write `workloads: []`"
+
+
+def _empty_document(filename: str) -> ConfigIssue:
+    # Line 1, column 1: an empty file has no better position, and editors can jump there.
+    return ConfigIssue(
+        filename,
+        1,
+        1,
+        "",
+        f"config {filename} is empty (nothing but whitespace, comments or null): "
+        f"{_WRITE_EMPTY_EXPLICITLY}",
+    )
+
+
 def _parse_document(ctx: _Ctx, root: yaml.Node | None) -> Config:
     if root is None or _is_null(root):
-        return Config()
+        ctx.issues.append(_empty_document(ctx.file))
+        raise _Invalid
     if not isinstance(root, yaml.MappingNode):
         ctx.fail(
             root,
@@ -911,6 +929,12 @@ def _parse_document(ctx: _Ctx, root: yaml.Node | None) -> Config:
             f"got {_describe(ctx, root, '')}",
         )
     top = _Map(ctx, root, "", _TOP_KEYS)
+    if not top.has("workloads"):
+        ctx.error(
+            top.items.get("workloads", root),
+            "workloads",
+            f"config {ctx.file} has no top-level 'workloads' list: {_WRITE_EMPTY_EXPLICITLY}",
+        )
     trust_domain = top.get("trustDomain", _trust_domain, DEFAULT_TRUST_DOMAIN)
 
     workloads: list[tuple[Workload, _WorkloadLocs]] = []
@@ -1077,6 +1101,8 @@ def _syntax_issue(filename: str, exc: BaseException) -> ConfigIssue:
 def load_config_text(text: str | bytes, filename: str = "<string>") -> Config:
     """Parse and validate a config document.  Raises :class:`ConfigError` listing every issue."""
     ctx = _Ctx(filename)
+    if not text.strip():  # before YAML, which rejects a tab-only "document" as a syntax error
+        raise ConfigError([_empty_document(filename)])
     try:
         root = yaml.compose(text, Loader=_YAML_LOADER)
     except (yaml.YAMLError, RecursionError, ValueError, TypeError) as exc:

@@ -267,6 +267,7 @@ def test_workload_cross_references() -> None:
 
 def test_vip_conflict_only_on_same_port() -> None:
     text = textwrap.dedent("""\
+    workloads: []
     services:
     - {name: a, namespace: default, vips: ["/10.96.0.10"], ports: {80: 8080}}
     - {name: b, namespace: default, vips: ["net1/10.96.0.10"], ports: {443: 8443}}
@@ -276,7 +277,7 @@ def test_vip_conflict_only_on_same_port() -> None:
     found = issues_of(text.replace("443: 8443", "80: 8443"))
     assert found == [
         (
-            3,
+            4,
             "services[1].vips[0]",
             "VIP 10.96.0.10 port 80 is already used by service "
             "'default/a.default.svc.cluster.local'",
@@ -317,6 +318,7 @@ def test_defaults_and_optional_fields() -> None:
 
 def test_policy_shapes_and_wildcards() -> None:
     text = textwrap.dedent("""\
+    workloads: []
     policies:
     - name: p
       namespace: default
@@ -401,9 +403,48 @@ def test_syntax_errors_are_config_errors(data: str | bytes, line: int | None) ->
         assert issues[0].line == line
 
 
-def test_empty_document_is_an_empty_config() -> None:
-    assert load_config_text("").workloads == ()
-    assert load_config_text("# only a comment\n").services == ()
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        pytest.param("", "is empty", id="empty"),
+        pytest.param(" \n\t\n  \n", "is empty", id="whitespace-only"),
+        pytest.param("# only a comment\n# and another\n", "is empty", id="comment-only"),
+        pytest.param("---\n", "is empty", id="bare-document-marker"),
+        pytest.param("~\n", "is empty", id="null-document"),
+        pytest.param("{}\n", "has no top-level 'workloads' list", id="empty-mapping"),
+        pytest.param(
+            "services: []\npolicies: []\n", "has no top-level 'workloads' list", id="no-workloads"
+        ),
+        # A truncated rewrite can stop right after the key: that is not "no workloads" either.
+        pytest.param("workloads:\n", "has no top-level 'workloads' list", id="workloads-null"),
+    ],
+)
+def test_empty_or_workload_less_document_is_rejected(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(path)
+    (issue,) = info.value.issues
+    assert issue.file == str(path)
+    assert f"config {path} {problem}" in issue.message
+    assert "to remove every workload write `workloads: []`" in issue.message
+    assert issue.line == 1
+    assert issue.column is not None
+    assert str(path) in str(info.value)
+
+
+def test_missing_workloads_is_reported_with_the_other_issues() -> None:
+    found = issues_of("services:\n- {name: x, namespace: default, ports: {80: -1}}\n")
+    assert [(ln, p) for ln, p, _ in found] == [(1, "workloads"), (2, "services[0].ports[80]")]
+
+
+def test_explicit_empty_workloads_loads_with_no_workloads() -> None:
+    config = load_config_text("workloads: []\n", "t.yaml")
+    assert config.workloads == ()
+    assert config.services == ()
+    assert load_config_text("# intentionally empty mesh\nworkloads: []\nservices: []\n") == config
 
 
 def test_dump_round_trips_the_example() -> None:
