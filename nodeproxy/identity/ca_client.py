@@ -3,6 +3,8 @@ or the remote CA service (multi-node).  Both take a CSR; private keys never leav
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import Callable
@@ -16,6 +18,8 @@ from ztunnel_cfg.spiffe import SpiffeId
 
 if TYPE_CHECKING:
     from ztunnel_cfg.snapshot import Snapshot
+
+MAX_RESPONSE = 1024 * 1024  # a chain and a bundle are a few KiB
 
 
 class CaClient(Protocol):
@@ -78,6 +82,9 @@ class RemoteCaClient:
     ) -> None:
         self._base = url.rstrip("/")
         self._timeout = timeout
+        self._host, self._port, self._prefix = _split_url(self._base)
+        self._authority = (f"[{self._host}]" if ":" in self._host else self._host) + \
+            f":{self._port}"
         self._bundle_pem = TrustBundle.from_pem(bundle_pem).pem
         leaf = load_pem_chain(node_cert_pem, "node certificate")[0]
         self.trust_domain = single_uri_san(leaf).removeprefix("spiffe://").split("/", 1)[0]
@@ -113,23 +120,17 @@ class RemoteCaClient:
                                 "the node certificate")
 
     async def _post(self, path: str, body: dict[str, str], what: str) -> tuple[bytes, bytes]:
-        import aiohttp
-
         url = self._base + path
-        timeout = aiohttp.ClientTimeout(total=self._timeout)
-        connector = _verifying_connector(self._check_server)
         try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
-                session.post(url, json=body, ssl=self._ssl, server_hostname="") as resp,
-            ):
-                text = await resp.text()
-                status = resp.status
+            async with asyncio.timeout(self._timeout):
+                status, text = await self._exchange(self._prefix + path,
+                                                    json.dumps(body).encode())
         except IdentityError:
             raise
-        except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, _BadAnswer) as exc:
+            detail = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
             raise IdentityError(
-                f"CA service {url} failed: {exc.__class__.__name__}: {exc}",
+                f"CA service {url} failed: {detail}",
                 hint="is 'nodeproxy ca serve' running, and is this node's certificate valid?",
             ) from None
         doc = _json(text)
@@ -145,6 +146,33 @@ class RemoteCaClient:
             raise IdentityError(f"CA service answered without chain/bundle: {text[:200]!r}")
         return doc["chain"].encode(), doc["bundle"].encode()
 
+    async def _exchange(self, target: str, body: bytes) -> tuple[int, str]:
+        """One HTTP/1.1 POST on a fresh mTLS connection; (status, body text).
+
+        The server's URI SAN is checked right after the handshake, before a byte of the
+        request is written (ssl has no verify callback and hostname checks do not apply);
+        an empty server_hostname sends no SNI, as the service expects."""
+        reader, writer = await asyncio.open_connection(
+            self._host, self._port, ssl=self._ssl, server_hostname="")
+        try:
+            self._check_server(writer.get_extra_info("ssl_object"))
+            writer.write(
+                f"POST {target} HTTP/1.1\r\nHost: {self._authority}\r\n"
+                "Content-Type: application/json\r\nAccept: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
+                + body)
+            await writer.drain()
+            answer = await _read_response(reader)
+        except BaseException:
+            # No TLS close_notify exchange with a wrong or stuck peer: it could outlive the
+            # timeout that got us here.
+            writer.transport.abort()
+            raise
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+        return answer
+
     def _check_server(self, ssl_object: Any) -> None:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
@@ -159,22 +187,72 @@ class RemoteCaClient:
             )
 
 
-def _verifying_connector(check: Callable[[Any], None]) -> Any:
-    """A TCPConnector that checks the server's identity right after the TLS handshake, before
-    the request is sent (ssl has no verify callback; hostname checks do not apply)."""
-    import aiohttp
+class _BadAnswer(Exception):
+    """The CA service's answer is not a complete HTTP/1.1 response within the size bound."""
 
-    class _Connector(aiohttp.TCPConnector):
-        async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
-            transport, proto = await super()._wrap_create_connection(*args, **kwargs)
-            try:
-                check(transport.get_extra_info("ssl_object"))
-            except IdentityError:
-                transport.close()
-                raise
-            return transport, proto
 
-    return _Connector()
+class _Response:
+    """httptools callbacks: the status line and headers are read by the parser; we keep the
+    body and whether the message is complete."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.headers_done = False
+        self.complete = False
+        self.delimited = False  # Content-Length or chunked: EOF before the end is an error
+
+    def on_header(self, name: bytes, _value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.delimited = True
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str]:
+    import httptools
+
+    answer = _Response()
+    parser = httptools.HttpResponseParser(answer)
+    received = 0
+    while not answer.complete:
+        chunk = await reader.read(65536)
+        if not chunk:
+            # httptools cannot be told about EOF: a body without length ends here.
+            if answer.delimited or not answer.headers_done:
+                raise _BadAnswer("connection closed before a complete answer")
+            break
+        received += len(chunk)
+        if received > MAX_RESPONSE:
+            raise _BadAnswer(f"answer larger than {MAX_RESPONSE} bytes")
+        try:
+            parser.feed_data(chunk)
+        except httptools.HttpParserError as exc:
+            raise _BadAnswer(f"not an HTTP/1.1 answer ({exc})") from None
+    return parser.get_status_code(), answer.body.decode("utf-8", "replace")
+
+
+def _split_url(url: str) -> tuple[str, int, str]:
+    """(host, port, path prefix) of an https:// URL; IdentityError when it is not one."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 443
+    except ValueError as exc:
+        raise IdentityError(f"CA address {url!r} is not a URL: {exc}",
+                            hint="e.g. https://10.0.0.1:15012") from None
+    if (not url.isascii() or parts.scheme != "https" or not parts.hostname or parts.query
+            or parts.fragment):
+        raise IdentityError(f"CA address {url!r} is not an https://HOST:PORT URL",
+                            hint="e.g. https://10.0.0.1:15012")
+    return parts.hostname, port, parts.path
 
 
 def _json(text: str) -> Any:
