@@ -164,11 +164,15 @@ def _caller_node(request: web.Request, ca: CertificateAuthority) -> NodeId | web
 
 
 async def _json_body(request: web.Request) -> Any:
-    """The parsed JSON body, or the 400 reply when it is not JSON."""
+    """The parsed JSON body, or the 400 reply when it is not JSON.  The body is at most
+    MAX_BODY (the app's client_max_size answers 413 beyond)."""
     try:
         return await request.json()
     except ValueError:
         return _reply(400, reason="body is not JSON")
+    except RecursionError:
+        # json's parser recurses per nesting level; a 64 KiB body can exceed the stack limit.
+        return _reply(400, reason="body is not a JSON object: arrays/objects nested too deeply")
 
 
 def build_app(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -247,6 +248,28 @@ async def test_bad_requests_get_400(service: Service, body: object, reason: str)
     status, doc = await _post(service, service.ssl_as("node1"), body)
     assert status == 400
     assert reason in doc["reason"]
+
+
+@pytest.mark.parametrize("path", ["/v1/sign", "/v1/renew-node"])
+async def test_deeply_nested_or_oversized_bodies_are_refused(service: Service, path: str) -> None:
+    """Nesting that exhausts the JSON parser's recursion is a 400 (not a 500); a body over
+    the 64 KiB bound is a 413 before it is parsed; the service keeps serving."""
+    url = f"{service.url}{path}"
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        deep = b"[" * 30_000 + b"]" * 30_000
+        async with session.post(url, data=deep, headers=headers,
+                                ssl=service.ssl_as("node1")) as resp:
+            assert resp.status == 400
+            assert "nested too deeply" in (await resp.json())["reason"]
+        huge = b"[" * 100_000 + b"]" * 100_000
+        with contextlib.suppress(aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            async with session.post(url, data=huge, headers=headers,
+                                    ssl=service.ssl_as("node1")) as resp:
+                assert resp.status == 413
+    _, csr = new_key_and_csr(CLIENT)
+    chain, _ = await service.client("node1").sign(CLIENT, csr)
+    assert uri_sans(load_pem_chain(chain)[0]) == [CLIENT.uri]
 
 
 async def test_config_changes_are_picked_up(service: Service) -> None:
