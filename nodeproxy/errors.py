@@ -28,6 +28,16 @@ class ProxyError(NodeproxyError):
         self.flags = flags
 
 
+class RejectedError(ProxyError):
+    """Refused by a limit or a safety rule (not by policy, not by a failure). ``reason`` is the
+    ``nodeproxy_connections_rejected_total`` label, e.g. ``own_port`` or ``dial_limit``."""
+
+    def __init__(self, message: str, *, reason: str, status: int, flags: str,
+                 hint: str | None = None) -> None:
+        super().__init__(message, status=status, flags=flags, hint=hint)
+        self.reason = reason
+
+
 def from_os_error(exc: OSError, what: str, target: str) -> ProxyError:
     """Translate an OSError from connecting/binding into a ProxyError with a useful hint."""
     code = exc.errno

@@ -104,6 +104,22 @@ class Metrics:
             registry=r,
         )
         self.build = Info("nodeproxy_build", "nodeproxy build information", registry=r)
+        self.rejected = Counter(
+            "nodeproxy_connections_rejected",
+            "Connections or HBONE streams refused by a limit or a safety rule (docs/agent.md)",
+            ["direction", "reason"], registry=r,
+        )
+        self.unenrolled_pods = Gauge(
+            "nodeproxy_unenrolled_pods",
+            "Mesh pods of this node that are not enrolled; their traffic is refused",
+            registry=r,
+        )
+        self.enrollment_failures = Counter(
+            "nodeproxy_enrollment_failures", "Failed attempts to enroll a pod", registry=r,
+        )
+
+    def connection_rejected(self, direction: str, reason: str) -> None:
+        self.rejected.labels(direction, reason).inc()
 
     def connection_opened(self, labels: ConnectionLabels) -> None:
         self.opened.labels(*labels.values()).inc()

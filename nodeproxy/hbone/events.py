@@ -91,7 +91,9 @@ class GoAway(Event):
 @dataclass(frozen=True, slots=True)
 class ConnectionError(Event):
     """Fatal: protocol violation, keepalive timeout... GOAWAY bytes are queued; flush them
-    and close the transport."""
+    and close the transport. ``kind`` names abuse classes for metrics: ``protocol``,
+    ``keepalive``, ``reset_flood`` or ``control_flood``."""
 
     reason: str
     error_code: int
+    kind: str = "protocol"

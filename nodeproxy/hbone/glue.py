@@ -8,8 +8,13 @@ Flow control, both directions:
 * receive: bytes sit in the stream's buffer until ``read()`` returns them; only then are
   they acknowledged (WINDOW_UPDATE). Buffering is therefore bounded by the windows we
   advertise (4 MiB per stream, 16 MiB per connection); a peer exceeding them is a
-  FLOW_CONTROL_ERROR. Reading from the transport is never paused because control frames
-  (WINDOW_UPDATE, PING, RST) must keep flowing.
+  FLOW_CONTROL_ERROR. Reading from the transport is paused only while more than
+  ``max_backlog`` bytes wait to be written to the peer: DATA never gets there (writes stop at
+  the transport's high-water mark), only answers to the peer's own frames (PING/SETTINGS
+  ACKs) from a peer that does not read. The keepalive then ends such a connection.
+* the receive buffer is one per thread, reused by every connection: received bytes are
+  consumed or copied before ``buffer_updated`` returns, and a per-connection 256 KiB buffer
+  was ~85% of the memory of an idle or handshaking connection.
 * send: ``write()`` hands the layer only what the h2 windows accept and waits for
   WindowOpened for the rest; it also waits while the transport asked us to pause writing.
 """
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -28,12 +35,27 @@ from h2.errors import ErrorCodes
 from nodeproxy.errors import ProxyError
 from nodeproxy.hbone import events as ev
 from nodeproxy.hbone import settings as cfg
+from nodeproxy.hbone.flood import FloodLimits
 from nodeproxy.hbone.protocol import HboneConnection, HboneProtocolError, StreamLimitError
 
 log = logging.getLogger("nodeproxy.hbone")
 
 RequestHandler = Callable[["HboneStream", ev.ConnectRequest], Awaitable[None]]
 PeerVerifier = Callable[[asyncio.BaseTransport], None]
+ConnectionErrorHook = Callable[["HboneProtocol", ev.ConnectionError], None]
+
+#: Stop reading a peer that has this many bytes of our answers unread (see module doc).
+MAX_PEER_BACKLOG = 1024 * 1024
+
+_buffers = threading.local()
+
+
+def _shared_read_buffer() -> memoryview:
+    """This thread's receive buffer (an event loop runs in one thread; see module doc)."""
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(cfg.RELAY_READ_SIZE))
+    return view
 
 
 class StreamResetError(ProxyError):
@@ -95,6 +117,8 @@ class HboneStream:
         if self.responded or self._reset_code is not None:
             return
         self.responded = True
+        if self._proto.conn.dead:
+            return  # the connection failed meanwhile: there is nobody to answer
         self._proto.conn.respond(self.stream_id, status)
         if status != 200:
             self._write_closed = True
@@ -229,18 +253,26 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, client_side: bool, *, on_request: RequestHandler | None = None,
                  verify_peer: PeerVerifier | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None, fast_path: bool = True) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, fast_path: bool = True,
+                 flood_limits: FloodLimits | None = None,
+                 on_connection_error: ConnectionErrorHook | None = None,
+                 max_backlog: int = MAX_PEER_BACKLOG) -> None:
         self.loop = loop or asyncio.get_running_loop()
-        self.conn = HboneConnection(client_side, self.loop.time, fast_path=fast_path)
+        self.conn = HboneConnection(client_side, self.loop.time, fast_path=fast_path,
+                                    flood_limits=flood_limits)
         self._on_request = on_request
         self._verify_peer = verify_peer
+        self._on_connection_error = on_connection_error
+        self._max_backlog = max_backlog
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, HboneStream] = {}
-        self._rbuf = bytearray(cfg.RELAY_READ_SIZE)
-        self._rview = memoryview(self._rbuf)
         self.write_paused = False
+        self.reading_paused = False  # by us: the peer does not read our answers
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Request handlers by stream: a stream reset before its answer cancels its handler
+        # (and so its upstream dial): the rapid-reset class.
+        self._handlers: dict[int, asyncio.Task[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
         # Nobody may await ``ready`` (server side): mark its exception as retrieved.
@@ -254,7 +286,6 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # ----------------------------------------------------------- transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         if self._verify_peer is not None:
             try:
                 self._verify_peer(transport)  # before any application byte goes out
@@ -264,14 +295,15 @@ class HboneProtocol(asyncio.BufferedProtocol):
                     self.ready.set_exception(exc)
                 transport.abort()  # type: ignore[attr-defined]
                 return
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.flush()
         self._timer = self.loop.call_later(cfg.TICK_INTERVAL, self._tick)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rview
+        return _shared_read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._dispatch(self.conn.receive_data(self._rview[:nbytes]))
+        self._dispatch(self.conn.receive_data(_shared_read_buffer()[:nbytes]))
         self.flush()
         if not self.ready.done() and self.conn.settings_received:
             self.ready.set_result(None)  # peer's limits (max streams, windows) now known
@@ -305,6 +337,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
         for w in self._drain_waiters:
             if not w.done():
                 w.set_result(None)
@@ -323,8 +358,13 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+            if (not self.reading_paused and self.write_paused
+                    and transport.get_write_buffer_size() > self._max_backlog):
+                self.reading_paused = True
+                transport.pause_reading()
 
     def _tick(self) -> None:
         self._timer = None
@@ -356,6 +396,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
             elif type(e) is ev.StreamReset:
                 if (st := streams.get(e.stream_id)) is not None:
                     st._on_reset(e.error_code)
+                    handler = self._handlers.get(e.stream_id)
+                    if handler is not None and not st.responded:
+                        handler.cancel()  # nobody waits for the answer: stop dialling
             elif type(e) is ev.StreamClosed:
                 streams.pop(e.stream_id, None)
                 self._maybe_finish_drain()
@@ -376,9 +419,17 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 self.close_reason = e.reason
                 log.warning("component=hbone connection error: %s", e.reason)
                 self._fail_all(e.reason)
+                for task in list(self._tasks):
+                    task.cancel()  # their streams are gone; close their upstreams now
                 self.flush()
+                if self._on_connection_error is not None:
+                    self._on_connection_error(self, e)
                 if self.transport is not None:
-                    self.transport.close()
+                    if e.kind in ("reset_flood", "control_flood"):
+                        # GOAWAY is queued; do not wait for a hostile peer to read it.
+                        self.transport.abort()
+                    else:
+                        self.transport.close()
 
     def _start_request(self, req: ev.ConnectRequest) -> None:
         stream = HboneStream(self, req.stream_id, req.authority)
@@ -388,7 +439,14 @@ class HboneProtocol(asyncio.BufferedProtocol):
             return
         task = self.loop.create_task(self._run_handler(stream, req))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._handlers[req.stream_id] = task
+        sid = req.stream_id
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._handlers.pop(sid, None)
+
+        task.add_done_callback(done)
 
     async def _run_handler(self, stream: HboneStream, req: ev.ConnectRequest) -> None:
         assert self._on_request is not None
@@ -402,7 +460,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
             if not stream.responded:
                 stream.refuse(503)
         finally:
-            if not stream.responded:
+            if self.conn.dead:
+                pass  # nothing can be sent any more
+            elif not stream.responded:
                 stream.refuse(503)
             elif not (stream.at_eof and stream._write_closed):
                 stream.reset()  # handler is done with a stream that is still open
@@ -470,7 +530,11 @@ class HboneClientConnection:
                              flags="CONNECT")
         stream = self._proto.new_stream(authority, headers)
         assert stream._response is not None
-        resp = await stream._response
+        try:
+            resp = await stream._response
+        except BaseException:
+            stream.reset()  # cancelled while waiting: the peer must drop its upstream too
+            raise
         stream._response = None
         if resp.status != 200:
             stream.reset()
@@ -532,19 +596,52 @@ async def open_connection(host: str | None, port: int | None, ssl_context: ssl.S
 
 
 class HboneServer:
-    """A listening HBONE server and its live connections."""
+    """HBONE server connections: accepted one by one (:meth:`accept`, the agent's own accept
+    loop decides admission) or from an asyncio server (:func:`start_server`)."""
 
-    def __init__(self, server: asyncio.Server, protocols: set[HboneProtocol]) -> None:
-        self.server = server
-        self.protocols = protocols
+    def __init__(self, on_request: RequestHandler, *, verify_peer: PeerVerifier | None = None,
+                 flood_limits: FloodLimits | None = None,
+                 on_connection_error: ConnectionErrorHook | None = None,
+                 max_backlog: int = MAX_PEER_BACKLOG) -> None:
+        self.server: asyncio.Server | None = None
+        self.protocols: set[HboneProtocol] = set()
+        self._on_request = on_request
+        self._verify_peer = verify_peer
+        self._flood_limits = flood_limits
+        self._on_connection_error = on_connection_error
+        self._max_backlog = max_backlog
 
     @property
     def port(self) -> int:
+        assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
+
+    def protocol_factory(self) -> HboneProtocol:
+        proto = HboneProtocol(False, on_request=self._on_request, verify_peer=self._verify_peer,
+                              flood_limits=self._flood_limits,
+                              on_connection_error=self._on_connection_error,
+                              max_backlog=self._max_backlog)
+        self.protocols.add(proto)
+        proto.closed.add_done_callback(lambda _f: self.protocols.discard(proto))
+        return proto
+
+    async def accept(self, sock: socket.socket, ssl_context: ssl.SSLContext, *,
+                     handshake_timeout: float) -> HboneProtocol:
+        """Serve HBONE on an accepted socket; returns once TLS is up and the peer verified.
+        Raises (and the socket is closed) if the handshake fails or takes too long."""
+        loop = asyncio.get_running_loop()
+        _transport, proto = await loop.connect_accepted_socket(
+            self.protocol_factory, sock=sock, ssl=ssl_context,
+            ssl_handshake_timeout=handshake_timeout)
+        assert isinstance(proto, HboneProtocol)
+        if proto.transport is None:  # the peer check refused it (connection_made aborted)
+            raise ProxyError(f"HBONE peer refused: {proto.close_reason}", flags="TLS_FAILURE")
+        return proto
 
     async def close(self, *, graceful: bool = True, timeout: float = 5.0) -> None:
         """Stop accepting; GOAWAY every connection (graceful) or abort them; wait."""
-        self.server.close()
+        if self.server is not None:
+            self.server.close()
         protos = list(self.protocols)
         for proto in protos:
             proto.goaway() if graceful else proto.abort()
@@ -555,28 +652,24 @@ class HboneServer:
                     proto.abort()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-        await self.server.wait_closed()
+        if self.server is not None:
+            await self.server.wait_closed()
 
 
 async def start_server(on_request: RequestHandler, host: str | None, port: int | None,
                        ssl_context: ssl.SSLContext, *, sock: object | None = None,
-                       verify_peer: PeerVerifier | None = None) -> HboneServer:
+                       verify_peer: PeerVerifier | None = None,
+                       flood_limits: FloodLimits | None = None) -> HboneServer:
     """Serve HBONE; ``on_request(stream, req)`` decides and calls accept()/refuse()."""
     loop = asyncio.get_running_loop()
-    protocols: set[HboneProtocol] = set()
-
-    def factory() -> HboneProtocol:
-        proto = HboneProtocol(False, on_request=on_request, verify_peer=verify_peer, loop=loop)
-        protocols.add(proto)
-        proto.closed.add_done_callback(lambda _f: protocols.discard(proto))
-        return proto
-
+    hbone = HboneServer(on_request, verify_peer=verify_peer, flood_limits=flood_limits)
     if sock is not None:
-        server = await loop.create_server(factory, sock=sock,  # type: ignore[call-overload]
-                                          ssl=ssl_context)
+        hbone.server = await loop.create_server(  # type: ignore[call-overload]
+            hbone.protocol_factory, sock=sock, ssl=ssl_context)
     else:
-        server = await loop.create_server(factory, host, port or 0, ssl=ssl_context)
-    return HboneServer(server, protocols)
+        hbone.server = await loop.create_server(hbone.protocol_factory, host, port or 0,
+                                                ssl=ssl_context)
+    return hbone
 
 
 __all__ = [

@@ -49,15 +49,20 @@ from h2.stream import StreamState
 from nodeproxy.errors import ProxyError
 from nodeproxy.hbone import events as ev
 from nodeproxy.hbone import settings as cfg
+from nodeproxy.hbone.flood import FloodLimits, WindowCounter
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 _DATA = 0x0
 _HEADERS = 0x1
+_PRIORITY = 0x2
+_SETTINGS = 0x4
+_PING = 0x6
 _PUSH_PROMISE = 0x5
 _GOAWAY = 0x7
 _CONTINUATION = 0x9
 _FLAG_END_STREAM = 0x1
+_FLAG_ACK = 0x1
 _FLAG_END_HEADERS = 0x4
 _FLAG_PADDED = 0x8
 
@@ -104,7 +109,7 @@ class HboneConnection:
     """One HBONE HTTP/2 connection (client or server side), sans-I/O."""
 
     def __init__(self, client_side: bool, clock: Callable[[], float], *,
-                 fast_path: bool = True) -> None:
+                 fast_path: bool = True, flood_limits: FloodLimits | None = None) -> None:
         # fast_path=False routes every frame through h2 (reference behaviour for tests and
         # tests/bench/hbone_micro.py); production always uses the fast path.
         self.fast_path = fast_path
@@ -160,6 +165,12 @@ class HboneConnection:
         self._last_activity = clock()
         self._ping_sent_at: float | None = None
         self._ping_payload = b""
+        # abuse accounting (see flood.py): requests not yet answered, and the two counters
+        limits = flood_limits or FloodLimits()
+        self.flood_limits = limits
+        self._unanswered: set[int] = set()
+        self._premature_resets = WindowCounter(limits.max_premature_resets, limits.window)
+        self._control_frames = WindowCounter(limits.max_control_frames, limits.window)
 
     # ------------------------------------------------------------------ queries
 
@@ -212,6 +223,7 @@ class HboneConnection:
     def respond(self, stream_id: int, status: int, headers: Sequence[tuple[str, str]] = ()) -> None:
         """Server: answer a ConnectRequest. Non-200 also ends the stream."""
         end = status != 200
+        self._unanswered.discard(stream_id)
         try:
             self._h2.send_headers(stream_id, [(":status", str(status)), *headers], end_stream=end)
         except h2.exceptions.ProtocolError as exc:
@@ -314,7 +326,7 @@ class HboneConnection:
             if now - self._ping_sent_at >= cfg.KEEPALIVE_TIMEOUT:
                 self._fail(
                     f"keepalive PING not acknowledged within {cfg.KEEPALIVE_TIMEOUT:.0f}s",
-                    ErrorCodes.NO_ERROR,
+                    ErrorCodes.NO_ERROR, kind="keepalive",
                 )
         elif now - self._last_activity >= cfg.KEEPALIVE_INTERVAL:
             self.ping()
@@ -441,6 +453,12 @@ class HboneConnection:
             self._fail(f"frame of {length} bytes exceeds our max frame size "
                        f"{self._h2.max_inbound_frame_size}", ErrorCodes.FRAME_SIZE_ERROR)
             return -1
+        if self._costs_work(ftype, flags, length) and self._control_frames.hit(self._clock()):
+            limits = self.flood_limits
+            self._fail(f"peer sent more than {limits.max_control_frames} control frames "
+                       f"(PING/SETTINGS/PRIORITY/empty DATA) within {limits.window:g}s",
+                       ErrorCodes.ENHANCE_YOUR_CALM, kind="control_flood")
+            return -1
         if (ftype == _DATA and sid and self.fast_path and not self._in_header_block
                 and not flags & _FLAG_PADDED):
             self._feed_h2()  # h2 must know about streams opened by earlier frames
@@ -465,6 +483,15 @@ class HboneConnection:
         elif ftype in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
             self._in_header_block = not flags & _FLAG_END_HEADERS
         return length
+
+    @staticmethod
+    def _costs_work(ftype: int, flags: int, length: int) -> bool:
+        """Frames that make us answer or work while carrying no payload (flood classes)."""
+        if ftype in (_PING, _SETTINGS):
+            return not flags & _FLAG_ACK
+        if ftype == _PRIORITY:
+            return True
+        return ftype == _DATA and length == 0 and not flags & _FLAG_END_STREAM
 
     def _whole_frame(self, frame: bytes | memoryview) -> None:
         if frame[3] == _GOAWAY and not self._in_header_block:
@@ -531,6 +558,9 @@ class HboneConnection:
         elif isinstance(e, h2.events.StreamReset):
             out.append(ev.StreamReset(e.stream_id, int(e.error_code or 0), e.remote_reset))
             self._maybe_closed = True
+            if e.remote_reset and e.stream_id in self._unanswered:
+                self._unanswered.discard(e.stream_id)
+                self._on_premature_reset()
         elif isinstance(e, h2.events.WindowUpdated):
             out.append(ev.WindowOpened(e.stream_id or None))
         elif isinstance(e, h2.events.RemoteSettingsChanged):
@@ -571,6 +601,7 @@ class HboneConnection:
             self._events.append(ev.BadRequest(sid, reason, headers))
             return
         extra = tuple((k, v) for k, v in headers if not k.startswith(":"))
+        self._unanswered.add(sid)
         self._events.append(ev.ConnectRequest(sid, pseudo[":authority"], extra, host, port))
 
     def _on_goaway(self, frame: bytes) -> None:
@@ -592,15 +623,23 @@ class HboneConnection:
 
     # ------------------------------------------------------------------ helpers
 
-    def _fail(self, reason: str, code: int) -> None:
+    def _on_premature_reset(self) -> None:
+        if self._premature_resets.hit(self._clock()):
+            limits = self.flood_limits
+            self._fail(f"peer reset more than {limits.max_premature_resets} streams before "
+                       f"they were answered within {limits.window:g}s (HTTP/2 rapid reset)",
+                       ErrorCodes.ENHANCE_YOUR_CALM, kind="reset_flood")
+
+    def _fail(self, reason: str, code: int, *, kind: str = "protocol") -> None:
         if self.dead:
             return
         self.dead = True
         self._data_left = 0
         self._partial_need = 0
+        self._unanswered.clear()
         with contextlib.suppress(h2.exceptions.ProtocolError):  # already closed by h2
             self._h2.close_connection(error_code=code)
-        self._events.append(ev.ConnectionError(reason, int(code)))
+        self._events.append(ev.ConnectionError(reason, int(code), kind))
 
     def _flush_h2_out(self) -> None:
         pending = self._h2.data_to_send()
@@ -612,6 +651,7 @@ class HboneConnection:
         streams = self._h2.streams
         for sid in [s for s in self._live if s not in streams or streams[s].closed]:
             self._live.discard(sid)
+            self._unanswered.discard(sid)
             self._events.append(ev.StreamClosed(sid))
 
     def _take_events(self) -> list[ev.Event]:

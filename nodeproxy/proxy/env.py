@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nodeproxy.metrics import Metrics
+from nodeproxy.proxy.limits import Limits
 from nodeproxy.sockets import original_destination
 from ztunnel_cfg.model import Workload
 from ztunnel_cfg.snapshot import Snapshot
@@ -45,6 +46,7 @@ class ProxyEnv:
     preserve_source_ip: bool = True
     connect_timeout: float = 10.0
     idle_timeout: float = 3600.0
+    limits: Limits = field(default_factory=Limits)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_conn_id(self, prefix: str) -> str:

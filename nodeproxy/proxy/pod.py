@@ -11,17 +11,20 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
 
 from nodeproxy import accesslog
-from nodeproxy.errors import ProxyError
+from nodeproxy.errors import ProxyError, RejectedError
+from nodeproxy.hbone import events as hbone_events
+from nodeproxy.hbone.glue import HboneProtocol
 from nodeproxy.identity.manager import CertificateManager
 from nodeproxy.metrics import ConnectionLabels
 from nodeproxy.pool import ConnectionPool
-from nodeproxy.proxy import tunnel
+from nodeproxy.proxy import guard, tunnel
 from nodeproxy.proxy.env import ProxyEnv
 from nodeproxy.sockets import SocketFactory
 from nodeproxy.tls import ContextCache
@@ -68,6 +71,41 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def _peer_text(sock: socket.socket) -> str:
+    """``ip:port`` of the peer, or "" once it is gone (a client may reset right after SYN)."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return ""
+    return f"{peer[0]}:{peer[1]}"
+
+
+class LogThrottle:
+    """At most ``per_second`` lines a second; the next line says how many were dropped.
+
+    Rejections come in floods by nature: one access line each (~35 us) would let a client buy
+    agent CPU with connections the agent refuses. Metrics still count every one."""
+
+    def __init__(self, per_second: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_second = per_second
+        self._clock = clock
+        self._second = -1
+        self._used = 0
+        self.suppressed = 0
+
+    def allow(self) -> int | None:
+        """None: drop this line. Else the number of lines dropped since the last one."""
+        second = int(self._clock())
+        if second != self._second:
+            self._second, self._used = second, 0
+        if self._used >= self._per_second:
+            self.suppressed += 1
+            return None
+        self._used += 1
+        dropped, self.suppressed = self.suppressed, 0
+        return dropped
 
 
 def _labels_for(
@@ -118,6 +156,10 @@ class PodProxy:
         self._conns: set[asyncio.Task[None]] = set()
         self._closing = False
         self._hbone: tunnel.InboundServer | None = None
+        self._server_ctx: ssl.SSLContext | None = None
+        self._handshakes = 0  # inbound TLS handshakes in progress
+        self._dial_slots: dict[HboneProtocol, asyncio.Semaphore] = {}  # per HBONE connection
+        self._reject_log = LogThrottle()
         # Live connection table for /debug/connections: one insert and one pop per connection.
         self.live: dict[str, LiveConnection] = {}
 
@@ -128,25 +170,28 @@ class PodProxy:
         # In-pod the netns belongs to this pod alone, so listen on every address; in loopback
         # mode several pods share the agent's namespace and each binds its own workload IP.
         addr = "0.0.0.0" if self._in_pod else self.listen_ip
-        specs: list[tuple[int, Callable[[socket.socket], Coroutine[None, None, None]]]] = [
-            (ports.outbound, self._outbound),
-            (ports.inbound_plaintext, self._inbound_plaintext),
+        limits = self.env.limits
+        identity = self.workload.identity
+        self._server_ctx = await self.contexts.rotating_server_context(identity)
+        self._hbone = tunnel.inbound_server(
+            self._on_connect_request, trust_domain=identity.trust_domain,
+            flood_limits=limits.flood, max_backlog=limits.max_peer_backlog,
+            on_connection_error=self._on_hbone_error,
+        )
+        specs: list[tuple[int, Callable[[socket.socket], Coroutine[None, None, None]], str]] = [
+            (ports.outbound, self._outbound, "outbound"),
+            (ports.inbound_plaintext, self._inbound_plaintext, "inbound_plaintext"),
+            (ports.inbound_hbone, self._inbound_hbone, "inbound"),
         ]
         loop = asyncio.get_running_loop()
         try:
-            for port, handler in specs:
+            for port, handler, direction in specs:
                 lsock = await self.sockets.listener(addr, port)
                 self._listeners.append(lsock)
                 self._accept_tasks.append(loop.create_task(
-                    self._accept_loop(lsock, handler), name=f"accept:{self.workload.name}:{port}"
+                    self._accept_loop(lsock, handler, direction),
+                    name=f"accept:{self.workload.name}:{port}",
                 ))
-            hbone_sock = await self.sockets.listener(addr, ports.inbound_hbone)
-            self._listeners.append(hbone_sock)
-            identity = self.workload.identity
-            ctx = await self.contexts.rotating_server_context(identity)
-            self._hbone = await tunnel.serve(
-                hbone_sock, ctx, self._on_connect_request, trust_domain=identity.trust_domain
-            )
         except BaseException:
             await self.close(0)
             raise
@@ -181,17 +226,26 @@ class PodProxy:
         self.sockets.close()
 
     async def _accept_loop(
-        self, lsock: socket.socket, handler: Callable[[socket.socket], Coroutine[None, None, None]]
+        self, lsock: socket.socket,
+        handler: Callable[[socket.socket], Coroutine[None, None, None]], direction: str,
     ) -> None:
         loop = asyncio.get_running_loop()
+        limit = self.env.limits.max_connections_per_pod
         while not self._closing:
             try:
                 conn, _ = await loop.sock_accept(lsock)
             except OSError as exc:
                 if self._closing:
                     return
-                log.warning("accept failed: %s", exc, extra={"component": "proxy"})
+                if self._reject_log.allow() is not None:
+                    log.warning("accept failed: %s", exc, extra={"component": "proxy"})
                 await asyncio.sleep(0.05)
+                continue
+            if len(self._conns) >= limit:
+                self._reject(conn, direction, RejectedError(
+                    f"{self.workload.key} has {len(self._conns)} connections open through the "
+                    f"agent (limit {limit}, --max-conns-per-pod)",
+                    reason="pod_connection_limit", status=503, flags="UO"))
                 continue
             conn.setblocking(False)
             task = loop.create_task(handler(conn))
@@ -201,13 +255,73 @@ class PodProxy:
     def live_connections(self) -> list[LiveConnection]:
         return list(self.live.values())
 
+    # -- rejections (limits and safety rules) -------------------------------------------------
+    def _reject(self, sock: socket.socket, direction: str, exc: RejectedError) -> None:
+        """Reset a connection refused before any handler ran; count and log it."""
+        peer = _peer_text(sock)
+        _reset(sock)
+        self._rejected(direction, exc, peer)
+
+    def _rejected(self, direction: str, exc: RejectedError, peer: str, dst: str = "") -> None:
+        self.env.metrics.connection_rejected(direction, exc.reason)
+        dropped = self._reject_log.allow()
+        if dropped is None:
+            return
+        note = f" ({dropped} similar lines dropped)" if dropped else ""
+        accesslog.write(accesslog.AccessRecord(
+            conn_id=self.env.next_conn_id("rej"), direction=direction, src_addr=peer,
+            dst_addr=dst, src_workload="", src_identity="", dst_workload=self.workload.name,
+            dst_identity=str(self.workload.identity), dst_service="", path="rejected",
+            bytes_sent=0, bytes_received=0, duration_ms=0.0, response_flags=exc.flags,
+            policy="", reason=exc.message + note,
+        ))
+
+    # -- inbound HBONE connections (15008) ----------------------------------------------------
+    async def _inbound_hbone(self, sock: socket.socket) -> None:
+        limits = self.env.limits
+        if self._handshakes >= limits.max_pending_handshakes:
+            self._reject(sock, "inbound", RejectedError(
+                f"{self._handshakes} TLS handshakes in progress for {self.workload.key} (limit "
+                f"{limits.max_pending_handshakes}, --max-pending-handshakes)",
+                reason="handshake_limit", status=503, flags="UO"))
+            return
+        assert self._hbone is not None
+        assert self._server_ctx is not None
+        peer = _peer_text(sock)
+        self._handshakes += 1
+        started = time.monotonic()
+        try:
+            proto = await self._hbone.accept(sock, self._server_ctx,
+                                             handshake_timeout=limits.handshake_timeout)
+        except (OSError, NodeproxyError) as exc:  # ssl.SSLError is an OSError
+            # The transport owned the socket and has closed it.
+            if time.monotonic() - started >= limits.handshake_timeout:
+                error = RejectedError(
+                    f"TLS handshake not completed within {limits.handshake_timeout:g}s "
+                    "(--handshake-timeout)", reason="handshake_timeout", status=503,
+                    flags="TLS_FAILURE")
+            else:
+                error = RejectedError(f"TLS handshake failed: {exc}", reason="tls_failure",
+                                      status=503, flags="TLS_FAILURE")
+            self._rejected("inbound", error, peer)
+            return
+        finally:
+            self._handshakes -= 1
+        await proto.closed
+
+    def _on_hbone_error(self, proto: HboneProtocol, event: hbone_events.ConnectionError) -> None:
+        if event.kind in ("reset_flood", "control_flood"):
+            self._rejected("inbound", RejectedError(
+                f"HBONE connection from {proto.peer_identity} closed with GOAWAY "
+                f"ENHANCE_YOUR_CALM: {event.reason}", reason=event.kind, status=503,
+                flags="DPE"), proto.peer_ip)
+
     # -- outbound (15001) ---------------------------------------------------------------------
     async def _outbound(self, sock: socket.socket) -> None:
         env = self.env
         conn_id = env.next_conn_id("out")
         started = time.monotonic()
-        peer = sock.getpeername()
-        src_addr = f"{peer[0]}:{peer[1]}"
+        src_addr = _peer_text(sock)
         decision: Route | None = None
         flags, path, reason = "-", "failed", ""
         sent = received = 0
@@ -215,6 +329,9 @@ class PodProxy:
             dst_ip, dst_port = env.original_dst(sock)
             decision = route(env.snapshot(), self.workload, dst_ip, dst_port, env.choose)
             tunnelled = decision.kind in (RouteKind.HBONE, RouteKind.WAYPOINT)
+            refusal = guard.outbound_refusal(env.ports, dst_port, mesh_destination=tunnelled)
+            if refusal is not None:
+                raise RejectedError(refusal, reason="own_port", status=400, flags="NR")
             dialed = decision.tunnel_port if tunnelled else decision.target_port
             self.live[conn_id] = LiveConnection(
                 conn_id, time.time(), "outbound", self.workload.key, src_addr,
@@ -248,6 +365,9 @@ class PodProxy:
         except (NodeproxyError, OSError) as exc:
             flags, reason = _failure_flags(exc), str(exc)
             path = "denied" if flags == "DENY" else "failed"
+            if isinstance(exc, RejectedError):
+                path = "rejected"
+                env.metrics.connection_rejected("outbound", exc.reason)
             env.metrics.connection_failed(self._outbound_labels(decision, flags))
             _reset(sock)
             log.info("outbound %s failed: %s", conn_id, exc, extra={"component": "outbound"})
@@ -308,12 +428,16 @@ class PodProxy:
         flags, path, reason, policy = "-", "hbone", "", ""
         sent = received = 0
         dst: Workload | None = None
+        upstream: socket.socket | None = None  # owned here until the relay takes it
         try:
             host, port = _parse_authority(authority)
             dst = snapshot.workload_by_ip(host)
             if dst is None or dst.node != self.workload.node or not self._serves(dst):
                 raise ProxyError(f"{authority} is not a workload of this pod", status=400,
                                  flags="NR")
+            refusal = guard.inbound_refusal(env.ports, port)
+            if refusal is not None:
+                raise RejectedError(refusal, reason="own_port", status=400, flags="NR")
             src_ip = stream.peer_ip
             self.live[conn_id] = LiveConnection(
                 conn_id, time.time(), "inbound", dst.key, authority, src_ip, authority, "HBONE"
@@ -322,11 +446,15 @@ class PodProxy:
             policy = decision.policy or ""
             if not decision.allowed:
                 raise ProxyError(decision.reason, status=401, flags="DENY")
-            upstream = await self._connect_local(host, port, src_ip)
+            upstream = await self._dial_for(stream, host, port, src_ip)
+            if stream.stream.is_reset:
+                raise ProxyError("the peer reset the stream while the agent dialled the pod",
+                                 flags="DC")
             stream.accept()
             env.metrics.connection_opened(_labels_for("destination", src, src_principal, dst, "",
                                                       "-", True))
-            result = await tunnel.relay_stream(upstream, stream, env.idle_timeout)
+            owned, upstream = upstream, None
+            result = await tunnel.relay_stream(owned, stream, env.idle_timeout)
             # relay_stream counts from the socket's point of view: up = socket -> stream.
             sent, received = result.bytes_up, result.bytes_down
             env.metrics.connection_closed(
@@ -335,11 +463,16 @@ class PodProxy:
         except (NodeproxyError, OSError) as exc:
             flags, reason = _failure_flags(exc), str(exc)
             path = "denied" if flags == "DENY" else "failed"
+            if isinstance(exc, RejectedError):
+                path = "rejected"
+                env.metrics.connection_rejected("inbound", exc.reason)
             stream.refuse(getattr(exc, "status", 503))
             env.metrics.connection_failed(
                 _labels_for("destination", src, src_principal, dst, "", flags, True)
             )
         finally:
+            if upstream is not None:  # dialled, but the stream ended before the relay began
+                _reset(upstream)
             self.live.pop(conn_id, None)
             env_src = src.name if src else ""
             accesslog.write(accesslog.AccessRecord(
@@ -350,6 +483,21 @@ class PodProxy:
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
                 response_flags=flags, policy=policy, reason=reason,
             ))
+
+    async def _dial_for(self, stream: tunnel.ServerStream, host: str, port: int,
+                        src_ip: str) -> socket.socket:
+        """Dial the local pod for one CONNECT stream. At most ``max_dials_per_connection``
+        dials run at once per HBONE connection; later streams wait their turn (their number
+        is capped by SETTINGS_MAX_CONCURRENT_STREAMS), and a stream reset while waiting or
+        dialling is cancelled by the glue, so a client cannot leave dials behind."""
+        proto = stream.stream.protocol
+        slots = self._dial_slots.get(proto)
+        if slots is None:
+            slots = self._dial_slots[proto] = asyncio.Semaphore(
+                self.env.limits.max_dials_per_connection)
+            proto.closed.add_done_callback(lambda _f: self._dial_slots.pop(proto, None))
+        async with slots:
+            return await self._connect_local(host, port, src_ip)
 
     def _serves(self, dst: Workload) -> bool:
         # In-pod mode a listener serves exactly its pod; loopback mode may host several.
@@ -369,7 +517,8 @@ class PodProxy:
         env = self.env
         conn_id = env.next_conn_id("pt")
         started = time.monotonic()
-        peer_ip, peer_port = sock.getpeername()[:2]
+        peer = _peer_text(sock)
+        peer_ip = peer.rpartition(":")[0]
         snapshot = env.snapshot()
         src = snapshot.workload_by_ip(peer_ip)
         flags, path, reason, policy = "-", "plaintext", "", ""
@@ -377,12 +526,17 @@ class PodProxy:
         dst = self.workload
         dst_addr = ""
         try:
+            if not peer:
+                raise ProxyError("client went away before it was served", flags="DC")
             host, port = env.original_dst(sock)
             dst_addr = f"{host}:{port}"
             self.live[conn_id] = LiveConnection(
-                conn_id, time.time(), "inbound_plaintext", dst.key, dst_addr,
-                f"{peer_ip}:{peer_port}", dst_addr, "TCP",
+                conn_id, time.time(), "inbound_plaintext", dst.key, dst_addr, peer, dst_addr,
+                "TCP",
             )
+            refusal = guard.inbound_refusal(env.ports, port)
+            if refusal is not None:
+                raise RejectedError(refusal, reason="own_port", status=400, flags="NR")
             if snapshot.mtls_mode(self.workload) is MtlsMode.STRICT:
                 raise ProxyError(
                     f"plaintext connection from {peer_ip} refused: {self.workload.namespace}/"
@@ -404,6 +558,9 @@ class PodProxy:
         except (NodeproxyError, OSError) as exc:
             flags, reason = _failure_flags(exc), str(exc)
             path = "denied" if flags == "DENY" else "failed"
+            if isinstance(exc, RejectedError):
+                path = "rejected"
+                env.metrics.connection_rejected("inbound_plaintext", exc.reason)
             env.metrics.connection_failed(_labels_for("destination", src, None, dst, "", flags,
                                                       False))
             _reset(sock)
@@ -412,7 +569,7 @@ class PodProxy:
             with contextlib.suppress(OSError):
                 sock.close()
             accesslog.write(accesslog.AccessRecord(
-                conn_id=conn_id, direction="inbound_plaintext", src_addr=f"{peer_ip}:{peer_port}",
+                conn_id=conn_id, direction="inbound_plaintext", src_addr=peer,
                 dst_addr=dst_addr, src_workload=src.name if src else "", src_identity="",
                 dst_workload=dst.name, dst_identity=str(dst.identity), dst_service="", path=path,
                 bytes_sent=sent, bytes_received=received,

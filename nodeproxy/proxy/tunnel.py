@@ -7,14 +7,17 @@ streams that carry the peer's verified SPIFFE ID, and relays that return exact b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from nodeproxy.hbone import glue
 from nodeproxy.hbone.events import ConnectRequest
+from nodeproxy.hbone.flood import FloodLimits
 from nodeproxy.pool import Lease
 from nodeproxy.relay import RelayResult, relay, wrap_socket
 from nodeproxy.tls import PeerIdentityError, verify_peer
@@ -117,18 +120,23 @@ async def connect(
 
 
 class InboundServer:
-    """Serves HBONE on a listening socket; each CONNECT reaches ``handler`` with the peer's
+    """Serves HBONE on accepted sockets; each CONNECT reaches ``handler`` with the peer's
     verified identity (checked once per TLS connection, before any byte is processed)."""
 
     def __init__(self, server: glue.HboneServer) -> None:
         self._server = server
 
+    async def accept(self, sock: socket.socket, ctx: ssl.SSLContext, *,
+                     handshake_timeout: float) -> glue.HboneProtocol:
+        return await self._server.accept(sock, ctx, handshake_timeout=handshake_timeout)
+
     async def close(self, timeout: float) -> None:
         await self._server.close(graceful=True, timeout=timeout)
 
 
-async def serve(
-    listener: socket.socket, ctx: ssl.SSLContext, handler: RequestHandler, *, trust_domain: str
+def inbound_server(
+    handler: RequestHandler, *, trust_domain: str, flood_limits: FloodLimits,
+    max_backlog: int, on_connection_error: glue.ConnectionErrorHook | None = None,
 ) -> InboundServer:
     def check(transport: asyncio.BaseTransport) -> None:
         peer = verify_peer(_ssl_object(transport), trust_domain, None)
@@ -146,26 +154,45 @@ async def serve(
         await handler(ServerStream(stream, proto.peer_ip), req.authority, proto.peer_identity,
                       dict(req.headers))
 
-    server = await glue.start_server(on_request, None, None, ctx, sock=listener,
-                                     verify_peer=check)
-    return InboundServer(server)
+    return InboundServer(glue.HboneServer(
+        on_request, verify_peer=check, flood_limits=flood_limits,
+        on_connection_error=on_connection_error, max_backlog=max_backlog))
+
+
+def _abandon(sock: socket.socket) -> None:
+    """Close a socket nobody will relay, with RST so its peer does not wait for data."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 async def relay_sockets(downstream: socket.socket, upstream: socket.socket,
                         idle_timeout: float) -> RelayResult:
-    down = await wrap_socket(downstream)
+    """Relay two sockets; both are closed whatever happens (also on cancellation)."""
+    try:
+        down = await wrap_socket(downstream)
+    except BaseException:
+        _abandon(downstream)
+        _abandon(upstream)
+        raise
     try:
         up = await wrap_socket(upstream)
     except BaseException:
-        down.close()
-        upstream.close()
+        down.reset()
+        _abandon(upstream)
         raise
     return await relay(down, up, idle_timeout=idle_timeout)
 
 
 async def relay_stream(sock: socket.socket, stream: Stream | ServerStream,
                        idle_timeout: float) -> RelayResult:
-    """Relay a plain socket (downstream) and an HBONE stream (upstream)."""
+    """Relay a plain socket (downstream) and an HBONE stream (upstream); the socket is closed
+    and the stream ended whatever happens (also on cancellation)."""
     hbone = stream.stream if isinstance(stream, ServerStream) else stream
-    tcp = await wrap_socket(sock)
+    try:
+        tcp = await wrap_socket(sock)
+    except BaseException:
+        _abandon(sock)
+        hbone.reset()
+        raise
     return await relay(tcp, hbone, idle_timeout=idle_timeout)
