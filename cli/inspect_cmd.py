@@ -176,8 +176,27 @@ def _listing(name: str, doc: str, key: str,
     return cmd
 
 
-workloads = _listing("workloads", "Workloads known to the agent (istioctl ztunnel-config "
-                     "workloads columns).", "workloads", workloads_table)
+@click.command(name="workloads")
+@admin_option
+@output_option
+def workloads(admin: str, fmt: str) -> None:
+    """Workloads known to the agent (istioctl ztunnel-config workloads columns); in table form
+    also the mesh pods of this node that are not enrolled (their traffic is refused)."""
+    dump = config_dump(admin)
+    click.echo(render(fmt, lambda: workloads_table(snapshot_from_dump(
+        dump, f"{admin}/config_dump")), lambda: list(dump.get("workloads") or [])), nl=False)
+    if fmt == "table":
+        for line in enrollment_failure_lines(dump):
+            click.echo(line)
+
+
+def enrollment_failure_lines(dump: dict[str, Any]) -> list[str]:
+    failures = dump.get("enrollmentFailures")
+    if not isinstance(failures, dict):
+        return []
+    return [f"NOT ENROLLED (traffic refused until enrolled): {uid}: {reason}"
+            for uid, reason in sorted(failures.items())]
+
 services = _listing("services", "Services known to the agent, with healthy/total endpoints.",
                     "services", services_table)
 policies = _listing("policies", "Authorization policies in force on the agent.", "policies",

@@ -2,9 +2,12 @@
 
 Enrolling a pod = redirection rules in its netns (through the injected ``Redirector``; the agent
 never imports ``redirect``), its identity's certificate, and the three listeners opened inside
-its netns.  A pod counts as enrolled only when all three are in place; if any step fails the
-steps already done are undone, so a pod is never left half-enrolled.  Readiness is true once
-every pod of this node is enrolled.
+its netns.  A pod counts as enrolled only when all three are in place.  Failing closed: the
+rules go in first and are never taken out because of an error; a pod whose certificate or
+listeners are missing keeps its rules, so its connections are redirected to ports nobody
+listens on and refused (RST) instead of flowing in plaintext.  Only removing the pod from the
+config (or ``--cleanup-on-exit``) removes its rules.  Readiness is true once every pod of this
+node is enrolled.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ PodProxyFactory = Callable[[Workload], Awaitable[PodProxy]]
 class EnrollmentFailure:
     uid: str
     reason: str
+    netns: str | None = None  # whose rules stay installed while the pod is not enrolled
 
 
 class Agent:
@@ -114,8 +118,9 @@ class Agent:
                     await self._unenroll(uid)
                 await self._enroll(workload)
             for uid in [uid for uid in self.failures if uid not in wanted]:
-                del self.failures[uid]
-            self._metrics.enrolled_pods.set(len(self.pods))
+                # Removed from the config: its capture rules go, like an enrolled pod's.
+                await self._remove_rules(self.failures.pop(uid).netns)
+            self._count()
 
     async def retry_failed(self) -> None:
         """Try again to enroll pods that failed (called periodically)."""
@@ -123,43 +128,45 @@ class Agent:
             for workload in self._desired:
                 if workload.uid in self.failures:
                     await self._enroll(workload)
-            self._metrics.enrolled_pods.set(len(self.pods))
+            self._count()
+
+    def _count(self) -> None:
+        self._metrics.enrolled_pods.set(len(self.pods))
+        self._metrics.unenrolled_pods.set(sum(1 for w in self._desired if w.uid not in self.pods))
 
     async def _enroll(self, workload: Workload) -> None:
-        installed = False
         try:
+            # Capture first (installation converges, so retries re-check the rules), then the
+            # certificate and listeners; until those exist the rules refuse the pod's traffic.
             if self._redirector is not None and workload.netns is not None:
                 await asyncio.to_thread(self._redirector.install, workload.netns)
-                installed = True
             pod = await self._factory(workload)
             await pod.start()
         except (NodeproxyError, OSError) as exc:
             reason = str(exc)
-            log.error("cannot enroll pod %s: %s", workload.uid, reason, extra=_EXTRA)
-            self.failures[workload.uid] = EnrollmentFailure(workload.uid, reason)
-            if installed and self._redirector is not None and workload.netns is not None:
-                # Roll back: a pod with rules but no listeners would black-hole its traffic
-                # while looking enrolled; with neither it stays visibly un-enrolled.
-                try:
-                    await asyncio.to_thread(self._redirector.remove, workload.netns)
-                except NodeproxyError as undo:
-                    log.error("rollback of rules in %s failed: %s", workload.netns, undo,
-                              extra=_EXTRA)
+            log.error("cannot enroll pod %s: %s; its traffic is refused until it is enrolled "
+                      "(retrying)", workload.uid, reason, extra=_EXTRA)
+            self.failures[workload.uid] = EnrollmentFailure(workload.uid, reason, workload.netns)
+            self._metrics.enrollment_failures.inc()
             return
         self.failures.pop(workload.uid, None)
         self.pods[workload.uid] = pod
         log.info("enrolled pod %s (%s) netns=%s", workload.uid, workload.identity,
                  workload.netns, extra=_EXTRA)
 
+    async def _remove_rules(self, netns: str | None) -> None:
+        if self._redirector is None or netns is None:
+            return
+        try:
+            await asyncio.to_thread(self._redirector.remove, netns)
+        except NodeproxyError as exc:
+            log.error("removing rules from %s failed: %s", netns, exc, extra=_EXTRA)
+
     async def _unenroll(self, uid: str, *, remove_rules: bool = True) -> None:
         pod = self.pods.pop(uid)
         await pod.close(self._drain_timeout)
-        netns = pod.workload.netns
-        if remove_rules and self._redirector is not None and netns is not None:
-            try:
-                await asyncio.to_thread(self._redirector.remove, netns)
-            except NodeproxyError as exc:
-                log.error("removing rules from %s failed: %s", netns, exc, extra=_EXTRA)
+        if remove_rules:
+            await self._remove_rules(pod.workload.netns)
         log.info("un-enrolled pod %s", uid, extra=_EXTRA)
 
     async def shutdown(self) -> None:

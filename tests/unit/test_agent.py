@@ -1,4 +1,4 @@
-"""Agent convergence: enroll / un-enroll / rollback / readiness, with injected fakes."""
+"""Agent convergence: enroll / un-enroll / fail closed / readiness, with injected fakes."""
 
 from __future__ import annotations
 
@@ -93,20 +93,45 @@ async def test_removed_pod_is_drained_and_rules_removed(
     assert not factory.made[1].closed  # the unaffected pod was left alone
 
 
-async def test_failed_start_rolls_back_rules_and_reports_not_ready(
-    parts: tuple[Agent, FakeRedirector, Factory],
-) -> None:
-    agent, redirector, factory = parts
+def _gauge(metrics: Metrics, name: str) -> float:
+    value = metrics.registry.get_sample_value(name)
+    assert value is not None, name
+    return value
+
+
+async def test_failed_start_keeps_rules_so_traffic_is_refused_not_plaintext() -> None:
+    redirector, factory, metrics = FakeRedirector(), Factory(), Metrics()
+    agent = Agent("node1", factory, metrics, redirector)
     factory.failing.add("a")
     await agent.apply(snapshot(("a", "node1", "10.0.0.1")))
     assert agent.pods == {}
-    assert redirector.installed == set()  # never half-enrolled
+    # Fail closed: the rules stay, so the pod's connections reach ports nobody listens on.
+    assert redirector.installed == {"/var/run/netns/a"}
+    assert ("remove", "/var/run/netns/a") not in redirector.calls
     assert not agent.ready
     assert "cannot bind" in agent.readiness_detail()
+    assert _gauge(metrics, "nodeproxy_unenrolled_pods") == 1
+    assert _gauge(metrics, "nodeproxy_enrollment_failures_total") == 1
+    await agent.retry_failed()  # still failing: the rules are never flipped off in between
+    assert ("remove", "/var/run/netns/a") not in redirector.calls
+    assert _gauge(metrics, "nodeproxy_enrollment_failures_total") == 2
     factory.failing.clear()
     await agent.retry_failed()
     assert agent.ready
     assert redirector.installed == {"/var/run/netns/a"}
+    assert _gauge(metrics, "nodeproxy_unenrolled_pods") == 0
+
+
+async def test_failed_pod_removed_from_config_loses_its_rules(
+    parts: tuple[Agent, FakeRedirector, Factory],
+) -> None:
+    agent, redirector, factory = parts
+    factory.failing.add("a")
+    await agent.apply(snapshot(("a", "node1", "10.0.0.1"), ("c", "node1", "10.0.0.3")))
+    await agent.apply(snapshot(("c", "node1", "10.0.0.3")))  # explicit removal from the mesh
+    assert redirector.installed == {"/var/run/netns/c"}
+    assert agent.failures == {}
+    assert agent.ready
 
 
 async def test_shutdown_keeps_rules_unless_cleanup(

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cli.inspect_cmd import certificates_table
+from cli.inspect_cmd import certificates_table, enrollment_failure_lines
 from cli.main import cli
 
 DUMP: dict[str, Any] = {
@@ -115,6 +115,13 @@ def test_workloads_table(admin: str) -> None:
         "default   web-2    10.0.2.2 node2 None     HBONE\n"
         "legacy    db       10.0.1.3 node1 None     TCP\n"
     )
+
+
+def test_enrollment_failures_are_listed_under_the_workloads_table() -> None:
+    dump = {**DUMP, "enrollmentFailures": {"u2": "CA service unreachable"}}
+    assert enrollment_failure_lines(dump) == [
+        "NOT ENROLLED (traffic refused until enrolled): u2: CA service unreachable"]
+    assert enrollment_failure_lines(DUMP) == []
 
 
 def test_services_table_counts_healthy_endpoints(admin: str) -> None:
