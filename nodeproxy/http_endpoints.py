@@ -80,17 +80,27 @@ def admin_app(hooks: AdminHooks) -> web.Application:
     async def connections(_: web.Request) -> web.Response:
         return web.json_response(hooks.connections(), dumps=_dumps)
 
-    async def logging_level(request: web.Request) -> web.Response:
-        level = request.query.get("level")
-        root = logging.getLogger()
-        if level is not None:
-            if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-                return web.json_response(
-                    {"error": f"unknown level {level!r}: use debug, info, warning or error"},
-                    status=400,
-                )
-            root.setLevel(level.upper())
-        return web.json_response({"level": logging.getLevelName(root.level).lower()})
+    def current_level() -> web.Response:
+        level = logging.getLevelName(logging.getLogger().level).lower()
+        return web.json_response({"level": level})
+
+    async def get_logging(request: web.Request) -> web.Response:
+        # A GET never changes state (a prefetching browser or a crawler must not turn on
+        # debug logging); refuse the old form rather than silently ignore it.
+        if "level" in request.query:
+            return web.json_response(
+                {"error": "GET /logging only reports the level; change it with "
+                          "POST /logging?level=debug"}, status=400)
+        return current_level()
+
+    async def set_logging(request: web.Request) -> web.Response:
+        level = request.query.get("level", "")
+        if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            return web.json_response(
+                {"error": f"unknown level {level!r}: POST /logging?level= one of debug, info, "
+                          "warning or error"}, status=400)
+        logging.getLogger().setLevel(level.upper())
+        return current_level()
 
     async def quit_(_: web.Request) -> web.Response:
         await hooks.quit()
@@ -99,7 +109,8 @@ def admin_app(hooks: AdminHooks) -> web.Application:
     app = web.Application(middlewares=[loopback_only])
     app.router.add_get("/config_dump", config_dump)
     app.router.add_get("/debug/connections", connections)
-    app.router.add_route("*", "/logging", logging_level)
+    app.router.add_get("/logging", get_logging)
+    app.router.add_post("/logging", set_logging)
     app.router.add_post("/quitquitquit", quit_)
     return app
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,13 +15,13 @@ from unittest import mock
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from click.testing import CliRunner
 
 from cli.inspect_cmd import snapshot_from_dump
 from cli.main import cli
 from nodeproxy.errors import ProxyError
-from nodeproxy.http_endpoints import check_admin_address, loopback_only
+from nodeproxy.http_endpoints import AdminHooks, admin_app, check_admin_address, loopback_only
 from tests.integration.test_agent_loopback import CONFIG as LOOPBACK_CONFIG
 from tests.integration.test_agent_loopback import Mesh, running_mesh
 from ztunnel_cfg.loader import load_config_text
@@ -79,6 +80,62 @@ def test_admin_address_must_be_loopback(host: str) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_loopback_admin_addresses_are_accepted(host: str) -> None:
     check_admin_address(host)
+
+
+# -- the admin app with stub hooks -------------------------------------------------------------
+
+
+async def _no_quit() -> None:
+    return None
+
+
+def _hooks(ready: bool = True) -> AdminHooks:
+    return AdminHooks(
+        ready=lambda: ready,
+        readiness_detail=lambda: "detail",
+        config_dump=dict,
+        connections=list,
+        quit=_no_quit,
+    )
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    root = logging.getLogger()
+    saved = root.level
+    async with TestClient(TestServer(admin_app(_hooks()), host="127.0.0.1")) as client:
+        yield client
+    root.setLevel(saved)
+
+
+async def test_get_logging_reports_and_never_changes_the_level(
+    admin: TestClient[web.Request, web.Application],
+) -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    resp = await admin.get("/logging")
+    assert (resp.status, await resp.json()) == (200, {"level": "info"})
+    resp = await admin.get("/logging?level=debug")
+    assert resp.status == 400
+    assert "POST /logging?level=debug" in (await resp.json())["error"]
+    assert logging.getLogger().level == logging.INFO
+
+
+async def test_post_logging_sets_the_level(
+    admin: TestClient[web.Request, web.Application],
+) -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    resp = await admin.post("/logging?level=debug")
+    assert (resp.status, await resp.json()) == (200, {"level": "debug"})
+    assert logging.getLogger().level == logging.DEBUG
+    for bad in ("/logging?level=verbose", "/logging"):
+        resp = await admin.post(bad)
+        assert resp.status == 400
+        assert "one of debug, info, warning or error" in (await resp.json())["error"]
+    assert logging.getLogger().level == logging.DEBUG
+    for method in ("PUT", "DELETE", "PATCH"):
+        resp = await admin.request(method, "/logging?level=error")
+        assert resp.status == 405
+    assert logging.getLogger().level == logging.DEBUG
 
 
 # -- real agents -----------------------------------------------------------------------------
