@@ -93,6 +93,13 @@ class Agent:
                    for uid in missing]
         return "not ready, waiting for: " + "; ".join(reasons)
 
+    def readiness_summary(self) -> str:
+        """Counts only, for the node's public readiness port: no pod names or error text."""
+        if self.ready:
+            return "ready"
+        enrolled = sum(1 for w in self._desired if w.uid in self.pods)
+        return f"not ready: {enrolled} of {len(self._desired)} pods enrolled"
+
     # -- convergence --------------------------------------------------------------------------
     def desired(self, snapshot: Snapshot) -> tuple[Workload, ...]:
         """Mesh (HBONE) workloads of this node; in-pod mode needs their netns path."""

@@ -220,6 +220,7 @@ class AgentApp:
         hooks = AdminHooks(
             ready=lambda: self.agent.ready,
             readiness_detail=self.agent.readiness_detail,
+            readiness_summary=self.agent.readiness_summary,
             config_dump=self.config_dump,
             connections=self.connections,
             quit=self.quit,

@@ -1,7 +1,9 @@
 """The agent's HTTP endpoints (aiohttp): readiness 15021, metrics 15020, admin 15000.
 
 The admin API binds a loopback address only and also refuses any non-loopback peer, so a
-misconfiguration cannot expose ``/quitquitquit`` or the config dump to the network.
+misconfiguration cannot expose ``/quitquitquit`` or the config dump to the network.  The
+readiness port listens on every address, so its body carries counts only; which pod is
+missing and why is on the admin API's ``/healthz/ready``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ log = logging.getLogger("nodeproxy.http")
 @dataclass(frozen=True, slots=True)
 class AdminHooks:
     ready: Callable[[], bool]
-    readiness_detail: Callable[[], str]
+    readiness_detail: Callable[[], str]  # names pods and failures: admin (loopback) only
+    readiness_summary: Callable[[], str]  # counts only: the public readiness port
     config_dump: Callable[[], dict[str, object]]
     connections: Callable[[], list[dict[str, object]]]
     quit: Callable[[], Awaitable[None]]
@@ -37,10 +40,13 @@ def _is_loopback(addr: str | None) -> bool:
         return False
 
 
+def _readiness(hooks: AdminHooks, text: Callable[[], str]) -> web.Response:
+    return web.Response(status=200 if hooks.ready() else 503, text=text() + "\n")
+
+
 def readiness_app(hooks: AdminHooks) -> web.Application:
     async def ready(_: web.Request) -> web.Response:
-        ok = hooks.ready()
-        return web.Response(status=200 if ok else 503, text=hooks.readiness_detail() + "\n")
+        return _readiness(hooks, hooks.readiness_summary)
 
     app = web.Application()
     app.router.add_get("/healthz/ready", ready)
@@ -102,12 +108,16 @@ def admin_app(hooks: AdminHooks) -> web.Application:
         logging.getLogger().setLevel(level.upper())
         return current_level()
 
+    async def ready_detail(_: web.Request) -> web.Response:
+        return _readiness(hooks, hooks.readiness_detail)
+
     async def quit_(_: web.Request) -> web.Response:
         await hooks.quit()
         return web.Response(text="draining\n")
 
     app = web.Application(middlewares=[loopback_only])
     app.router.add_get("/config_dump", config_dump)
+    app.router.add_get("/healthz/ready", ready_detail)
     app.router.add_get("/debug/connections", connections)
     app.router.add_get("/logging", get_logging)
     app.router.add_post("/logging", set_logging)

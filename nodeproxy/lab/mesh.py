@@ -156,7 +156,8 @@ class Mesh:
                 if self.ready(node):
                     pending.discard(node)
             if pending and time.monotonic() > deadline:
-                detail = {n: self.http(n, 15021, "/healthz/ready", timeout=1.0) for n in pending}
+                # The public port says only "N of M pods enrolled"; the admin API says which.
+                detail = {n: self.http(n, 15000, "/healthz/ready", timeout=1.0) for n in pending}
                 raise LabError(f"agents not ready after {timeout:.0f} s: {detail}\n"
                                + "\n".join(self.log_tail(n) for n in pending))
             if pending:

@@ -21,7 +21,13 @@ from click.testing import CliRunner
 from cli.inspect_cmd import snapshot_from_dump
 from cli.main import cli
 from nodeproxy.errors import ProxyError
-from nodeproxy.http_endpoints import AdminHooks, admin_app, check_admin_address, loopback_only
+from nodeproxy.http_endpoints import (
+    AdminHooks,
+    admin_app,
+    check_admin_address,
+    loopback_only,
+    readiness_app,
+)
 from tests.integration.test_agent_loopback import CONFIG as LOOPBACK_CONFIG
 from tests.integration.test_agent_loopback import Mesh, running_mesh
 from ztunnel_cfg.loader import load_config_text
@@ -93,6 +99,7 @@ def _hooks(ready: bool = True) -> AdminHooks:
     return AdminHooks(
         ready=lambda: ready,
         readiness_detail=lambda: "detail",
+        readiness_summary=lambda: "summary",
         config_dump=dict,
         connections=list,
         quit=_no_quit,
@@ -136,6 +143,18 @@ async def test_post_logging_sets_the_level(
         resp = await admin.request(method, "/logging?level=error")
         assert resp.status == 405
     assert logging.getLogger().level == logging.DEBUG
+
+
+@pytest.mark.parametrize("ready", [True, False])
+async def test_public_readiness_has_the_summary_and_admin_the_detail(ready: bool) -> None:
+    hooks = _hooks(ready)
+    status = 200 if ready else 503
+    async with TestClient(TestServer(readiness_app(hooks), host="127.0.0.1")) as public:
+        resp = await public.get("/healthz/ready")
+        assert (resp.status, await resp.text()) == (status, "summary\n")
+    async with TestClient(TestServer(admin_app(hooks), host="127.0.0.1")) as admin:
+        resp = await admin.get("/healthz/ready")
+        assert (resp.status, await resp.text()) == (status, "detail\n")
 
 
 # -- real agents -----------------------------------------------------------------------------

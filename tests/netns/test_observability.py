@@ -6,6 +6,7 @@ operator CLI works inside a node's netns.  One 2-node mesh (iptables) for the wh
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,12 @@ def test_listing_commands_inside_the_node_netns(env: MeshEnv) -> None:
     code, out, err = cli_in_node(env, "fabric", "services")
     assert code == 1
     assert err.startswith("error: cannot reach the agent's admin API at 127.0.0.1:15000")
+
+
+def test_public_readiness_names_no_pod_and_admin_says_which(env: MeshEnv) -> None:
+    """15021 listens on every address: its body is counts only.  The detail (pods, errors)
+    is on the loopback-only admin API."""
+    assert env.mesh.http("node1", 15021, "/healthz/ready") == (200, "ready\n")
+    status, body = env.mesh.http("node1", 15000, "/healthz/ready")
+    assert status == 200
+    assert re.fullmatch(r"ready: [1-9]\d* pod\(s\) enrolled on node1\n", body), body

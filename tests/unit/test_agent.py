@@ -110,6 +110,8 @@ async def test_failed_start_keeps_rules_so_traffic_is_refused_not_plaintext() ->
     assert ("remove", "/var/run/netns/a") not in redirector.calls
     assert not agent.ready
     assert "cannot bind" in agent.readiness_detail()
+    # The public readiness text (0.0.0.0:15021) names no pod and no error.
+    assert agent.readiness_summary() == "not ready: 0 of 1 pods enrolled"
     assert _gauge(metrics, "nodeproxy_unenrolled_pods") == 1
     assert _gauge(metrics, "nodeproxy_enrollment_failures_total") == 1
     await agent.retry_failed()  # still failing: the rules are never flipped off in between
@@ -118,6 +120,7 @@ async def test_failed_start_keeps_rules_so_traffic_is_refused_not_plaintext() ->
     factory.failing.clear()
     await agent.retry_failed()
     assert agent.ready
+    assert agent.readiness_summary() == "ready"
     assert redirector.installed == {"/var/run/netns/a"}
     assert _gauge(metrics, "nodeproxy_unenrolled_pods") == 0
 
