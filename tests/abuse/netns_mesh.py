@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from nodeproxy.lab.capture import CaptureResult
 from nodeproxy.lab.mesh import CA_PORT, NODEPROXY
 from tests.netns.mesh_fixtures import (
     ROLES,
@@ -148,3 +149,9 @@ def assert_failed(what: str, results: list[dict[str, object]], env: MeshEnv) -> 
 def assert_ok(what: str, results: list[dict[str, object]], env: MeshEnv) -> None:
     bad = [r for r in results if not r["ok"]]
     assert not bad, f"{what}: {len(bad)} of {len(results)} failed: {bad[:3]}\n{env.logs()}"
+
+
+def pod_pcap_flows(pcap: CaptureResult) -> set[tuple[str, str, int]]:
+    """(client IP, server IP, server port) of the connections a capture saw opened (SYN
+    without ACK)."""
+    return {(p.src, p.dst, p.dport) for p in pcap.packets if p.flags & 0x12 == 0x02}
