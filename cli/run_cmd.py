@@ -57,12 +57,27 @@ def _read(path: str | None, what: str) -> bytes:
         raise click.UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+def _renamed_ca_dir(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    # Renamed so that loading a CA private key into the data plane is a visible choice.
+    if value is not None:
+        raise click.UsageError(
+            "--ca-dir is now --dev-ca-dir (development only: it loads the CA private key into "
+            "the data-plane agent); in production use --ca-address with --node-cert, "
+            "--node-key and --ca-bundle")
+
+
+DEV_CA_WARNING = ("development only: the CA private key is loaded into the data-plane agent; "
+                  "use --ca-address in production")
+
+
 @click.command(name="run")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="cluster config YAML (watched; SIGHUP forces a reload)")
 @click.option("--node", required=True, help="this node's name (workloads with node: NAME)")
-@click.option("--ca-dir", type=click.Path(file_okay=False),
-              help="sign certificates in-process with the CA in DIR (single machine)")
+@click.option("--dev-ca-dir", type=click.Path(file_okay=False),
+              help="DEVELOPMENT ONLY: sign in-process with the CA in DIR, whose private key "
+                   "is then loaded into the agent; production uses --ca-address")
+@click.option("--ca-dir", hidden=True, expose_value=False, callback=_renamed_ca_dir)
 @click.option("--ca-address", help="URL of 'nodeproxy ca serve', e.g. https://10.0.0.1:15012")
 @click.option("--node-cert", type=click.Path(dir_okay=False), help="node certificate (PEM)")
 @click.option("--node-key", type=click.Path(dir_okay=False), help="node private key (PEM)")
@@ -83,12 +98,12 @@ def _read(path: str | None, what: str) -> bytes:
 @click.option("--drain-timeout", type=float, default=5.0, show_default=True,
               help="seconds open connections may finish after SIGTERM")
 @click.option("--svid-lifetime", type=float, default=24.0, show_default=True,
-              help="hours; with --ca-dir only (the CA service sets its own)")
+              help="hours; with --dev-ca-dir only (the CA service sets its own)")
 @click.option("--hbone-port", type=int, default=15008, show_default=True)
 @click.option("--outbound-port", type=int, default=15001, show_default=True)
 @click.option("--inbound-port", type=int, default=15006, show_default=True)
 def command(
-    config_path: str, node: str, ca_dir: str | None, ca_address: str | None,
+    config_path: str, node: str, dev_ca_dir: str | None, ca_address: str | None,
     node_cert: str | None, node_key: str | None, ca_bundle: str | None, state_dir: str | None,
     backend: str,
     no_redirect: bool, cleanup_on_exit: bool, readiness_addr: str, metrics_addr: str,
@@ -96,8 +111,9 @@ def command(
     outbound_port: int, inbound_port: int,
 ) -> None:
     """Run the node agent: enroll this node's pods and proxy their traffic."""
-    if (ca_dir is None) == (ca_address is None):
-        raise click.UsageError("give exactly one of --ca-dir or --ca-address")
+    if (dev_ca_dir is None) == (ca_address is None):
+        raise click.UsageError("give exactly one of --ca-address (production) or --dev-ca-dir "
+                               "(development only)")
     options = AgentOptions(
         config=config_path,
         node=node,
@@ -113,8 +129,9 @@ def command(
     client: CaClient
     apps: list[AgentApp] = []
     renewer: NodeCertRenewer | None = None
-    if ca_dir is not None:
-        ca = CertificateAuthority.load(ca_dir)
+    if dev_ca_dir is not None:
+        log.warning(DEV_CA_WARNING, extra=_EXTRA)
+        ca = CertificateAuthority.load(dev_ca_dir)
         # Node restriction against the agent's live snapshot (the same file it enrolls from).
         client = LocalCaClient(ca, node, lambda: apps[0].env.snapshot(),
                                lifetime=timedelta(hours=svid_lifetime))

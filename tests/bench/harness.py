@@ -325,7 +325,7 @@ class Bench:
         for side, node in (("server", "node2"), ("client", "node1")):
             self.start_proxy(side, node, [
                 self.nodeproxy_bin(), "run", "--config", str(cfg), "--node", node,
-                "--ca-dir", str(pki["ca_dir"]), "--redirect", "iptables",
+                "--dev-ca-dir", str(pki["ca_dir"]), "--redirect", "iptables",
                 "--readiness-addr", "127.0.0.1:15021", "--metrics-addr", "127.0.0.1:15020",
                 "--admin-addr", "127.0.0.1:15000", "--drain-timeout", "1",
             ], f"agent-{node}")

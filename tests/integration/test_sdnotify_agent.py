@@ -74,7 +74,7 @@ def test_agent_notifies_systemd(tmp_path: Path) -> None:
            "WATCHDOG_USEC": "200000"}
     env.pop("WATCHDOG_PID", None)
     argv = [sys.executable, "-m", "cli.main", "run", "--no-redirect", "--config", str(cfg),
-            "--node", "node1", "--ca-dir", str(tmp_path / "ca"),
+            "--node", "node1", "--dev-ca-dir", str(tmp_path / "ca"),
             "--readiness-addr", f"127.0.0.1:{_free_port()}",
             "--metrics-addr", f"127.0.0.1:{_free_port()}",
             "--admin-addr", f"127.0.0.1:{_free_port()}",
