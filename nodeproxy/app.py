@@ -36,6 +36,7 @@ from nodeproxy.identity.node_credentials import NodeCertRenewer
 from nodeproxy.identity.svid import Svid, load_pem_chain, uri_sans
 from nodeproxy.metrics import Metrics
 from nodeproxy.proxy.env import Ports, ProxyEnv
+from nodeproxy.proxy.limits import Limits
 from nodeproxy.proxy.pod import PodProxy as PodProxyImpl
 from nodeproxy.sdnotify import Notifier, run_watchdog, supervise
 from nodeproxy.sockets import NetnsSocketFactory, SocketFactory, SocketOptions
@@ -72,6 +73,7 @@ class AgentOptions:
     socket_mark: bool = True
     retry_interval: float = 5.0
     handle_signals: bool = True  # False when several agents share one loop (tests)
+    limits: Limits = field(default_factory=Limits)
 
 
 class AgentApp:
@@ -99,7 +101,7 @@ class AgentApp:
         self._agent_gauges()
         self._snapshot: Snapshot | None = None
         self.env = ProxyEnv(snapshot=self._current, metrics=self.metrics, node=options.node,
-                            ports=options.ports)
+                            ports=options.ports, limits=options.limits)
         if not options.in_pod:
             self.env.preserve_source_ip = False
         if env_overrides is not None:
@@ -282,10 +284,15 @@ class AgentApp:
 
     def _sighup(self) -> None:
         log.info("SIGHUP: reloading config", extra=_EXTRA)
+        self._spawn(self._reload())
+
+    async def _reload(self) -> None:
         assert self.config is not None
         self.notifier.reloading()
-        self.config.reload()
-        self.notifier.ready(self.agent.readiness_detail())  # ends systemd's "reloading" state
+        try:
+            await self.config.reload_async()  # parsed off the event loop
+        finally:
+            self.notifier.ready(self.agent.readiness_detail())  # ends systemd's "reloading"
 
     def _sd_ready(self) -> bool:
         # systemd readiness = serving, config loaded and applied once; NOT "every pod enrolled"

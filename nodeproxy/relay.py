@@ -237,13 +237,16 @@ async def relay(downstream: ByteStream, upstream: ByteStream, *,
     finally:
         if timer is not None:
             timer.cancel()
-        for t in (*tasks, idle_task):
-            t.cancel()
-        await asyncio.gather(*tasks, idle_task, return_exceptions=True)
+        # Close both sides before the first await: this task may be cancelled again while it
+        # waits for the pumps (the HBONE connection died), and the sockets must not depend on
+        # getting past that await (it leaked one upstream socket per stream).
         if reset:
             downstream.reset()
             upstream.reset()
         else:
             downstream.close()
             upstream.close()
+        for t in (*tasks, idle_task):
+            t.cancel()
+        await asyncio.gather(*tasks, idle_task, return_exceptions=True)
     return RelayResult(counts[0], counts[1], reset, error[0] if error else None)
