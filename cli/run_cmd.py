@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from nodeproxy.app import AgentApp, AgentOptions
+from nodeproxy.hbone.flood import FloodLimits
 from nodeproxy.identity.ca import CertificateAuthority
 from nodeproxy.identity.ca_client import CaClient, LocalCaClient, RemoteCaClient
 from nodeproxy.identity.node_credentials import (
@@ -19,11 +20,13 @@ from nodeproxy.identity.node_credentials import (
     choose_credentials,
 )
 from nodeproxy.proxy.env import Ports
+from nodeproxy.proxy.limits import Limits
 from redirect import ops
 from redirect.spec import RedirectSpec
 from ztunnel_cfg.errors import NodeproxyError
 
 log = logging.getLogger("nodeproxy.run")
+_LIMITS = Limits()  # the defaults shown by --help
 _EXTRA = {"component": "identity"}
 
 
@@ -102,13 +105,41 @@ DEV_CA_WARNING = ("development only: the CA private key is loaded into the data-
 @click.option("--hbone-port", type=int, default=15008, show_default=True)
 @click.option("--outbound-port", type=int, default=15001, show_default=True)
 @click.option("--inbound-port", type=int, default=15006, show_default=True)
+@click.option("--max-conns-per-pod", type=click.IntRange(min=1),
+              default=_LIMITS.max_connections_per_pod, show_default=True,
+              help="connections one pod may have open through the agent; more are reset")
+@click.option("--max-pending-handshakes", type=click.IntRange(min=1),
+              default=_LIMITS.max_pending_handshakes, show_default=True,
+              help="inbound HBONE TLS handshakes in progress per pod; more are reset")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=_LIMITS.handshake_timeout, show_default=True,
+              help="seconds a peer has to finish the TLS handshake on 15008")
+@click.option("--max-dials-per-conn", type=click.IntRange(min=1),
+              default=_LIMITS.max_dials_per_connection, show_default=True,
+              help="upstream dials in flight per HBONE connection; further streams wait")
+@click.option("--max-resets-per-window", type=click.IntRange(min=1),
+              default=_LIMITS.flood.max_premature_resets, show_default=True,
+              help="streams a peer may reset before their answer per window (rapid reset); "
+                   "beyond it: GOAWAY ENHANCE_YOUR_CALM")
+@click.option("--max-control-frames-per-window", type=click.IntRange(min=1),
+              default=_LIMITS.flood.max_control_frames, show_default=True,
+              help="PING/SETTINGS/PRIORITY/empty DATA frames a peer may send per window")
+@click.option("--abuse-window", type=click.FloatRange(min=0, min_open=True),
+              default=_LIMITS.flood.window, show_default=True,
+              help="seconds over which resets and control frames are counted")
+@click.option("--max-peer-backlog", type=click.IntRange(min=1),
+              default=_LIMITS.max_peer_backlog, show_default=True,
+              help="bytes of answers an HBONE peer may leave unread before the agent stops "
+                   "reading it")
 def command(
     config_path: str, node: str, dev_ca_dir: str | None, ca_address: str | None,
     node_cert: str | None, node_key: str | None, ca_bundle: str | None, state_dir: str | None,
     backend: str,
     no_redirect: bool, cleanup_on_exit: bool, readiness_addr: str, metrics_addr: str,
     admin_addr: str, drain_timeout: float, svid_lifetime: float, hbone_port: int,
-    outbound_port: int, inbound_port: int,
+    outbound_port: int, inbound_port: int, max_conns_per_pod: int, max_pending_handshakes: int,
+    handshake_timeout: float, max_dials_per_conn: int, max_resets_per_window: int,
+    max_control_frames_per_window: int, abuse_window: float, max_peer_backlog: int,
 ) -> None:
     """Run the node agent: enroll this node's pods and proxy their traffic."""
     if (dev_ca_dir is None) == (ca_address is None):
@@ -125,6 +156,15 @@ def command(
                     inbound_hbone=hbone_port),
         drain_timeout=drain_timeout,
         cleanup_on_exit=cleanup_on_exit,
+        limits=Limits(
+            max_connections_per_pod=max_conns_per_pod,
+            max_pending_handshakes=max_pending_handshakes,
+            handshake_timeout=handshake_timeout,
+            max_dials_per_connection=max_dials_per_conn,
+            flood=FloodLimits(window=abuse_window, max_premature_resets=max_resets_per_window,
+                              max_control_frames=max_control_frames_per_window),
+            max_peer_backlog=max_peer_backlog,
+        ),
     )
     client: CaClient
     apps: list[AgentApp] = []
