@@ -152,7 +152,7 @@ def test_unenrolled_pods_keep_rules_and_refuse_traffic_until_enrolled(env: MeshE
     assert (env.ip("n1p1"), env.ip("n2p1"), 15008) in flows, pcap.flows()
     assert (env.ip("n2p2"), env.ip("n1p2"), 15008) in flows, pcap.flows()
     pods = {env.ip(p) for p in ROLES}
-    pod_to_pod = [f for f in flows if f[0] in pods and f[1] in pods]
-    assert all(f[2] == 15008 for f in pod_to_pod), f"pod flows not on 15008: {pcap.flows()}"
+    pod_to_pod = [f for f in pcap.flows() if f[0] in pods and f[1] in pods]
+    assert all(15008 in f[2:] for f in pod_to_pod), f"pod flows not on 15008: {pod_to_pod}"
     for pod in NODE2_MESH_PODS:
         assert pod_rules(env, pod) == rules[pod]
