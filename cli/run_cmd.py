@@ -105,6 +105,10 @@ DEV_CA_WARNING = ("development only: the CA private key is loaded into the data-
 @click.option("--hbone-port", type=int, default=15008, show_default=True)
 @click.option("--outbound-port", type=int, default=15001, show_default=True)
 @click.option("--inbound-port", type=int, default=15006, show_default=True)
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0,
+              show_default=True,
+              help="seconds without a byte either way after which a proxied connection is "
+                   "reset on both sides")
 @click.option("--max-conns-per-pod", type=click.IntRange(min=1),
               default=_LIMITS.max_connections_per_pod, show_default=True,
               help="connections one pod may have open through the agent; more are reset")
@@ -137,9 +141,10 @@ def command(
     backend: str,
     no_redirect: bool, cleanup_on_exit: bool, readiness_addr: str, metrics_addr: str,
     admin_addr: str, drain_timeout: float, svid_lifetime: float, hbone_port: int,
-    outbound_port: int, inbound_port: int, max_conns_per_pod: int, max_pending_handshakes: int,
-    handshake_timeout: float, max_dials_per_conn: int, max_resets_per_window: int,
-    max_control_frames_per_window: int, abuse_window: float, max_peer_backlog: int,
+    outbound_port: int, inbound_port: int, idle_timeout: float, max_conns_per_pod: int,
+    max_pending_handshakes: int, handshake_timeout: float, max_dials_per_conn: int,
+    max_resets_per_window: int, max_control_frames_per_window: int, abuse_window: float,
+    max_peer_backlog: int,
 ) -> None:
     """Run the node agent: enroll this node's pods and proxy their traffic."""
     if (dev_ca_dir is None) == (ca_address is None):
@@ -156,6 +161,7 @@ def command(
                     inbound_hbone=hbone_port),
         drain_timeout=drain_timeout,
         cleanup_on_exit=cleanup_on_exit,
+        idle_timeout=idle_timeout,
         limits=Limits(
             max_connections_per_pod=max_conns_per_pod,
             max_pending_handshakes=max_pending_handshakes,

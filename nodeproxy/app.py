@@ -74,6 +74,7 @@ class AgentOptions:
     retry_interval: float = 5.0
     handle_signals: bool = True  # False when several agents share one loop (tests)
     limits: Limits = field(default_factory=Limits)
+    idle_timeout: float = 3600.0  # a relayed connection silent this long is reset both ways
 
 
 class AgentApp:
@@ -101,7 +102,8 @@ class AgentApp:
         self._agent_gauges()
         self._snapshot: Snapshot | None = None
         self.env = ProxyEnv(snapshot=self._current, metrics=self.metrics, node=options.node,
-                            ports=options.ports, limits=options.limits)
+                            ports=options.ports, limits=options.limits,
+                            idle_timeout=options.idle_timeout)
         if not options.in_pod:
             self.env.preserve_source_ip = False
         if env_overrides is not None:

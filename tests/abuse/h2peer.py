@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h2.config
@@ -51,6 +51,7 @@ class Outcome:
     goaway_code: int | None = None
     closed: bool = False
     statuses: dict[int, int] | None = None
+    reset_streams: set[int] = field(default_factory=set)
 
 
 class HostilePeer:
@@ -125,7 +126,9 @@ class HostilePeer:
         return statuses
 
     def _note(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ConnectionTerminated):
+        if isinstance(event, h2.events.StreamReset):
+            self.outcome.reset_streams.add(event.stream_id)
+        elif isinstance(event, h2.events.ConnectionTerminated):
             self.outcome.goaway_code = int(event.error_code or 0)
         elif isinstance(event, h2.events.ResponseReceived):
             headers = {bytes(k): bytes(v) for k, v in event.headers or []}

@@ -120,12 +120,14 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def lab(tmp_path: Path, limits: Limits | None = None) -> AsyncIterator[Lab]:
+async def lab(tmp_path: Path, limits: Limits | None = None,
+              idle_timeout: float = 3600.0) -> AsyncIterator[Lab]:
     port = free_port()
     server = CountingServer()
     srv = await asyncio.start_server(server.handle, SERVER_IP, port)
     try:
-        async with running_mesh(tmp_path, CONFIG, (), port, limits=limits) as mesh:
+        async with running_mesh(tmp_path, CONFIG, (), port, limits=limits,
+                                idle_timeout=idle_timeout) as mesh:
             tls = workload_tls(tmp_path / "ca", CLIENT_ID, tmp_path)
             the_lab = Lab(mesh, server, port, tls, tmp_path)
             await the_lab.good_round_trip()  # warm: pool and certificates in place
@@ -186,6 +188,39 @@ async def test_ended_streams_close_their_upstream_sockets(tmp_path: Path, ending
         await t.settle(baseline)
         assert t.mesh.apps["node2"].connections() == []
         await t.good_round_trip()
+
+
+async def test_idle_streams_are_reset_and_close_their_upstream(tmp_path: Path) -> None:
+    async with lab(tmp_path, idle_timeout=1.0) as t:
+        baseline = open_fds()
+        peer = await t.peer()
+        sids = [peer.open_stream(f"{SERVER_IP}:{t.port}") for _ in range(20)]
+        await peer.flush()
+        assert set((await peer.wait_statuses(len(sids), 10)).values()) == {200}
+        await poll(lambda: t.server.open == len(sids), 10, lambda: f"{t.server.open} open")
+        # Silence both ways: the agent resets each stream (RST_STREAM to us) and its upstream.
+        ended = peer.outcome.reset_streams
+        async with asyncio.timeout(10):
+            while len(ended) < len(sids):
+                lost = await peer.read_events(0.2)
+                assert not lost or len(ended) == len(sids), f"connection lost, {ended} reset"
+        peer.close()
+        await t.settle(baseline)
+
+
+async def test_drain_closes_every_stream_and_upstream(tmp_path: Path) -> None:
+    before = open_fds()
+    async with lab(tmp_path) as t:
+        peer = await t.peer()
+        sids = [peer.open_stream(f"{SERVER_IP}:{t.port}") for _ in range(20)]
+        await peer.flush()
+        assert set((await peer.wait_statuses(len(sids), 10)).values()) == {200}
+        await poll(lambda: t.server.open == len(sids), 10, lambda: f"{t.server.open} open")
+        server = t.server
+    # The agents have drained (drain timeout 1 s) and stopped: nothing of theirs is left.
+    await poll(lambda: server.open == 0 and open_fds() <= before + 12, 15,
+               lambda: f"fds {open_fds()} (before the mesh {before}), open {server.open}")
+    peer.close()
 
 
 # -- class 3: the agent never proxies to its own capture ports ---------------------------------

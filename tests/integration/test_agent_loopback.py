@@ -106,6 +106,7 @@ async def _echo_server(
 async def running_mesh(
     tmp_path: Path, config_text: str, server_ips: tuple[str, ...], app_port: int,
     admin: dict[str, str] | None = None, limits: Limits | None = None,
+    idle_timeout: float = 3600.0,
 ) -> AsyncIterator[Mesh]:
     """Two in-process agents (node1, node2) on loopback plus echo servers on ``server_ips``.
     ``admin`` maps node -> "127.0.0.1:PORT" for tests that talk to the admin API."""
@@ -126,7 +127,7 @@ async def running_mesh(
             config=str(config), node=node, in_pod=False,
             readiness_addr=("127.0.0.1", 0), metrics_addr=("127.0.0.1", 0),
             admin_addr=(admin_host, int(admin_port)), socket_mark=False, handle_signals=False,
-            drain_timeout=1.0, limits=limits or Limits(),
+            drain_timeout=1.0, limits=limits or Limits(), idle_timeout=idle_timeout,
         )
         holder: list[AgentApp] = []
         def snapshot(h: list[AgentApp] = holder) -> Snapshot:
