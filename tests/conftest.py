@@ -56,8 +56,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item,
-) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
-    """Tests marked ``uvloop`` run on uvloop; the others keep pytest-asyncio's default."""
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked ``uvloop`` run on uvloop; the others on a plain asyncio loop."""
     if item.get_closest_marker("uvloop") is not None:
         return {"uvloop": uvloop.new_event_loop}
-    return None
+    return {"asyncio": asyncio.new_event_loop}
