@@ -197,28 +197,29 @@ async def relay(downstream: ByteStream, upstream: ByteStream, *,
     down = loop.create_task(pump(upstream, downstream, 1))
     tasks: set[asyncio.Task[object]] = {up, down}
     timer: asyncio.TimerHandle | None = None
-    idle = asyncio.Event()
+    # A bare future, not a task waiting on an Event: one task less per relayed connection.
+    idle: asyncio.Future[None] = loop.create_future()
 
     def check_idle() -> None:
         nonlocal timer
         assert idle_timeout is not None
         remaining = last[0] + idle_timeout - loop.time()
         if remaining <= 0:
-            idle.set()
+            if not idle.done():
+                idle.set_result(None)
             timer = None
         else:
             timer = loop.call_later(remaining, check_idle)
 
     if idle_timeout is not None:
         timer = loop.call_later(idle_timeout, check_idle)
-    idle_task: asyncio.Task[object] = loop.create_task(idle.wait())
     reset = False
     try:
         pending = set(tasks)
         while pending:
-            done, _ = await asyncio.wait(pending | {idle_task},
+            done, _ = await asyncio.wait(pending | {idle},
                                          return_when=asyncio.FIRST_COMPLETED)
-            if idle_task in done:
+            if idle in done:
                 error.append(f"idle for {idle_timeout}s")
                 reset = True
                 break
@@ -246,7 +247,8 @@ async def relay(downstream: ByteStream, upstream: ByteStream, *,
         else:
             downstream.close()
             upstream.close()
-        for t in (*tasks, idle_task):
+        idle.cancel()
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, idle_task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
     return RelayResult(counts[0], counts[1], reset, error[0] if error else None)
