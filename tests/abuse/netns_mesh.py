@@ -27,7 +27,6 @@ from tests.netns.mesh_fixtures import (
     mesh_env,
     netns_state,
     poll,
-    redirect_cli,
 )
 
 MESH_PODS = tuple(pod for pod, role in ROLES.items() if role.mesh)
@@ -47,9 +46,24 @@ def fresh(env: MeshEnv) -> Iterator[MeshEnv]:
     """Base state before and after a test (also after a failure half way: the CA service is
     started again and agents that cannot recover are restarted)."""
     env.reset()
+    wait_enrolled(env)
     yield env
     restore(env)
     env.reset()
+    wait_enrolled(env)
+
+
+def wait_enrolled(env: MeshEnv, timeout: float = 30.0) -> None:
+    """Every mesh pod of the base config enrolled by its node's agent (``reset`` only waits
+    for the config to be loaded; enrolment follows asynchronously)."""
+    want = {n: sorted(w["uid"] for w in env.base_doc["workloads"]
+                      if w["node"] == n and w["protocol"] == "HBONE") for n in env.node_names}
+
+    def enrolled() -> dict[str, list[str]]:
+        return {n: sorted(env.mesh.config_dump(n).get("enrolled", [])) for n in env.node_names}
+
+    poll(lambda: enrolled() == want, timeout,
+         lambda: f"enrolled {enrolled()}, want {want}\n{env.logs()}")
 
 
 def restore(env: MeshEnv) -> None:
@@ -130,11 +144,10 @@ def fd_count(pid: int) -> int:
 
 
 def pod_rules(env: MeshEnv, pod: str) -> dict[str, str]:
-    """The capture rules in a pod's netns (normalized, see ``netns_state``) plus what
-    ``nodeproxy redirect show`` reports for it."""
-    path = env.cluster.pod(pod).netns_path
-    state = netns_state(path)
-    state["nodeproxy redirect show"] = redirect_cli("show", "--netns", path).stdout.strip()
+    """The capture rules in a pod's netns (normalized, see ``netns_state``); they must hold
+    the agent's chains (iptables backend: ``NODEPROXY_*``)."""
+    state = netns_state(env.cluster.pod(pod).netns_path)
+    assert "NODEPROXY_" in state["iptables-save"], f"no capture rules in {pod}: {state}"
     return state
 
 

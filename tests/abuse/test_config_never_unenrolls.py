@@ -28,6 +28,7 @@ from tests.abuse.netns_mesh import (
     pod_rules,
 )
 from tests.netns.mesh_fixtures import MeshEnv, poll, state_diff
+from ztunnel_cfg.loader import load_config_text
 
 pytestmark = pytest.mark.privileged
 
@@ -71,7 +72,7 @@ def no_workloads(env: MeshEnv) -> str:
 
 DOCUMENTS: dict[str, Callable[[MeshEnv], str]] = {
     "empty": lambda _env: "",
-    "whitespace": lambda _env: "  \n\t\n   \n\n",
+    "whitespace": lambda _env: "  \n \n\n   \n",
     "no-workloads": no_workloads,
 }
 
@@ -159,7 +160,10 @@ def test_bad_document_is_rejected_and_nothing_unenrolled(env: MeshEnv, document:
 
 
 def test_in_place_rewrite_is_acted_on_once_complete(env: MeshEnv) -> None:
-    full: dict[str, Any] = copy.deepcopy(env.base_doc)
+    # Workloads last, so that a prefix of the file is a complete, valid document.
+    base = copy.deepcopy(env.base_doc)
+    full: dict[str, Any] = {k: v for k, v in base.items() if k != "workloads"}
+    full["workloads"] = base["workloads"]
     full["workloads"].append({
         "uid": "cluster1//v1/Pod/legacy/extra-vm", "name": "extra-vm", "namespace": "legacy",
         "serviceAccount": "legacy", "workloadIps": ["192.0.2.10"], "node": "node1",
@@ -167,10 +171,12 @@ def test_in_place_rewrite_is_acted_on_once_complete(env: MeshEnv) -> None:
     })
     text = dump_config(full)
     # Cut right before node2's first workload: the first part alone is a valid document
-    # (node1's workloads only), the most dangerous thing a watcher could act on.
+    # (services, policies and node1's workloads), the most dangerous thing a watcher could
+    # act on: node2's pods would be un-enrolled.
     first_node2 = next(w for w in full["workloads"] if w["node"] == "node2")
     cut = re.search(rf"^- uid: {re.escape(first_node2['uid'])}$", text, re.M)
     assert cut is not None, text
+    assert load_config_text(text[:cut.start()]).workloads, "the first part must be valid"
     enrolled, rules = snapshot(env)
     base_workloads = len(env.base_doc["workloads"])
     before = {n: env.reload_counts(n) for n in env.node_names}
