@@ -13,8 +13,8 @@ a verified identity, so their ``not`` forms always hold for such connections (as
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 
 from ztunnel_cfg.model import (
     Action,
@@ -61,152 +61,176 @@ class _Conn:
     port: int
 
 
+class _Only(Enum):
+    """Witness of a field pair that holds and has no positive values (only ``not`` ones)."""
+
+    NEGATIVE = 0
+
+
+_ONLY_NOT = _Only.NEGATIVE
+
+# -- the field checks: each exists once.  A check returns None when its pair fails, else the
+# witness (which positive value matched) that the explanation needs, so phrases are only
+# formatted, never re-decided.
+
+
+def _string_hit(
+    value: str | None, positive: tuple[StringMatch, ...], negative: tuple[StringMatch, ...]
+) -> StringMatch | _Only | None:
+    hit: StringMatch | _Only = _ONLY_NOT
+    if positive:
+        if value is None:
+            return None
+        for m in positive:
+            if m.matches(value):
+                hit = m
+                break
+        else:
+            return None
+    if negative and value is not None:
+        for m in negative:
+            if m.matches(value):
+                return None
+    return hit
+
+
+def _net_hit(
+    value: IPAddress | None, positive: tuple[IPNetwork, ...], negative: tuple[IPNetwork, ...]
+) -> IPNetwork | _Only | None:
+    hit: IPNetwork | _Only = _ONLY_NOT
+    if positive:
+        if value is None:
+            return None
+        for n in positive:
+            if value in n:
+                hit = n
+                break
+        else:
+            return None
+    if negative and value is not None:
+        for n in negative:
+            if value in n:
+                return None
+    return hit
+
+
+def _port_ok(value: int, positive: tuple[int, ...], negative: tuple[int, ...]) -> bool:
+    return (not positive or value in positive) and value not in negative
+
+
+# -- phrases, from a check's witness --------------------------------------------------------
+
+
 def _fmt(values: tuple[object, ...]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
 
-def _strings(
-    what: str,
-    value: str | None,
-    positive: tuple[StringMatch, ...],
-    negative: tuple[StringMatch, ...],
-) -> str | None:
-    """Why the field pair holds (a phrase), or None when it does not."""
+def _string_phrase(
+    what: str, value: str | None, hit: StringMatch | _Only, negative: tuple[StringMatch, ...]
+) -> str:
     phrases = []
-    if positive:
-        if value is None:
-            return None
-        hit = next((m for m in positive if m.matches(value)), None)
-        if hit is None:
-            return None
+    if hit is not _ONLY_NOT:
         phrases.append(f"{what} '{value}' matches '{hit}'")
     if negative:
-        if value is not None and any(m.matches(value) for m in negative):
-            return None
         shown = f"'{value}'" if value is not None else "(none: no verified identity)"
         phrases.append(f"{what} {shown} is not one of {_fmt(negative)}")
     return " and ".join(phrases)
 
 
-def _nets(
-    what: str,
-    value: IPAddress | None,
-    positive: tuple[IPNetwork, ...],
-    negative: tuple[IPNetwork, ...],
-) -> str | None:
+def _net_phrase(
+    what: str, value: IPAddress | None, hit: IPNetwork | _Only, negative: tuple[IPNetwork, ...]
+) -> str:
     phrases = []
-    if positive:
-        hit = next((n for n in positive if value is not None and value in n), None)
-        if hit is None:
-            return None
+    if hit is not _ONLY_NOT:
         phrases.append(f"{what} {value} is in {hit}")
     if negative:
-        if value is not None and any(value in n for n in negative):
-            return None
         phrases.append(f"{what} {value} is not in {_fmt(negative)}")
     return " and ".join(phrases)
 
 
-def _ports(value: int, positive: tuple[int, ...], negative: tuple[int, ...]) -> str | None:
+def _port_phrase(value: int, positive: tuple[int, ...], negative: tuple[int, ...]) -> str:
     phrases = []
     if positive:
-        if value not in positive:
-            return None
         phrases.append(f"destination port {value} is listed")
     if negative:
-        if value in negative:
-            return None
         phrases.append(f"destination port {value} is not one of {', '.join(map(str, negative))}")
     return " and ".join(phrases)
 
 
-def _match_fields(m: Match, c: _Conn, ident: SpiffeId | None) -> Iterator[str | None]:
-    """One phrase per field pair, lazily, so evaluation stops at the first failing field."""
-    yield _strings(
-        "source namespace", ident.namespace if ident else None, m.namespaces, m.not_namespaces
-    )
-    yield _strings(
-        "source service account",
-        ident.service_account if ident else None,
-        m.service_accounts,
-        m.not_service_accounts,
-    )
-    yield _strings("source principal", ident.uri if ident else None, m.principals, m.not_principals)
-    yield _nets("source IP", c.src, m.source_ips, m.not_source_ips)
-    yield _nets("destination IP", c.dst, m.destination_ips, m.not_destination_ips)
-    yield _ports(c.port, m.destination_ports, m.not_destination_ports)
+# -- the evaluator ---------------------------------------------------------------------------
 
 
-def _match(m: Match, c: _Conn) -> str | None:
-    """A description of why ``m`` matches ``c``, or None if it does not."""
-    ident = c.identity
-    phrases: list[str] = []
-    for phrase in _match_fields(m, c, ident):
-        if phrase is None:
-            return None
-        if phrase:
-            phrases.append(phrase)
-    return " and ".join(phrases) if phrases else "matches any connection"
+def _match(m: Match, c: _Conn, explain: bool) -> str | None:
+    """None when ``m`` does not match ``c``; else why ("" unless ``explain``).
 
-
-def _str_ok(value: str | None, pos: tuple[StringMatch, ...], neg: tuple[StringMatch, ...]) -> bool:
-    if pos and (value is None or not any(p.matches(value) for p in pos)):
-        return False
-    return not (neg and value is not None and any(n.matches(value) for n in neg))
-
-
-def _net_ok(
-    value: IPAddress | None, pos: tuple[IPNetwork, ...], neg: tuple[IPNetwork, ...]
-) -> bool:
-    if pos and (value is None or not any(value in n for n in pos)):
-        return False
-    return not (neg and value is not None and any(value in n for n in neg))
-
-
-def _match_ok(m: Match, c: _Conn) -> bool:
-    """Fast boolean form of :func:`_match`; explanations are built only for the deciding rule
+    Unset field pairs are skipped without a call; phrases are built only when explaining
     (building them for every attempted match made authorize() ~3x slower)."""
     ident = c.identity
-    if (m.namespaces or m.not_namespaces) and not _str_ok(
-        ident.namespace if ident else None, m.namespaces, m.not_namespaces
-    ):
-        return False
-    if (m.service_accounts or m.not_service_accounts) and not _str_ok(
-        ident.service_account if ident else None, m.service_accounts, m.not_service_accounts
-    ):
-        return False
-    if (m.principals or m.not_principals) and not _str_ok(
-        ident.uri if ident else None, m.principals, m.not_principals
-    ):
-        return False
-    if (m.source_ips or m.not_source_ips) and not _net_ok(c.src, m.source_ips, m.not_source_ips):
-        return False
-    if (m.destination_ips or m.not_destination_ips) and not _net_ok(
-        c.dst, m.destination_ips, m.not_destination_ips
-    ):
-        return False
-    if m.destination_ports and c.port not in m.destination_ports:
-        return False
-    return c.port not in m.not_destination_ports
+    why: list[str] | None = [] if explain else None
+    if m.namespaces or m.not_namespaces:
+        value = ident.namespace if ident else None
+        hit = _string_hit(value, m.namespaces, m.not_namespaces)
+        if hit is None:
+            return None
+        if why is not None:
+            why.append(_string_phrase("source namespace", value, hit, m.not_namespaces))
+    if m.service_accounts or m.not_service_accounts:
+        value = ident.service_account if ident else None
+        hit = _string_hit(value, m.service_accounts, m.not_service_accounts)
+        if hit is None:
+            return None
+        if why is not None:
+            why.append(_string_phrase("source service account", value, hit,
+                                      m.not_service_accounts))
+    if m.principals or m.not_principals:
+        value = ident.uri if ident else None
+        hit = _string_hit(value, m.principals, m.not_principals)
+        if hit is None:
+            return None
+        if why is not None:
+            why.append(_string_phrase("source principal", value, hit, m.not_principals))
+    if m.source_ips or m.not_source_ips:
+        net = _net_hit(c.src, m.source_ips, m.not_source_ips)
+        if net is None:
+            return None
+        if why is not None:
+            why.append(_net_phrase("source IP", c.src, net, m.not_source_ips))
+    if m.destination_ips or m.not_destination_ips:
+        net = _net_hit(c.dst, m.destination_ips, m.not_destination_ips)
+        if net is None:
+            return None
+        if why is not None:
+            why.append(_net_phrase("destination IP", c.dst, net, m.not_destination_ips))
+    if m.destination_ports or m.not_destination_ports:
+        if not _port_ok(c.port, m.destination_ports, m.not_destination_ports):
+            return None
+        if why is not None:
+            why.append(_port_phrase(c.port, m.destination_ports, m.not_destination_ports))
+    if why is None:
+        return ""
+    return " and ".join(why) if why else "matches any connection"
+
+
+def _rule(rule: Rule, c: _Conn, explain: bool = True) -> str | None:
+    """None when ``rule`` does not match ``c``; else why ("" unless ``explain``)."""
+    why: list[str] = []
+    for clause in rule:
+        for m in clause:
+            hit = _match(m, c, explain)
+            if hit is not None:
+                break
+        else:
+            return None
+        if explain:
+            why.append(hit)
+    if not explain:
+        return ""
+    # A rule with no clauses matches everything (ztunnel: all() of nothing).
+    return "; ".join(why) if why else "the rule has no conditions"
 
 
 def _rule_ok(rule: Rule, c: _Conn) -> bool:
-    return all(any(_match_ok(m, c) for m in clause) for clause in rule)
-
-
-def _rule(rule: Rule, c: _Conn) -> str | None:
-    phrases = []
-    for clause in rule:
-        hit = None
-        for m in clause:
-            hit = _match(m, c)
-            if hit is not None:
-                break
-        if hit is None:
-            return None
-        phrases.append(hit)
-    # A rule with no clauses matches everything (ztunnel: all() of nothing).
-    return "; ".join(phrases) if phrases else "the rule has no conditions"
+    return _rule(rule, c, explain=False) is not None
 
 
 def _conn(conn: ConnectionInfo) -> _Conn:
@@ -226,9 +250,10 @@ def rule_matches(rule: Rule, conn: ConnectionInfo) -> str | None:
 def _first_match(policy: Policy, c: _Conn) -> tuple[int, str] | None:
     for index, rule in enumerate(policy.rules):
         if _rule_ok(rule, c):
+            # The same evaluation again, now with phrases: only the deciding rule pays.
             why = _rule(rule, c)
-            assert why is not None  # the two evaluations agree (tested)
-            return index, why
+            if why is not None:  # always: it is the same evaluator
+                return index, why
     return None
 
 
