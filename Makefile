@@ -61,5 +61,10 @@ demo: deps
 bench: deps
 	@$(PY) -m tests.bench.run
 
+# Soak: hold 10,000 HBONE tunnels through two in-process agents, release them (tests/bench/soak.py).
+.PHONY: soak
+soak: deps
+	@$(PY) -m tests.bench.soak $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
