@@ -630,10 +630,16 @@ class HboneServer:
         """Serve HBONE on an accepted socket; returns once TLS is up and the peer verified.
         Raises (and the socket is closed) if the handshake fails or takes too long."""
         loop = asyncio.get_running_loop()
-        _transport, proto = await loop.connect_accepted_socket(
-            self.protocol_factory, sock=sock, ssl=ssl_context,
-            ssl_handshake_timeout=handshake_timeout)
-        assert isinstance(proto, HboneProtocol)
+        created: list[HboneProtocol] = []
+
+        def factory() -> HboneProtocol:
+            created.append(self.protocol_factory())
+            return created[0]
+
+        # uvloop returns its SSL wrapper protocol here, asyncio ours: keep our own reference.
+        await loop.connect_accepted_socket(factory, sock=sock, ssl=ssl_context,
+                                           ssl_handshake_timeout=handshake_timeout)
+        proto = created[0]
         if proto.transport is None:  # the peer check refused it (connection_made aborted)
             raise ProxyError(f"HBONE peer refused: {proto.close_reason}", flags="TLS_FAILURE")
         return proto

@@ -226,9 +226,19 @@ class HboneConnection:
         self._unanswered.discard(stream_id)
         try:
             self._h2.send_headers(stream_id, [(":status", str(status)), *headers], end_stream=end)
+            if end:
+                self._close_refused(stream_id)
         except h2.exceptions.ProtocolError as exc:
             raise HboneProtocolError(f"cannot respond on stream {stream_id}: {exc}") from exc
         self._maybe_closed = True
+
+    def _close_refused(self, stream_id: int) -> None:
+        """After a complete refusal, RST_STREAM NO_ERROR (RFC 9113 §8.1) closes our receive
+        side too: a client that never ends refused streams would otherwise keep them counted
+        against SETTINGS_MAX_CONCURRENT_STREAMS."""
+        stream = self._h2.streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview,
                   end_stream: bool = False) -> int:
@@ -597,6 +607,7 @@ class HboneConnection:
                 reason = str(exc)
         if reason is not None:
             self._h2.send_headers(sid, [(":status", "400")], end_stream=True)
+            self._close_refused(sid)
             self._maybe_closed = True
             self._events.append(ev.BadRequest(sid, reason, headers))
             return

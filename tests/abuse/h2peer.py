@@ -63,8 +63,15 @@ class HostilePeer:
         self.outcome = Outcome(statuses={})
 
     @classmethod
-    async def connect(cls, host: str, port: int, ctx: ssl.SSLContext) -> HostilePeer:
-        reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname="")
+    async def connect(cls, host: str, port: int, ctx: ssl.SSLContext, *,
+                      receive_buffer: int | None = None) -> HostilePeer:
+        """``receive_buffer``: a small SO_RCVBUF, so that not reading fills up quickly."""
+        sock = socket.socket()
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="")
         peer = cls(reader, writer)
         await peer.flush()
         return peer
@@ -135,8 +142,10 @@ class HostilePeer:
             assert self.outcome.statuses is not None
             self.outcome.statuses[event.stream_id] = int(headers.get(b":status", b"0"))
 
-    async def flood(self, frame: str, count: int, batch: int = 1000) -> None:
-        """``count`` PING or SETTINGS frames, never reading what the server answers."""
+    async def flood(self, frame: str, count: int, batch: int = 1000) -> int:
+        """``count`` PING or SETTINGS frames, never reading what the server answers. Returns
+        how many were written before the server stopped reading (or closed)."""
+        i = 0
         with contextlib.suppress(ConnectionError, TimeoutError):
             for i in range(count):
                 if frame == "ping":
@@ -147,6 +156,8 @@ class HostilePeer:
                     self.writer.write(self.h2.data_to_send())
                     async with asyncio.timeout(2.0):
                         await self.writer.drain()  # blocks once the server stops reading
+            return count
+        return i
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import resource
 import socket
@@ -34,6 +35,23 @@ CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"  # allowed by the conf
 
 # The agent's production loop: memory figures depend on its TLS buffers (tests/conftest.py).
 pytestmark = pytest.mark.uvloop
+
+
+@pytest.fixture(autouse=True)
+async def loop_hygiene() -> AsyncIterator[None]:
+    """Fail on any loop exception-handler call (a handler task that died, a callback that
+    raised): those are bugs the data path would otherwise hide."""
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+
+    def record(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        calls.append(str(context.get("message")) + ": " + repr(context.get("exception")))
+
+    loop.set_exception_handler(record)
+    yield
+    gc.collect()  # "Task exception was never retrieved" is reported when a task is collected
+    loop.set_exception_handler(None)
+    assert not calls, f"the event loop reported errors: {calls}"
 
 
 def open_fds() -> int:
@@ -95,11 +113,12 @@ class Lab:
     def node2(self) -> AgentApp:
         return self.mesh.apps["node2"]
 
-    async def peer(self) -> HostilePeer:
+    async def peer(self, receive_buffer: int | None = None) -> HostilePeer:
         import ssl
 
         assert isinstance(self.tls, ssl.SSLContext)
-        return await HostilePeer.connect(SERVER_IP, 15008, self.tls)
+        return await HostilePeer.connect(SERVER_IP, 15008, self.tls,
+                                         receive_buffer=receive_buffer)
 
     async def good_round_trip(self) -> None:
         reader, writer = await self.mesh.connect_via("127.0.1.1", (SERVER_IP, self.port))
@@ -314,6 +333,21 @@ async def test_control_frame_flood_without_reading_is_cut_off(tmp_path: Path, fr
         await t.settle(baseline)
         assert rss_bytes() - rss0 < 32 * 1024 * 1024
         await t.good_round_trip()
+
+
+async def test_a_peer_that_never_reads_stops_being_read(tmp_path: Path) -> None:
+    """With the flood counters out of the way, a peer that sends frames we must answer and
+    never reads our answers is no longer read once 1 MiB of answers waits for it."""
+    limits = Limits(flood=FloodLimits(max_control_frames=10**9))
+    async with lab(tmp_path, limits) as t:
+        rss0 = rss_bytes()
+        peer = await t.peer(receive_buffer=4096)
+        sent = await peer.flood("ping", 3_000_000)
+        assert sent < 3_000_000, "the agent kept reading a peer that does not read"
+        assert rss_bytes() - rss0 < 48 * 1024 * 1024
+        assert rejected(t.node2, "control_flood") == 0
+        await t.good_round_trip()  # the loop is not wedged by the stalled peer
+        peer.close()
 
 
 async def test_pod_connection_limit_resets_extra_connections(tmp_path: Path) -> None:

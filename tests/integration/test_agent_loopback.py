@@ -142,7 +142,7 @@ async def running_mesh(
     peers: list[str] = []
     servers = [await _echo_server(ip, received, peers, app_port) for ip in server_ips]
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):  # generous: CI may share the machine's two cores
             while not all(a.agent.ready and a.started.is_set() for a in apps.values()):
                 await asyncio.sleep(0.02)
         yield Mesh(apps, targets, received, peers)

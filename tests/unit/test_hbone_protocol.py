@@ -301,7 +301,10 @@ def test_bad_authority_gets_400(authority: str) -> None:
     s.receive_data(client.data_to_send())
     client.send_headers(1, [(":method", "CONNECT"), (":authority", authority)])
     events = s.receive_data(client.data_to_send())
-    assert [type(e) for e in events if not isinstance(e, ev.WindowOpened)] == [ev.BadRequest]
+    # Refused and closed both ways (RST_STREAM NO_ERROR): it no longer counts as open.
+    assert [type(e) for e in events if not isinstance(e, ev.WindowOpened)] == [
+        ev.BadRequest, ev.StreamClosed]
+    assert s.open_streams() == 0
 
 
 def test_parse_authority_accepts_v4_and_v6() -> None:
@@ -314,6 +317,7 @@ def test_client_sees_non_200() -> None:
     sid = p.c.open_stream("10.0.0.1:80")
     p.pump()
     p.s.respond(sid, 401)
+    assert p.s.h2.streams[sid].closed  # refused: closed on the server at once
     ce, _ = p.pump()
     assert ev.ConnectResponse(sid, 401, ((":status", "401"),)) in ce
     assert ev.StreamEnded(sid) in ce
