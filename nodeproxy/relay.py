@@ -50,6 +50,10 @@ class RelayResult:
 class TcpStream(asyncio.Protocol):
     """Plain TCP side of a relay, with bounded read buffering and write back-pressure."""
 
+    # Slotted: one per open tunnel side (a __dict__ cost ~300 bytes more each).
+    __slots__ = ("_buf", "_buffered", "_closed", "_drain_waiter", "_eof", "_lost",
+                 "_read_paused", "_read_waiter", "_write_paused", "closed", "transport")
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         # A list, not a deque: an empty deque is ~600 bytes, held by every idle tunnel.

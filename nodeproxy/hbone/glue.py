@@ -81,6 +81,11 @@ def status_error(status: int, authority: str) -> ProxyError:
 class HboneStream:
     """One CONNECT tunnel. Async byte-stream API used by the relay."""
 
+    # Slotted: one per open tunnel (a __dict__ cost ~300 bytes more each).
+    __slots__ = ("_buf", "_buffered", "_eof", "_proto", "_read_waiter", "_reset_code",
+                 "_response", "_write_closed", "_write_waiter", "authority", "bytes_received",
+                 "bytes_sent", "responded", "stream_id")
+
     def __init__(self, proto: HboneProtocol, stream_id: int, authority: str) -> None:
         self._proto = proto
         self.stream_id = stream_id
