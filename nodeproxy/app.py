@@ -34,6 +34,7 @@ from nodeproxy.identity.ca_client import CaClient
 from nodeproxy.identity.manager import CertificateManager
 from nodeproxy.identity.node_credentials import NodeCertRenewer
 from nodeproxy.identity.svid import Svid, load_pem_chain, uri_sans
+from nodeproxy.memory import MemoryReleaser, glibc_trim
 from nodeproxy.metrics import Metrics
 from nodeproxy.proxy.env import Ports, ProxyEnv
 from nodeproxy.proxy.limits import Limits
@@ -75,6 +76,7 @@ class AgentOptions:
     handle_signals: bool = True  # False when several agents share one loop (tests)
     limits: Limits = field(default_factory=Limits)
     idle_timeout: float = 3600.0  # a relayed connection silent this long is reset both ways
+    memory_check_interval: float = 30.0  # how often to consider giving freed memory back
 
 
 class AgentApp:
@@ -121,6 +123,7 @@ class AgentApp:
         self.config: ConfigSource | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.notifier = notifier or Notifier()  # no-op unless run by systemd (NOTIFY_SOCKET)
+        self.memory = MemoryReleaser(self._open_connection_count, glibc_trim())
 
     # -- wiring -------------------------------------------------------------------------------
     def _agent_gauges(self) -> None:
@@ -145,6 +148,9 @@ class AgentApp:
         if renewer is not None:  # the node certificate counts down like the SVIDs
             metrics.cert_expiry.labels(identity=str(renewer.current.node_id)).set_function(
                 lambda: max(0.0, renewer.current.not_after.timestamp() - time.time()))
+
+    def _open_connection_count(self) -> int:
+        return sum(len(p.live) for p in self._pod_impls())
 
     def _pod_impls(self) -> list[PodProxyImpl]:
         return [p for p in self.agent.pods.values() if isinstance(p, PodProxyImpl)]
@@ -238,6 +244,7 @@ class AgentApp:
                 loop.add_signal_handler(sig, self._signalled, sig)
         watcher = loop.create_task(self.config.run(), name="config-watch")
         retry = loop.create_task(self._retry_loop(), name="enroll-retry")
+        memory = loop.create_task(self._memory_loop(), name="memory-release")
         renewal = (loop.create_task(self.node_renewer.run(), name="node-cert-renewal")
                    if self.node_renewer is not None else None)
         sd_stop = asyncio.Event()
@@ -264,6 +271,7 @@ class AgentApp:
                 loop.remove_signal_handler(sig)
             self.config.stop()
             retry.cancel()
+            memory.cancel()
             if renewal is not None:
                 renewal.cancel()
             for task in list(self._tasks):
@@ -271,7 +279,7 @@ class AgentApp:
                     await task
             await self.agent.shutdown()
             watcher.cancel()
-            await asyncio.gather(watcher, retry, *([renewal] if renewal else []),
+            await asyncio.gather(watcher, retry, memory, *([renewal] if renewal else []),
                                  return_exceptions=True)
             await self._http.close()
             await self.certs.aclose()
@@ -301,6 +309,11 @@ class AgentApp:
         # (that is /healthz/ready): one broken pod netns must not fail the unit's start and
         # restart-loop the agent for every other pod of the node.
         return self.started.is_set() and self._snapshot is not None and not self._tasks
+
+    async def _memory_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.memory_check_interval)
+            self.memory.tick()
 
     async def _retry_loop(self) -> None:
         while True:
