@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,8 +22,6 @@ from nodeproxy.lab import dump_config
 from tests.abuse.netns_mesh import (
     MESH_PODS,
     assert_ok,
-    fresh,
-    module_mesh,
     pod_pcap_flows,
     pod_rules,
 )
@@ -32,17 +30,6 @@ from ztunnel_cfg.loader import load_config_text
 
 pytestmark = pytest.mark.privileged
 
-
-@pytest.fixture(scope="module")
-def shared_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshEnv]:
-    with module_mesh(tmp_path_factory, "abuse-config") as env:
-        yield env
-
-
-@pytest.fixture
-def env(shared_mesh: MeshEnv) -> Iterator[MeshEnv]:
-    with fresh(shared_mesh) as env:
-        yield env
 
 
 # -- writers ---------------------------------------------------------------------------------

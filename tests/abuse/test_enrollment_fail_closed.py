@@ -10,7 +10,6 @@ refused until it is enrolled, and the failure is visible: ``enrollmentFailures``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,8 +19,6 @@ from nodeproxy.lab.topology import LabError
 from tests.abuse.netns_mesh import (
     assert_failed,
     assert_ok,
-    fresh,
-    module_mesh,
     pod_pcap_flows,
     pod_rules,
     start_ca,
@@ -35,17 +32,6 @@ UNENROLLED = "nodeproxy_unenrolled_pods"
 FAILURES = "nodeproxy_enrollment_failures_total"
 NODE2_MESH_PODS = ("n2p1", "n2p2")
 
-
-@pytest.fixture(scope="module")
-def shared_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshEnv]:
-    with module_mesh(tmp_path_factory, "abuse-enrol") as env:
-        yield env
-
-
-@pytest.fixture
-def env(shared_mesh: MeshEnv) -> Iterator[MeshEnv]:
-    with fresh(shared_mesh) as env:
-        yield env
 
 
 def dump(env: MeshEnv, node: str) -> dict[str, Any]:

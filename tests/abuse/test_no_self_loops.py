@@ -9,8 +9,6 @@ the agent ran out of file descriptors.  Now every such connection is reset at on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from nodeproxy.lab.mesh import NODEPROXY
@@ -19,8 +17,6 @@ from tests.abuse.netns_mesh import (
     assert_failed,
     assert_ok,
     fd_count,
-    fresh,
-    module_mesh,
 )
 from tests.netns.mesh_fixtures import MeshEnv, metric_value, poll
 
@@ -30,17 +26,6 @@ REJECTED = "nodeproxy_connections_rejected_total"
 FD_MARGIN = 20
 QUICK_MS = 2500  # a loop (pre-fix) runs into the client's 5 s timeout or the FD limit
 
-
-@pytest.fixture(scope="module")
-def shared_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshEnv]:
-    with module_mesh(tmp_path_factory, "abuse-loops") as env:
-        yield env
-
-
-@pytest.fixture
-def env(shared_mesh: MeshEnv) -> Iterator[MeshEnv]:
-    with fresh(shared_mesh) as env:
-        yield env
 
 
 def rejected(env: MeshEnv, node: str, direction: str, reason: str = "own_port") -> float:
