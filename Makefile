@@ -61,10 +61,12 @@ demo: deps
 bench: deps
 	@$(PY) -m tests.bench.run
 
-# Soak: hold 10,000 HBONE tunnels through two in-process agents, release them (tests/bench/soak.py).
+# Soak: hold 10,000 HBONE tunnels through a real 2-node lab mesh (one agent process per node,
+# iptables capture; root), release them (tests/bench/soak.py --lab).  SOAK_ARGS adds options,
+# e.g. SOAK_ARGS="--json soak.json"; the in-process mode is `$(PY) -m tests.bench.soak`.
 .PHONY: soak
 soak: deps
-	@$(PY) -m tests.bench.soak $(SOAK_ARGS)
+	@$(PY) -m tests.bench.soak --lab --tunnels 10000 $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,7 @@
 """Soak / load harness: hold many HBONE tunnels through two in-process agents, then release them.
 
     .venv/bin/python -m tests.bench.soak [--tunnels 10000] [--batch 500] [--json soak.json]
+    .venv/bin/python -m tests.bench.soak --lab [--tunnels 10000] [--json soak.json]
 
 Not a pytest test.  Two agents (node1, node2) run on loopback exactly like the integration
 tests' ``running_mesh()`` (real TLS 1.3, real HTTP/2 CONNECT, real certificates), under uvloop,
@@ -25,6 +26,23 @@ Before every memory figure the harness runs ``gc.collect()`` and glibc ``malloc_
 freed heap is returned and the figures compare live memory.  Targets are printed, never
 asserted.  Exit status: 0 when every phase finished in time, 1 when one failed or overran,
 2 when the file-descriptor limit cannot fit the tunnels (4 per tunnel in this process).
+
+Lab mode (``--lab``, what ``make soak`` runs; root only) holds the tunnels through a real
+2-node lab mesh instead (meshlab: network namespaces, one ``nodeproxy run`` agent
+*process* per node with real iptables capture in each pod netns, a CA service process).  A
+server app in node2's pod n2p1 accepts and holds connections; a client app in node1's pod n1p1
+opens ``--tunnels`` connections to the server pod IP, ``--batch`` at a time (captured by the
+pod's rules, tunnelled over HBONE by both agents), sends a hello on each and reads the reply,
+holds them, then closes them all (tests/bench/soak_apps.py; each raises its soft
+RLIMIT_NOFILE to the hard limit).  Every process holds ~1 descriptor per tunnel, so 10,000
+tunnels fit under this machine's hard limit of 20,000.  The harness measures each agent
+process (VmRSS from /proc/PID/status, descriptors in /proc/PID/fd, /proc/PID/smaps split
+into heap / other anonymous / file-backed) when ready, at the baseline (after a 10-tunnel
+warm-up: certificates issued, one pooled HBONE connection, code paths imported), with the
+tunnels held, and after release (no proxied connection left per the agents' metrics, the
+server holds nothing, each agent's descriptors back at the baseline plus its extra pooled
+HBONE connections, which the pool keeps for its idle timeout).  Another process's heap cannot
+be trimmed, so the lab's "after release" RSS is what glibc kept (no ``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -36,10 +54,13 @@ import ctypes
 import gc
 import json
 import os
+import queue
 import resource
 import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,8 +69,13 @@ from typing import Any
 
 import uvloop
 
+from meshlab import Cluster, ClusterSpec, PodRole, plan_cluster, random_prefix, render_config
+from meshlab.build import is_lab_netns, list_netns
+from meshlab.mesh import Mesh as LabMesh
+from meshlab.topology import LabError
 from nodeproxy.proxy.limits import Limits
 from tests.integration.test_agent_loopback import CONFIG, Mesh, running_mesh
+from tests.netns.mesh_fixtures import destroy_cluster, metric_value
 
 CLIENT_IP = "127.0.1.1"  # the "client" pod on node1
 SERVER_IP = "127.0.2.1"  # the "server" pod on node2
@@ -434,6 +460,376 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
 
 
+# -- lab mode: a real 2-node mesh, one agent process per node ----------------------------------
+
+LAB_SERVER_PORT = 9090
+LAB_APPS = Path(__file__).with_name("soak_apps.py")
+LAB_ROLES = {"n1p1": PodRole("default", "client"), "n2p1": PodRole("default", "server")}
+LAB_FD_MARGIN = 16  # metrics scrapes, log files, timers: an agent's count moves a little
+
+
+class LabApp:
+    """A soak_apps.py process in a pod netns: one command line in, JSON lines out (read by a
+    thread into a queue, so waiting has a deadline)."""
+
+    def __init__(self, cluster: Cluster, netns: str, argv: list[str], log_path: Path) -> None:
+        self.name = netns
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc: subprocess.Popen[str] = cluster.popen(
+            netns, [sys.executable, str(LAB_APPS), *argv], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        self.pid = self.proc.pid
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, name=f"soak-{netns}", daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def read(self, timeout: float, what: str) -> dict[str, Any]:
+        """The next JSON line; PhaseTimeout after ``timeout`` s, RuntimeError if it exited."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise PhaseTimeout(f"{what}: no answer from the app in {self.name} after "
+                               f"{timeout:.0f} s") from None
+        if line is None:
+            raise RuntimeError(f"{what}: the app in {self.name} exited with "
+                               f"{self.proc.wait()}")
+        return dict(json.loads(line))
+
+    def ask(self, command: str, timeout: float = 10.0) -> dict[str, Any]:
+        self.send(command)
+        return self.read(timeout, command)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.send("exit")
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        self._log.close()
+
+
+def proc_memory(pid: int) -> dict[str, Any]:
+    """VmRSS / VmHWM (/proc/PID/status), descriptors (/proc/PID/fd) and the resident memory
+    split by mapping kind (/proc/PID/smaps): [heap], other anonymous, file-backed.  KiB."""
+    status: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
+                status[key] = int(value.split()[0])
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    kinds = {"heap": 0, "anon": 0, "file": 0}
+    kind = "anon"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=6)
+            if "-" in first[0] and not first[0].endswith(":"):  # a mapping header
+                path = first[5].strip() if len(first) > 5 else ""
+                kind = ("heap" if path == "[heap]" else
+                        "anon" if not path or path.startswith("[") else "file")
+            elif first[0] == "Rss:":
+                kinds[kind] += int(first[1])
+    return {"rss_kib": status["VmRSS"], "hwm_kib": status["VmHWM"],
+            "rss_anon_kib": status.get("RssAnon", 0), "rss_file_kib": status.get("RssFile", 0),
+            "threads": status.get("Threads", 0), "fds": fds,
+            "heap_kib": kinds["heap"], "other_anon_kib": kinds["anon"],
+            "file_kib": kinds["file"]}
+
+
+def agent_pid(mesh: LabMesh, node: str) -> int:
+    """The agent's PID, checked: ``ip netns exec`` execs the command, so the Popen PID is the
+    ``python -m cli.main ... run --node NODE`` process itself."""
+    pid = mesh.agents[node].pid
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode(errors="replace").split("\0")
+    if "cli.main" not in argv or "run" not in argv or node not in argv:
+        raise SetupError(f"PID {pid} of {node} is not its agent: {' '.join(argv)}")
+    return pid
+
+
+def agent_metrics(mesh: LabMesh, node: str) -> dict[str, int]:
+    text = mesh.metrics(node)
+    return {"open_connections": int(metric_value(text, "nodeproxy_open_connections")),
+            "pool_connections": int(metric_value(text, "nodeproxy_pool_connections")),
+            "pool_streams": int(metric_value(text, "nodeproxy_pool_streams"))}
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: Callable[[], str],
+             interval: float = 0.1) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise PhaseTimeout(what())
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def kib_to_mib(n: float) -> float:
+    return round(n / 1024, 1)
+
+
+def lab_soak(args: argparse.Namespace) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        raise SetupError("--lab builds network namespaces: run as root")
+    n, batch, deadline = args.tunnels, args.batch, args.deadline
+    nofile = raise_nofile(resource.getrlimit(resource.RLIMIT_NOFILE)[1])  # agents inherit it
+    if nofile[0] < n + FD_RESERVE:
+        raise SetupError(f"{n} tunnels need about {n + FD_RESERVE} descriptors per process "
+                         f"(agents, client, server) but RLIMIT_NOFILE is {nofile[0]}")
+    plan = plan_cluster(ClusterSpec(random_prefix("soak"), nodes=2,
+                                    pods_per_node=args.pods_per_node))
+    log(f"lab: {n} tunnels, batches of {batch}; cluster {plan.prefix} (2 nodes x "
+        f"{args.pods_per_node} pods, iptables); RLIMIT_NOFILE {nofile[0]}")
+    results: dict[str, Any] = {
+        "mode": "lab", "tunnels": n, "batch": batch, "nofile": nofile[0],
+        "pods_per_node": args.pods_per_node, "target_agent_mb_per_1000": TARGET_MB_PER_1000,
+        "max_conns_per_pod": max(30_000, n + 1024)}
+    started = time.monotonic()
+    cluster = Cluster.create(plan)
+    apps: list[LabApp] = []
+    mesh: LabMesh | None = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="np-soak-lab-") as tmp:
+            workdir = Path(tmp)
+            mesh = LabMesh(cluster, workdir, backend="iptables", extra_agent_args=(
+                "--max-conns-per-pod", str(results["max_conns_per_pod"])))
+            try:
+                mesh.start(render_config(plan, LAB_ROLES), wait=60)
+                results["mesh_up_s"] = round(time.monotonic() - started, 1)
+                lab_phases(cluster, mesh, apps, workdir, results, n, batch, deadline,
+                           args.rounds, args.settle)
+            except BaseException:
+                for node in list(mesh.agents):
+                    print(mesh.log_tail(node, 15), file=sys.stderr)
+                for app in apps:
+                    log_path = workdir / f"app-{app.name}.log"
+                    with contextlib.suppress(OSError):
+                        print(f"--- {log_path.name} ---\n{log_path.read_text()[-1500:]}",
+                              file=sys.stderr)
+                raise
+            finally:
+                for app in apps:
+                    app.close()
+                mesh.stop()
+    finally:
+        destroy_cluster(cluster)
+        left = [name for name in list_netns() if is_lab_netns(name, plan.prefix)]
+        results["netns_left_behind"] = left
+        if left:
+            log(f"WARNING: network namespaces left behind: {left}")
+    return results
+
+
+def lab_phases(cluster: Cluster, mesh: LabMesh, apps: list[LabApp], workdir: Path,
+               results: dict[str, Any], n: int, batch: int, deadline: float,
+               rounds_wanted: int = 1, settle: float = 0.0) -> None:
+    nodes = ("node1", "node2")
+    pids = {node: agent_pid(mesh, node) for node in nodes}
+    server_ip = cluster.pod("n2p1").ip
+    agents: dict[str, dict[str, Any]] = {
+        node: {"pid": pids[node], "ready": proc_memory(pids[node])} for node in nodes}
+    results["agents"] = agents
+    log("mesh ready: " + ", ".join(
+        f"{node} agent PID {pids[node]} RSS {kib_to_mib(agents[node]['ready']['rss_kib'])} MiB "
+        f"{agents[node]['ready']['fds']} fds" for node in nodes))
+
+    server = LabApp(cluster, "n2p1", ["server", "--port", str(LAB_SERVER_PORT)],
+                    workdir / "app-n2p1.log")
+    apps.append(server)
+    hello = server.read(15, "server start")
+    if "listening" not in hello:
+        raise RuntimeError(f"server: {hello}")
+    client = LabApp(cluster, "n1p1", ["client", "--connect", f"{server_ip}:{LAB_SERVER_PORT}"],
+                    workdir / "app-n1p1.log")
+    apps.append(client)
+    hello_c = client.read(15, "client start")
+    results["apps"] = {"server_pid": server.pid, "client_pid": client.pid,
+                       "server_nofile": hello["nofile"], "client_nofile": hello_c["nofile"],
+                       "server_addr": f"{server_ip}:{LAB_SERVER_PORT}"}
+
+    def metrics() -> dict[str, dict[str, int]]:
+        return {node: agent_metrics(mesh, node) for node in nodes}
+
+    def idle() -> bool:
+        return all(m["open_connections"] == 0 for m in metrics().values()) \
+            and server.ask("stats")["open"] == 0
+
+    # warm-up: certificates issued, one pooled HBONE connection, code paths imported
+    up = client.ask(f"open 10 10 {deadline}", deadline + 30)
+    if "opened" not in up:
+        raise RuntimeError(f"warm-up: {up}")
+    client.ask("close", 90)
+    wait_for(idle, 60, lambda: f"warm-up release: {metrics()}, server {server.ask('stats')}")
+    time.sleep(2.0)
+    m0 = metrics()
+    for node in nodes:
+        agents[node]["baseline"] = {**proc_memory(pids[node]), **m0[node]}
+    log("baseline: " + ", ".join(
+        f"{node} RSS {kib_to_mib(agents[node]['baseline']['rss_kib'])} MiB "
+        f"{agents[node]['baseline']['fds']} fds" for node in nodes))
+
+    def fds(node: str) -> int:
+        return len(os.listdir(f"/proc/{pids[node]}/fd"))
+
+    def one_round(k: int) -> dict[str, Any]:
+        """Open ``n`` tunnels, hold, measure, close, wait for the release, measure."""
+        out: dict[str, Any] = {"round": k}
+        # -- open and hold
+        client.send(f"open {n} {batch} {deadline}")
+        while True:
+            line = client.read(deadline + 30, "open")
+            if "progress" not in line:
+                break
+            log(f"round {k} open: {line['progress']}/{n} ({line['s']:.1f} s, agent fds "
+                f"{[fds(x) for x in nodes]})")
+        if "opened" not in line or line["held"] != n:
+            raise RuntimeError(f"open: {line}")
+        out["open_s"] = round(line["s"], 2)
+        srv = server.ask("stats")
+        time.sleep(2.0)
+        mh = metrics()
+        out["held"] = {node: {**proc_memory(pids[node]), **mh[node]} for node in nodes}
+        out["server_open"] = srv["open"]
+        out["apps_held_memory"] = {"client": proc_memory(client.pid),
+                                   "server": proc_memory(server.pid)}
+        log(f"round {k} held: {n} tunnels open in {line['s']:.1f} s; server holds "
+            f"{srv['open']}; " + ", ".join(
+                f"{node} RSS {kib_to_mib(out['held'][node]['rss_kib'])} MiB "
+                f"{out['held'][node]['fds']} fds, {mh[node]['open_connections']} proxied, "
+                f"{mh[node]['pool_connections']} pooled" for node in nodes))
+        if srv["open"] != n:
+            raise RuntimeError(f"the server holds {srv['open']} connections, not {n}")
+        # -- release
+        t0 = time.monotonic()
+        out["client_closed"] = client.ask("close", 90)
+        out["client_close_s"] = round(time.monotonic() - t0, 2)
+        pooled_extra = max(0, mh["node1"]["pool_connections"] - m0["node1"]["pool_connections"])
+
+        def released() -> bool:
+            return idle() and all(
+                fds(node) <= agents[node]["baseline"]["fds"] + pooled_extra + LAB_FD_MARGIN
+                for node in nodes)
+
+        wait_for(released, deadline,
+                 lambda: f"release: {metrics()}, server {server.ask('stats')}, agent fds "
+                         f"{[fds(x) for x in nodes]} (baseline "
+                         f"{[agents[x]['baseline']['fds'] for x in nodes]}, +{pooled_extra} "
+                         f"pooled)", interval=0.2)
+        out["release_s"] = round(time.monotonic() - t0, 2)
+        time.sleep(2.0)
+        mr = metrics()
+        out["released"] = {node: {**proc_memory(pids[node]), **mr[node]} for node in nodes}
+        log(f"round {k} released in {out['release_s']:.1f} s: " + ", ".join(
+            f"{node} RSS {kib_to_mib(out['released'][node]['rss_kib'])} MiB "
+            f"{out['released'][node]['fds']} fds, {mr[node]['pool_connections']} pooled"
+            for node in nodes))
+        return out
+
+    rounds = [one_round(k) for k in range(1, rounds_wanted + 1)]
+    first = rounds[0]
+    for key in ("open_s", "release_s", "client_close_s", "client_closed", "server_open",
+                "apps_held_memory"):
+        results[key] = first[key]
+    for node in nodes:
+        agents[node]["held"] = first["held"][node]
+        agents[node]["released"] = first["released"][node]
+    results["rounds"] = [
+        {"round": r["round"], "open_s": r["open_s"], "release_s": r["release_s"],
+         **{node: {"held_rss_mib": kib_to_mib(r["held"][node]["rss_kib"]),
+                   "released_rss_mib": kib_to_mib(r["released"][node]["rss_kib"]),
+                   "released_fds": r["released"][node]["fds"]} for node in nodes}}
+        for r in rounds]
+    if settle > 0:
+        log(f"waiting {settle:.0f} s (the pool's idle timeout reaps idle HBONE connections)")
+        time.sleep(settle)
+        ms = metrics()
+        for node in nodes:
+            agents[node]["settled"] = {**proc_memory(pids[node]), **ms[node],
+                                       "after_s": settle}
+        log(f"after {settle:.0f} s: " + ", ".join(
+            f"{node} RSS {kib_to_mib(agents[node]['settled']['rss_kib'])} MiB "
+            f"{agents[node]['settled']['fds']} fds, {ms[node]['pool_connections']} pooled"
+            for node in nodes))
+
+    for node in nodes:
+        a = agents[node]
+        b, h, r = a["baseline"], a["held"], a["released"]
+        a["mib_per_1000"] = round((h["rss_kib"] - b["rss_kib"]) / 1024 * 1000 / n, 2)
+        a["fds_per_tunnel"] = round((h["fds"] - b["fds"]) / n, 3)
+        a["held_rss_delta_mib"] = kib_to_mib(h["rss_kib"] - b["rss_kib"])
+        a["held_delta_by_kind_mib"] = {k: kib_to_mib(h[k] - b[k])
+                                       for k in ("heap_kib", "other_anon_kib", "file_kib")}
+        a["released_rss_delta_mib"] = kib_to_mib(r["rss_kib"] - b["rss_kib"])
+        a["released_fds_over_baseline"] = r["fds"] - b["fds"]
+        a["ok"] = a["mib_per_1000"] <= TARGET_MB_PER_1000
+        if "settled" in a:
+            a["settled_rss_delta_mib"] = kib_to_mib(a["settled"]["rss_kib"] - b["rss_kib"])
+
+
+def lab_table(r: dict[str, Any]) -> str:
+    a1, a2 = r["agents"]["node1"], r["agents"]["node2"]
+
+    def both(f: Callable[[dict[str, Any]], str]) -> tuple[str, str]:
+        return f(a1), f(a2)
+
+    def mib_of(phase: str) -> Callable[[dict[str, Any]], str]:
+        return lambda a: f"{a[phase]['rss_kib'] / 1024:.1f} MiB"
+
+    rows: list[tuple[str, str, str]] = [
+        ("agent (PID)", f"node1 ({a1['pid']})", f"node2 ({a2['pid']})"),
+        ("RSS ready (no warm-up)", *both(mib_of("ready"))),
+        ("RSS baseline (after warm-up)", *both(mib_of("baseline"))),
+        (f"RSS with {r['tunnels']:,} tunnels", *both(mib_of("held"))),
+        ("RSS growth per 1,000 tunnels",
+         *both(lambda a: f"{a['mib_per_1000']:.2f} MiB "
+                         f"({'ok' if a['ok'] else 'OVER'} <= {TARGET_MB_PER_1000:.0f})")),
+        ("  of it heap / anon / file (MiB)", *both(
+            lambda a: "{heap_kib:+.1f} / {other_anon_kib:+.1f} / {file_kib:+.1f}".format(
+                **a["held_delta_by_kind_mib"]))),
+        ("RSS after release", *both(lambda a: f"{a['released']['rss_kib'] / 1024:.1f} MiB "
+                                              f"({a['released_rss_delta_mib']:+.1f})")),
+        ("FDs baseline / held / released", *both(
+            lambda a: f"{a['baseline']['fds']} / {a['held']['fds']:,} / {a['released']['fds']}")),
+        ("FDs per tunnel", *both(lambda a: f"{a['fds_per_tunnel']:.3f}")),
+        ("pooled HBONE conns held / released", *both(
+            lambda a: f"{a['held']['pool_connections']} / {a['released']['pool_connections']}")),
+        ("proxied connections held", *both(lambda a: f"{a['held']['open_connections']:,}")),
+        ("open time (client: hello + reply)", f"{r['open_s']:.1f} s", ""),
+        ("release time (FDs back near baseline)", f"{r['release_s']:.1f} s",
+         f"client close {r['client_close_s']:.1f} s"),
+    ]
+    for rnd in r["rounds"][1:]:
+        held_rel = [f"{rnd[x]['held_rss_mib']:.1f} / {rnd[x]['released_rss_mib']:.1f} MiB"
+                    for x in ("node1", "node2")]
+        rows.append((f"round {rnd['round']}: RSS held / released", held_rel[0], held_rel[1]))
+    if "settled" in a1:
+        rows.append((f"after {a1['settled']['after_s']:.0f} s more: RSS / FDs / pooled", *both(
+            lambda a: f"{a['settled']['rss_kib'] / 1024:.1f} MiB "
+                      f"({a['settled_rss_delta_mib']:+.1f}) / {a['settled']['fds']} / "
+                      f"{a['settled']['pool_connections']}")))
+    w0 = max(len(a) for a, _, _ in rows)
+    w1 = max(len(b) for _, b, _ in rows)
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -445,9 +841,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-netns", action="store_true",
                     help="stay in the current network namespace (default as root: a private "
                          "one with only lo, so other agents on the host cannot interfere)")
+    ap.add_argument("--lab", action="store_true",
+                    help="a real 2-node lab mesh: one agent process per node, iptables "
+                         "capture, client and server apps in pod netns (root)")
+    ap.add_argument("--pods-per-node", type=int, default=1, choices=(1, 2),
+                    help="lab pods per node (1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="lab: open/hold/release rounds; the figures are the first round's, "
+                         "later rounds show whether released memory is reused (1)")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="lab: seconds to wait after the last release, then measure again "
+                         "(> the pool's 300 s idle timeout: idle HBONE connections reaped)")
     args = ap.parse_args(argv)
-    if args.tunnels < 1 or args.batch < 1:
-        ap.error("--tunnels and --batch must be positive")
+    if args.tunnels < 1 or args.batch < 1 or args.rounds < 1:
+        ap.error("--tunnels, --batch and --rounds must be positive")
+    if args.lab:
+        return lab_main(args)
     netns = False if args.no_netns else private_netns()
     log("private network namespace" if netns else "host network namespace")
     started = time.monotonic()
@@ -469,6 +878,27 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         log(f"results written to {args.json}")
     return 0
+
+
+def lab_main(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    try:
+        results = lab_soak(args)
+    except SetupError as exc:
+        log(f"SETUP ERROR: {exc}")
+        return 2
+    except (PhaseTimeout, RuntimeError, OSError, LabError) as exc:
+        log(f"FAILED: {exc}")
+        return 1
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    results["python"] = sys.version.split()[0]
+    results["uvloop"] = getattr(uvloop, "__version__", "?")
+    print()
+    print(lab_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        log(f"results written to {args.json}")
+    return 1 if results["netns_left_behind"] else 0
 
 
 if __name__ == "__main__":
