@@ -39,7 +39,7 @@ lint: deps
 	@echo "==> ruff"
 	@$(VENV)/bin/ruff check .
 	@echo "==> mypy"
-	@$(VENV)/bin/mypy ztunnel_cfg nodeproxy redirect cli tests
+	@$(VENV)/bin/mypy ztunnel_cfg nodeproxy redirect cli tests meshlab linuxns
 	@echo "==> import direction (lint-imports)"
 	@$(VENV)/bin/lint-imports
 

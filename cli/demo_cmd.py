@@ -1,7 +1,7 @@
 """``nodeproxy demo``: a two-node mesh in network namespaces, traffic, and a report.
 
 Thin: options and exit codes only; the scenario, the runner and the report live in
-:mod:`nodeproxy.lab.demo`.
+:mod:`meshlab.demo`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from nodeproxy.lab.demo import DEMO_GLOB, DemoError, DemoOptions, run_demo, teardown_leftovers
+from meshlab.demo import DEMO_GLOB, DemoError, DemoOptions, run_demo, teardown_leftovers
 
 
 @click.command("demo")

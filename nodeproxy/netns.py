@@ -1,53 +1,41 @@
-"""Run code inside a network namespace given by path.
+"""Run code inside a network namespace given by path: one worker thread per namespace.
 
-Python 3.11 has no ``os.setns``; we call libc ``setns(fd, CLONE_NEWNET)`` through ctypes.
-setns(2) changes only the calling thread, so each namespace gets one dedicated worker thread
-that enters it once and then runs jobs (socket creation, bind, listen).  Sockets keep the
-namespace they were created in, so the event loop can serve them from its own thread.
+setns(2) changes only the calling thread (the one helper is :func:`linuxns.setns`), so each
+namespace gets one dedicated worker thread that enters it once and then runs jobs (socket
+creation, bind, listen).  Sockets keep the namespace they were created in, so the event loop
+can serve them from its own thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import linuxns
 from nodeproxy.errors import ProxyError
 
-CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
-
-def setns(path: str) -> None:
-    """Move the calling thread into the network namespace at ``path``."""
+def _enter(path: str) -> None:
+    """Move the calling thread into the network namespace at ``path``; failures become a
+    :class:`ProxyError` that says what to check."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ProxyError(
-            f"cannot open network namespace {path}: {exc.strerror}",
-            hint="does the pod's netns exist (ip netns list)?",
-        ) from None
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
+        linuxns.setns(path)
+    except linuxns.NetnsEnterError as exc:
+        if exc.opening:
             raise ProxyError(
-                f"setns({path}) failed: {os.strerror(err)}",
-                hint="the agent needs CAP_SYS_ADMIN to enter pod namespaces",
-            )
-    finally:
-        os.close(fd)
-
-
-def current_netns_inode() -> int:
-    """Inode of the calling thread's network namespace (identifies it)."""
-    return os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino
+                f"cannot open network namespace {path}: {exc.strerror}",
+                hint="does the pod's netns exist (ip netns list)?",
+            ) from None
+        raise ProxyError(
+            f"setns({path}) failed: {exc.strerror}",
+            hint="the agent needs CAP_SYS_ADMIN to enter pod namespaces",
+        ) from None
 
 
 class NetnsWorker:
@@ -69,7 +57,7 @@ class NetnsWorker:
 
     def _enter(self) -> None:
         try:
-            setns(self.path)
+            _enter(self.path)
         except BaseException as exc:  # reported by the constructor
             self._error = exc
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeproxy.lab.capture import CaptureResult
-from nodeproxy.lab.mesh import CA_PORT, NODEPROXY
+from meshlab.capture import CaptureResult
+from meshlab.mesh import CA_PORT, NODEPROXY
 from tests.netns.mesh_fixtures import (
     ROLES,
     SERVICES,

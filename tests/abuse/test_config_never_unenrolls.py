@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.lab import dump_config
+from meshlab import dump_config
 from tests.abuse.netns_mesh import (
     MESH_PODS,
     assert_ok,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.lab.mesh import NODEPROXY
-from nodeproxy.lab.topology import LabError
+from meshlab.mesh import NODEPROXY
+from meshlab.topology import LabError
 from tests.abuse.netns_mesh import (
     assert_failed,
     assert_ok,

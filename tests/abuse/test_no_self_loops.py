@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeproxy.lab.mesh import NODEPROXY
+from meshlab.mesh import NODEPROXY
 from tests.abuse.netns_mesh import (
     agent_pid,
     assert_failed,

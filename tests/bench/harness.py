@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nodeproxy.lab import Cluster, ClusterSpec, PodRole, dump_config, plan_cluster, render_config
-from nodeproxy.lab.build import write_sysctls
-from nodeproxy.netns import setns
+from linuxns import setns
+from meshlab import Cluster, ClusterSpec, PodRole, dump_config, plan_cluster, render_config
+from meshlab.build import write_sysctls
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]

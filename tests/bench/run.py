@@ -6,7 +6,7 @@
 Prints progress lines, then a table of absolute figures with ratios to haproxy and to direct
 and the issue's targets next to them (printed, never asserted), and writes the JSON.  Every
 namespace and process it started is gone when it exits, also on Ctrl-C, SIGTERM or failure
-(the lab cluster's destroy(); leftovers of a killed run: ``python -m nodeproxy.lab down
+(the lab cluster's destroy(); leftovers of a killed run: ``python -m meshlab down
 'nb????-'``).  Exit status: 0 when every case ran, 1 when a case failed, 2 on a setup error.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from nodeproxy.lab import random_prefix
+from meshlab import random_prefix
 from tests.bench import report
 from tests.bench.harness import (
     REPO,

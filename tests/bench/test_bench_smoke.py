@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeproxy.lab.build import is_lab_netns, list_netns, netns_pids
+from meshlab.build import is_lab_netns, list_netns, netns_pids
 from tests.bench import report
 from tests.bench.harness import REPO
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from nodeproxy.lab import Cluster, ClusterSpec, plan_cluster, random_prefix, sweep
-from nodeproxy.lab.build import is_lab_netns, list_netns
+from meshlab import Cluster, ClusterSpec, plan_cluster, random_prefix, sweep
+from meshlab.build import is_lab_netns, list_netns
 
 MakeCluster = Callable[..., Cluster]
 

@@ -1,7 +1,7 @@
 """Helpers for the real-agent scenarios (tests/netns/test_mesh_*.py).
 
 A :class:`MeshEnv` is one lab cluster with a CA service and one real ``nodeproxy run`` agent
-per node (``nodeproxy.lab.mesh.Mesh``), plus what the scenarios need around it: echo servers
+per node (``meshlab.mesh.Mesh``), plus what the scenarios need around it: echo servers
 on fresh ports with record files, config edits that wait for every agent to reload, metric
 lookups, rule snapshots of a namespace, and bounded polling whose failure message carries the
 agents' log tails.  Everything is torn down by :meth:`MeshEnv.close` (agents, CA, cluster),
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodeproxy.lab import (
+from meshlab import (
     Cluster,
     ClusterSpec,
     PodRole,
@@ -32,8 +32,8 @@ from nodeproxy.lab import (
     render_config,
     sweep,
 )
-from nodeproxy.lab.build import is_lab_netns, list_netns
-from nodeproxy.lab.mesh import Mesh
+from meshlab.build import is_lab_netns, list_netns
+from meshlab.mesh import Mesh
 
 NODEPROXY = [sys.executable, "-m", "cli.main"]
 BACKENDS = ["iptables", "nftables"]

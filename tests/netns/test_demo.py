@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from nodeproxy.lab import random_prefix
-from nodeproxy.lab.build import is_lab_netns, list_netns
-from nodeproxy.lab.demo import (
+from meshlab import random_prefix
+from meshlab.build import is_lab_netns, list_netns
+from meshlab.demo import (
     DEMO_STEM,
     DemoOptions,
     build_scenario,

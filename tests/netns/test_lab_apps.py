@@ -16,7 +16,7 @@ import pytest
 def server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     record = tmp_path / "rec.bin"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nodeproxy.lab.apps", "server", "--host", "127.0.0.1",
+        [sys.executable, "-m", "meshlab.apps", "server", "--host", "127.0.0.1",
          "--port", "0", "--tag", "t1", "--record", str(record)],
         stdout=subprocess.PIPE, text=True,
     )
@@ -33,7 +33,7 @@ def server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 def _client(*args: str) -> tuple[int, list[dict[str, Any]]]:
     out = subprocess.run(
-        [sys.executable, "-m", "nodeproxy.lab.apps", "client", *args],
+        [sys.executable, "-m", "meshlab.apps", "client", *args],
         capture_output=True, text=True, timeout=30, check=False,
     )
     return out.returncode, [json.loads(line) for line in out.stdout.splitlines()]

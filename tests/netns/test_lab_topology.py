@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeproxy.lab import Cluster, ClusterSpec, LabError, plan_cluster, random_prefix, sweep
-from nodeproxy.lab.build import list_netns, netns_pids
+from meshlab import Cluster, ClusterSpec, LabError, plan_cluster, random_prefix, sweep
+from meshlab.build import list_netns, netns_pids
 from tests.netns.conftest import MakeCluster
 
 

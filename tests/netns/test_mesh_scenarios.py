@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from nodeproxy.lab import Packet
+from meshlab import Packet
 from tests.netns.mesh_fixtures import (
     BACKENDS,
     ROLES,
@@ -327,7 +327,7 @@ def test_mesh_kill9_fails_closed_and_restart_adopts_rules(env: MeshEnv) -> None:
 
 # 10 ------------------------------------------------------------------------------------------
 def test_mesh_broken_config_keeps_last_good(env: MeshEnv) -> None:
-    from nodeproxy.lab import dump_config
+    from meshlab import dump_config
 
     server = env.serve("n2p1")
     target = env.addr("n2p1", server.port)

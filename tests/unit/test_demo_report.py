@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nodeproxy.lab import ClusterSpec, dump_config, plan_cluster, render_config
-from nodeproxy.lab.demo import (
+from meshlab import ClusterSpec, dump_config, plan_cluster, render_config
+from meshlab.demo import (
     AccessEntry,
     CertRow,
     Connection,
@@ -375,10 +375,10 @@ def test_next_steps_name_real_commands() -> None:
         "nodeproxy config show /tmp/wd/cluster.yaml",
         f"nodeproxy redirect show --netns /var/run/netns/{PREFIX}n1p1",
         "tail -f /tmp/wd/agent-node1.log",
-        f"ip netns exec {PREFIX}n1p1 /venv/bin/python -m nodeproxy.lab.apps client "
+        f"ip netns exec {PREFIX}n1p1 /venv/bin/python -m meshlab.apps client "
         "--connect 10.251.2.2:8080",
         "nodeproxy demo --down",
-        f"python -m nodeproxy.lab down {PREFIX}",
+        f"python -m meshlab down {PREFIX}",
     ]:
         assert line in text, f"missing {line!r} in:\n{text}"
 

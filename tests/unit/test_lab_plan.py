@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from nodeproxy.lab.apps import greeting, parse_reply
-from nodeproxy.lab.build import is_lab_netns
-from nodeproxy.lab.capture import CaptureResult, parse_pcap
-from nodeproxy.lab.config import PodRole, ServiceDef, dump_config, render_config
-from nodeproxy.lab.topology import (
+from meshlab.apps import greeting, parse_reply
+from meshlab.build import is_lab_netns
+from meshlab.capture import CaptureResult, parse_pcap
+from meshlab.config import PodRole, ServiceDef, dump_config, render_config
+from meshlab.topology import (
     ClusterPlan,
     ClusterSpec,
     LabError,

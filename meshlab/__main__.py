@@ -1,4 +1,4 @@
-"""Manual use: ``python -m nodeproxy.lab up|down`` (see docs/lab.md)."""
+"""Manual use: ``python -m meshlab up|down`` (see docs/lab.md)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from nodeproxy.lab.build import Cluster, sweep
-from nodeproxy.lab.topology import ClusterPlan, ClusterSpec, LabError, plan_cluster, random_prefix
+from meshlab.build import Cluster, sweep
+from meshlab.topology import ClusterPlan, ClusterSpec, LabError, plan_cluster, random_prefix
 
 
 def describe(plan: ClusterPlan) -> str:
@@ -23,7 +23,7 @@ def describe(plan: ClusterPlan) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nodeproxy.lab")
+    ap = argparse.ArgumentParser(prog="python -m meshlab")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build a cluster and leave it running")
     up.add_argument("--nodes", type=int, default=2)
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan = plan_cluster(ClusterSpec(args.prefix or random_prefix(), args.nodes, args.pods))
             Cluster.create(plan)
             print(describe(plan))
-            print(f"\nremove with: python -m nodeproxy.lab down {plan.prefix}")
+            print(f"\nremove with: python -m meshlab down {plan.prefix}")
             return 0
         removed = sweep(args.prefix)
         names = f": {' '.join(removed)}" if removed else ""

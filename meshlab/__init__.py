@@ -4,7 +4,7 @@ See docs/lab.md.  ``topology`` plans (pure), ``build`` creates and tears down, `
 records the node-to-node link, ``config`` renders a nodeproxy config for the cluster and
 ``apps`` are the tiny traffic programs run inside pods.
 
-Names are imported lazily so that ``python -m nodeproxy.lab.apps`` (started many times per
+Names are imported lazily so that ``python -m meshlab.apps`` (started many times per
 test inside pods) does not pay for importing the rest of the project.
 """
 
@@ -14,10 +14,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nodeproxy.lab.build import Cluster, sweep
-    from nodeproxy.lab.capture import Capture, CaptureResult, Packet
-    from nodeproxy.lab.config import PodRole, ServiceDef, dump_config, render_config
-    from nodeproxy.lab.topology import (
+    from meshlab.build import Cluster, sweep
+    from meshlab.capture import Capture, CaptureResult, Packet
+    from meshlab.config import PodRole, ServiceDef, dump_config, render_config
+    from meshlab.topology import (
         ClusterPlan,
         ClusterSpec,
         LabError,
@@ -59,5 +59,5 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        return getattr(importlib.import_module(f"nodeproxy.lab.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'nodeproxy.lab' has no attribute {name!r}")
+        return getattr(importlib.import_module(f"meshlab.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'meshlab' has no attribute {name!r}")

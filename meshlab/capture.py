@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nodeproxy.lab.topology import LabError
+from meshlab.topology import LabError
 
 _LINKTYPE_ETHERNET = 1
 _LINKTYPE_RAW = 101

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from nodeproxy.lab.topology import ClusterPlan, LabError, PodPlan
+from meshlab.topology import ClusterPlan, LabError, PodPlan
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 Nothing here touches the system: :func:`plan_cluster` turns a :class:`ClusterSpec` into
 names and addresses, and :func:`render_stages` turns the plan into ``ip -batch`` command
-lists that :mod:`nodeproxy.lab.build` executes.  Layout (see docs/lab.md)::
+lists that :mod:`meshlab.build` executes.  Layout (see docs/lab.md)::
 
     fabric netns <prefix>fab: bridge br0 10.250.0.1/24, ports n1, n2, ...
     node netns <prefix>n<i>:  eth0 10.250.0.(10+i)/24 (peer of fabric port n<i>)

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from nodeproxy.lab.build import Cluster
-from nodeproxy.lab.topology import LabError
+from meshlab.build import Cluster
+from meshlab.topology import LabError
 from nodeproxy.netns import NetnsWorker
 
 CA_PORT = 15012

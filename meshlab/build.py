@@ -1,4 +1,4 @@
-"""Build, use and tear down a namespace cluster planned by :mod:`nodeproxy.lab.topology`.
+"""Build, use and tear down a namespace cluster planned by :mod:`meshlab.topology`.
 
 Creation runs a handful of ``ip -batch`` processes (one per namespace, stages in parallel)
 instead of one process per command.  Teardown is convergent: it works from whatever exists
@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-from nodeproxy.lab.capture import Capture
-from nodeproxy.lab.topology import (
+from linuxns import setns
+from meshlab.capture import Capture
+from meshlab.topology import (
     NETNS_DIR,
     NODE_SYSCTLS,
     Batch,
@@ -33,7 +34,6 @@ from nodeproxy.lab.topology import (
     PodPlan,
     render_stages,
 )
-from nodeproxy.netns import setns
 
 _IP_TIMEOUT = 30.0
 _POD_SYSCTLS: tuple[tuple[str, str], ...] = (
@@ -77,7 +77,7 @@ def write_sysctls(jobs: Sequence[tuple[str, Sequence[tuple[str, str]]]]) -> None
     def work() -> None:
         try:
             for path, items in jobs:
-                setns(path)  # raises ProxyError with the reason
+                setns(path)  # raises linuxns.NetnsEnterError (an OSError) with the path
                 for key, value in items:
                     with open(f"/proc/sys/{key}", "w") as fh:
                         fh.write(value)
@@ -291,14 +291,14 @@ class Cluster:
         self._captures.append(cap)
         return cap
 
-    # -- traffic apps (nodeproxy.lab.apps) --------------------------------------------------
+    # -- traffic apps (meshlab.apps) --------------------------------------------------
 
     def serve(
         self, netns: str, port: int, *, tag: str | None = None, record: str | None = None,
         timeout: float = 10.0,
     ) -> subprocess.Popen[str]:
         """Start the echo server app inside ``netns`` and wait until it listens."""
-        argv = [sys.executable, "-m", "nodeproxy.lab.apps", "server", "--port", str(port),
+        argv = [sys.executable, "-m", "meshlab.apps", "server", "--port", str(port),
                 "--tag", tag or netns]
         if record is not None:
             argv += ["--record", record]
@@ -320,10 +320,10 @@ class Cluster:
         timeout: float = 5.0,
     ) -> list[dict[str, Any]]:
         """Run the client app inside ``netns`` against ``target`` (``ip:port``); one result
-        dict per connection (see nodeproxy.lab.apps)."""
+        dict per connection (see meshlab.apps)."""
         out = self.exec(
             netns,
-            [sys.executable, "-m", "nodeproxy.lab.apps", "client", "--connect", target,
+            [sys.executable, "-m", "meshlab.apps", "client", "--connect", target,
              "--send", text, "--timeout", str(timeout), "--count", str(count)],
             timeout=timeout * count + 30,
         )

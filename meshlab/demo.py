@@ -9,7 +9,7 @@ Three layers, so the report can be tested without root:
   said.  :func:`check` compares them with the scenario's intent and :func:`render_report`
   prints them; nothing in the report is assumed, everything was observed;
 - the *runner* (:func:`run_demo`): builds the cluster, starts the CA service and the agents
-  (:class:`nodeproxy.lab.mesh.Mesh`), drives the traffic, collects, and tears everything down
+  (:class:`meshlab.mesh.Mesh`), drives the traffic, collects, and tears everything down
   (also on Ctrl-C, SIGTERM or failure) unless asked to keep it.
 """
 
@@ -33,9 +33,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from nodeproxy.lab.build import Cluster, is_lab_netns, list_netns, sweep
-from nodeproxy.lab.config import PodRole, ServiceDef, render_config, workload_name
-from nodeproxy.lab.topology import ClusterPlan, ClusterSpec, LabError, plan_cluster, random_prefix
+from meshlab.build import Cluster, is_lab_netns, list_netns, sweep
+from meshlab.config import PodRole, ServiceDef, render_config, workload_name
+from meshlab.topology import ClusterPlan, ClusterSpec, LabError, plan_cluster, random_prefix
 
 DEMO_STEM = "npd"  # demo prefixes look like npd3fa9- (tests use np3fa9-: no overlap)
 DEMO_GLOB = "npd????-"
@@ -722,11 +722,11 @@ def render_next_steps(prefix: str, workdir: Path, nodes: Sequence[str],
         f"  ip netns exec {n1} tcpdump -ni eth0 tcp      # the node-to-node link",
     ]
     if client is not None and server is not None:
-        lines.append(f"  ip netns exec {prefix}{client.pod} {python} -m nodeproxy.lab.apps client "
+        lines.append(f"  ip netns exec {prefix}{client.pod} {python} -m meshlab.apps client "
                      f"--connect {server.ip}:{APP_PORT} --send hello")
     lines += [
         "Tear down:",
-        f"  nodeproxy demo --down          (or: python -m nodeproxy.lab down {prefix})",
+        f"  nodeproxy demo --down          (or: python -m meshlab down {prefix})",
         "",
     ]
     return "\n".join(lines)
@@ -870,7 +870,7 @@ def _new_connections(packets: Sequence[Any]) -> dict[int, int]:
 def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     """Build, start, drive, report, and (unless ``keep``) tear down.  The report goes to
     ``out``; the exit code is non-zero when the mesh misbehaved."""
-    from nodeproxy.lab.mesh import Mesh  # imports the agent-side helpers; only when running
+    from meshlab.mesh import Mesh  # imports the agent-side helpers; only when running
 
     st = Style(options.color)
     scenario = options.scenario or build_scenario(options.nodes)

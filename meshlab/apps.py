@@ -1,12 +1,12 @@
 """Tiny traffic apps run inside lab pods (no nodeproxy imports: they stand for user apps).
 
-``python -m nodeproxy.lab.apps server --port P [--tag NAME] [--record FILE]``
+``python -m meshlab.apps server --port P [--tag NAME] [--record FILE]``
     Answers every connection with ``<tag> from <ip>:<port>\\n`` (the peer address it saw,
     which proves source-IP preservation), then echoes what it receives until the client
     half-closes.  With ``--record`` every received byte is appended to FILE (proof of
     whether a marker arrived).  Prints ``{"listening": [ip, port]}`` once bound.
 
-``python -m nodeproxy.lab.apps client --connect IP:PORT --send TEXT [--timeout S] [--count N]``
+``python -m meshlab.apps client --connect IP:PORT --send TEXT [--timeout S] [--count N]``
     For each of N sequential connections prints one JSON line:
     ``{"ok", "tag", "seen_from", "reply", "echo", "bytes_sent", "bytes_received",
     "error", "ms"}``; ``ok`` means the greeting arrived and the full text was echoed.
@@ -129,7 +129,7 @@ def run_client(target: str, text: str, timeout: float, count: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nodeproxy.lab.apps")
+    ap = argparse.ArgumentParser(prog="python -m meshlab.apps")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("server", help="greet with tag and peer address, then echo")
     s.add_argument("--host", default="0.0.0.0")
