@@ -15,28 +15,22 @@ from pathlib import Path
 import pytest
 
 from meshlab import ClusterSpec, dump_config, plan_cluster, render_config
-from meshlab.demo import (
+from meshlab.demo.observe import (
     AccessEntry,
     CertRow,
     Connection,
-    DemoError,
-    Intent,
     MetricRow,
     Observations,
-    Progress,
-    Style,
     WireCapture,
-    build_scenario,
     certificates_from_dump,
     check,
     describe_pods,
-    marker_for,
     parse_access_log,
-    policy_summary,
-    render_next_steps,
-    render_report,
     summarize_metrics,
 )
+from meshlab.demo.report import Style, policy_summary, render_next_steps, render_report
+from meshlab.demo.run import Progress
+from meshlab.demo.scenario import DemoError, Intent, build_scenario, marker_for
 from ztunnel_cfg import ConnectionInfo, Snapshot, SpiffeId, authorize, load_config_text
 from ztunnel_cfg.routing import RouteKind, route
 
