@@ -30,7 +30,6 @@ where TLS now dominates the profile. Details in docs/hbone.md.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -50,6 +49,7 @@ from nodeproxy.errors import ProxyError
 from nodeproxy.hbone import events as ev
 from nodeproxy.hbone import settings as cfg
 from nodeproxy.hbone.flood import FloodLimits, WindowCounter
+from ztunnel_cfg.hostport import parse_host_port
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -85,20 +85,16 @@ class StreamLimitError(HboneProtocolError):
 
 
 def parse_authority(authority: str) -> tuple[str, int]:
-    """Split ``ip:port`` / ``[v6]:port``; raise ValueError with the reason."""
-    host, sep, port_s = authority.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"authority {authority!r} is not host:port")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError(f"authority {authority!r} has an unterminated IPv6 literal")
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)  # raises ValueError
-    elif ":" in host:
-        raise ValueError(f"authority {authority!r}: IPv6 addresses need [brackets]")
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise ValueError(f"authority {authority!r} has an invalid port")
-    return host, int(port_s)
+    """Split ``ip:port`` / ``[v6]:port``; raise ValueError (:class:`HostPortError`) with the
+    reason, which the server answers with 400."""
+    return parse_host_port(authority, "authority")
+
+
+class _H2Connection(h2.connection.H2Connection):
+    # h2 remembers up to 2**16 closed stream ids per connection to classify late frames; a
+    # pooled HBONE connection cycles through far more streams than that, so a busy one kept
+    # megabytes of them. Late frames in flight concern the last few streams only.
+    MAX_CLOSED_STREAMS = 1024
 
 
 def _data_header(length: int, flags: int, stream_id: int) -> bytes:
@@ -116,7 +112,7 @@ class HboneConnection:
         self.client_side = client_side
         self._clock = clock
         config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        conn = h2.connection.H2Connection(config=config)
+        conn = _H2Connection(config=config)
         max_streams = (
             cfg.CLIENT_MAX_CONCURRENT_STREAMS if client_side else cfg.SERVER_MAX_CONCURRENT_STREAMS
         )
@@ -660,10 +656,15 @@ class HboneConnection:
     def _check_closed(self) -> None:
         self._maybe_closed = False
         streams = self._h2.streams
-        for sid in [s for s in self._live if s not in streams or streams[s].closed]:
+        closed = [s for s in self._live if s not in streams or streams[s].closed]
+        for sid in closed:
             self._live.discard(sid)
             self._unanswered.discard(sid)
             self._events.append(ev.StreamClosed(sid))
+        if closed:
+            # h2 drops closed streams from its table only when it counts open ones; without
+            # this an idle pooled connection kept every stream it ever carried (~1 KB each).
+            _ = self._h2.open_inbound_streams
 
     def _take_events(self) -> list[ev.Event]:
         events = self._events
