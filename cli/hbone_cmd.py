@@ -9,6 +9,7 @@ import click
 
 from nodeproxy.hbone.client_tool import ConnectOptions, connect
 from ztunnel_cfg.errors import SpiffeIdError
+from ztunnel_cfg.hostport import HostPortError, parse_host_port
 from ztunnel_cfg.spiffe import SpiffeId
 
 
@@ -36,12 +37,14 @@ def connect_cmd(target: str, authority: str, cert: str, key: str, ca: str,
     Exit codes: 0 ok, 2 TLS failure, 3 identity mismatch, 4 denied (401),
     5 upstream/connect failure (503, refused, timeout), 6 bad request (400), 1 other.
     """
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise click.BadParameter(f"{target!r}: want HOST:PORT", param_hint="TARGET")
+    try:
+        host, port = parse_host_port(target, "TARGET")
+    except HostPortError as exc:
+        raise click.BadParameter(f"{target!r}: {exc.reason}; want HOST:PORT",
+                                 param_hint="TARGET") from None
     try:
         expected = tuple(SpiffeId.parse(s) for s in expect_san)
     except SpiffeIdError as exc:
         raise click.BadParameter(str(exc), param_hint="--expect-san") from None
-    sys.exit(connect(ConnectOptions(host.strip("[]"), int(port), authority, Path(cert),
+    sys.exit(connect(ConnectOptions(host, port, authority, Path(cert),
                                     Path(key), Path(ca), expected, timeout)))

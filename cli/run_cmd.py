@@ -24,6 +24,7 @@ from nodeproxy.proxy.limits import Limits
 from redirect import ops
 from redirect.spec import RedirectSpec
 from ztunnel_cfg.errors import NodeproxyError
+from ztunnel_cfg.hostport import HostPortError, parse_host_port
 
 log = logging.getLogger("nodeproxy.run")
 _LIMITS = Limits()  # the defaults shown by --help
@@ -45,10 +46,11 @@ class OpsRedirector:
 
 
 def _hostport(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise click.BadParameter(f"{text!r}: want HOST:PORT", param_hint=what)
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return parse_host_port(text, what, default_host="0.0.0.0", port_zero=True)
+    except HostPortError as exc:
+        raise click.BadParameter(f"{text!r}: {exc.reason}; want HOST:PORT",
+                                 param_hint=what) from None
 
 
 def _read(path: str | None, what: str) -> bytes:

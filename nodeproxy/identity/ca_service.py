@@ -44,6 +44,7 @@ from nodeproxy.identity.ca import (
 from nodeproxy.identity.svid import node_identity_from_der, private_key_pem
 from nodeproxy.tls import context_from_pem
 from ztunnel_cfg.errors import NodeproxyError, SpiffeIdError
+from ztunnel_cfg.hostport import HostPortError, parse_host_port
 from ztunnel_cfg.spiffe import NodeId, SpiffeId
 
 if TYPE_CHECKING:
@@ -268,10 +269,11 @@ def build_app(
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise IdentityError(f"--listen {listen!r} is not ADDR:PORT", hint="e.g. 0.0.0.0:15012")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return parse_host_port(listen, "--listen", default_host="0.0.0.0")
+    except HostPortError as exc:
+        raise IdentityError(f"--listen {listen!r} is not ADDR:PORT: {exc.reason}",
+                            hint="e.g. 0.0.0.0:15012 or [::]:15012") from None
 
 
 async def serve(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import ssl
@@ -30,6 +29,7 @@ from nodeproxy.sockets import SocketFactory
 from nodeproxy.tls import ContextCache
 from ztunnel_cfg.authz import ConnectionInfo, authorize
 from ztunnel_cfg.errors import NodeproxyError
+from ztunnel_cfg.hostport import HostPortError, parse_host_port
 from ztunnel_cfg.model import MtlsMode, Workload
 from ztunnel_cfg.routing import Route, RouteKind, route
 from ztunnel_cfg.spiffe import SpiffeId
@@ -610,15 +610,9 @@ def _failure_flags(exc: BaseException) -> str:
 
 
 def _parse_authority(authority: str) -> tuple[str, int]:
-    host, sep, port_text = authority.rpartition(":")
-    host = host.strip("[]")
     try:
-        ipaddress.ip_address(host)
-        port = int(port_text)
-        if not sep or not 0 < port < 65536:
-            raise ValueError
-    except ValueError:
-        raise ProxyError(f"bad CONNECT authority {authority!r}: want IP:PORT", status=400,
-                         flags="NR") from None
-    return host, port
+        return parse_host_port(authority, "CONNECT authority", ip_only=True)
+    except HostPortError as exc:
+        raise ProxyError(f"bad CONNECT authority {authority!r}: {exc.reason}; want IP:PORT",
+                         status=400, flags="NR") from None
 
