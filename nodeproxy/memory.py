@@ -1,15 +1,19 @@
 """Give memory back to the system after a load peak.
 
 glibc keeps freed heap pages mapped: after 10,000 tunnels close, the agent's RSS stays near its
-peak although Python freed the objects. ``malloc_trim(0)`` returns those pages. It costs time
-proportional to the heap (milliseconds for hundreds of MB) and blocks the event loop while it
-runs, so it is called only after a real drop in open connections, at most once per interval.
+peak although Python freed the objects. A full garbage collection (closed connections leave
+reference cycles) followed by ``malloc_trim(0)`` returns what glibc holds. Both block the event
+loop for tens of milliseconds, so they run only after a real drop in open connections, at most
+once per check interval. CPython's own small-object arenas are returned only when entirely
+empty, so part of a peak stays mapped (and is reused by the next peak): measured in
+docs/abuse-figures.md.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,9 +60,11 @@ class TrimPolicy:
 
 class MemoryReleaser:
     def __init__(self, open_connections: Callable[[], int], trim: Trim | None,
-                 policy: TrimPolicy | None = None) -> None:
+                 policy: TrimPolicy | None = None,
+                 collect: Callable[[], int] = gc.collect) -> None:
         self._open = open_connections
         self._trim = trim
+        self._collect = collect
         self.policy = policy or TrimPolicy()
         self.trims = 0
 
@@ -66,6 +72,7 @@ class MemoryReleaser:
         """Called periodically; True if memory was trimmed."""
         if self._trim is None or not self.policy.observe(self._open()):
             return False
+        self._collect()
         released = self._trim()
         self.trims += 1
         log.info("released freed memory to the system after a drop in connections "

@@ -26,12 +26,19 @@ def test_releaser_trims_once_per_drop() -> None:
         calls.append(open_now[0])
         return True
 
-    releaser = MemoryReleaser(lambda: open_now[0], trim)
+    collected: list[bool] = []
+
+    def collect() -> int:
+        collected.append(True)
+        return 0
+
+    releaser = MemoryReleaser(lambda: open_now[0], trim, collect=collect)
     assert not releaser.tick()
     open_now[0] = 10
     assert releaser.tick()
     assert not releaser.tick()  # no new drop, no new trim
     assert calls == [10]
+    assert collected == [True]  # cycles first, so their memory can be trimmed too
     assert releaser.trims == 1
 
 
