@@ -668,7 +668,11 @@ def lab_phases(cluster: Cluster, mesh: LabMesh, apps: list[LabApp], workdir: Pat
         return {node: agent_metrics(mesh, node) for node in nodes}
 
     def idle() -> bool:
-        return all(m["open_connections"] == 0 for m in metrics().values()) \
+        try:
+            scraped = metrics()
+        except LabError:  # a scrape timed out: the agent is busy closing 10,000 tunnels
+            return False
+        return all(m["open_connections"] == 0 for m in scraped.values()) \
             and server.ask("stats")["open"] == 0
 
     # warm-up: certificates issued, one pooled HBONE connection, code paths imported
