@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from cli.tables import FORMATS, render, render_table
-from ztunnel_cfg.dump import config_to_document
+from ztunnel_cfg.dump import config_json_schema_text, config_to_document
 from ztunnel_cfg.errors import ConfigError
+from ztunnel_cfg.loader import validate_config_file
 from ztunnel_cfg.snapshot import Snapshot, load_snapshot
 
 
@@ -49,13 +50,16 @@ def validate(files: tuple[str, ...]) -> None:
     bad_files = 0
     for path in files:
         try:
-            snapshot = load_snapshot(path)
+            result = validate_config_file(path)
+            snapshot = Snapshot.build(result.config)
         except ConfigError as exc:
             bad_files += 1
             errors += len(exc.issues)
             for issue in exc.issues:
                 click.echo(str(issue))
             continue
+        for warning in result.warnings:
+            click.echo(str(warning), err=True)  # stdout stays one result line per file
         click.echo(f"{path}: valid ({summary(snapshot)})")
     if bad_files:
         click.echo(
@@ -138,3 +142,9 @@ def show(file: str, fmt: str) -> None:
         )
 
     click.echo(render(fmt, tables, lambda: _data(snapshot)), nl=False)
+
+
+@command.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of config files (for editors; docs/config.schema.json)."""
+    click.echo(config_json_schema_text(), nl=False)

@@ -50,7 +50,7 @@ class ExplainError(NodeproxyError):
 
 class Path(enum.Enum):
     HBONE = "HBONE"  # mTLS tunnel to the destination's 15008
-    WAYPOINT = "WAYPOINT"  # mTLS tunnel to the waypoint, which applies L7 behaviour
+    WAYPOINT = "WAYPOINT"  # mTLS tunnel to the waypoint's pods (no waypoint proxy exists yet)
     PASSTHROUGH = "PASSTHROUGH"  # captured, forwarded in plain TCP (destination not meshed)
     PLAINTEXT = "PLAINTEXT"  # not captured at the source: plaintext to the destination's 15006
     DIRECT = "DIRECT"  # neither side is handled by an agent
@@ -276,14 +276,15 @@ def _hop_from_route(
     assert r.target_ip is not None
     via = _hostport(r.target_ip, r.tunnel_port or 0)
     if r.kind is RouteKind.WAYPOINT:
-        # The waypoint terminates the tunnel; its own L7 policy applies, and the final
-        # destination's agent then sees the waypoint's identity, not the source's.
+        # Only the tunnel to the waypoint's pods exists: no waypoint proxy is implemented yet
+        # (issue 11 item 4), so no decision is attributed to it.
         mode, mode_src = _mtls(snapshot, dst)
         return Hop(
             path=Path.WAYPOINT, via=via, mtls_mode=mode.value, mtls_mode_source=mode_src,
             allowed=None, policy=None, rule=None,
-            reason=f"decided by waypoint {dst.key} (L7 policy); the destination's L4 "
-            "policies see the waypoint's identity",
+            reason=f"tunnelled to waypoint {dst.key}: no waypoint proxy is implemented yet, so "
+            "nothing there applies L7 policy or routes; the destination's L4 policies would see "
+            "the waypoint's identity",
             response_flags="-", **base,
         )
     conn = ConnectionInfo(source.identity, src_ip, r.target_ip, r.target_port)
@@ -380,7 +381,9 @@ def explain(snapshot: Snapshot, source_spec: str, target: str) -> Explanation:
             if service is not None:
                 endpoints = _endpoint_states(snapshot, service.key)
                 if first_route.kind is RouteKind.WAYPOINT:
-                    selection = "the waypoint chooses the service endpoint (L7)"
+                    selection = (
+                        "the waypoint's pods receive the connection; no endpoint is chosen here"
+                    )
                 else:
                     selection = "no healthy endpoint to choose from"
             hops.append(_hop_from_route(snapshot, source, src_ip, first_route))

@@ -182,7 +182,7 @@ def locate(
             path = _sub(path, found[2])
             steps.pop(0)
             # Inside a (key, value) pair: 0 is the key, 1 the value.
-            if isinstance(step, int) and steps and steps[0] in (0, 1) and steps.pop(0) == 0:
+            if steps and steps[0] in (0, 1) and steps.pop(0) == 0:
                 node = key_node
             continue
         if isinstance(node, yaml.SequenceNode) and isinstance(step, int):

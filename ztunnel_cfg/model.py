@@ -349,6 +349,10 @@ def _as_dict(pairs: tuple[tuple[Any, Any], ...]) -> dict[Any, Any]:
     return dict(pairs)
 
 
+def _as_dict_of_dicts(pairs: tuple[tuple[Any, Any], ...]) -> dict[Any, Any]:
+    return {key: dict(inner) for key, inner in pairs}
+
+
 def _map_schema(keys: dict[str, Any], values: dict[str, Any]) -> WithJsonSchema:
     return WithJsonSchema({"type": "object", "propertyNames": keys, "additionalProperties": values})
 
@@ -415,7 +419,7 @@ Headers = Annotated[
 WorkloadServices = Annotated[
     tuple[tuple[ServiceKey, PortMap], ...],
     BeforeValidator(_pairs),
-    PlainSerializer(_as_dict),
+    PlainSerializer(_as_dict_of_dicts),
     _map_schema(
         {"pattern": r"^[^/\s]+/[^/\s]+$"},
         {

@@ -22,6 +22,13 @@ from ztunnel_cfg import (
     load_config_text,
 )
 from ztunnel_cfg.dump import config_to_document
+from ztunnel_cfg.model import Config, Doc
+
+
+def _all_docs(cls: type) -> list[type]:
+    subs: list[type] = cls.__subclasses__()
+    return [sub for c in subs for sub in (c, *_all_docs(c))]
+
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -486,58 +493,16 @@ _scalars = st.one_of(
         ]
     ),
 )
+# Every key of every document, from the models themselves.
+_ALL_KEYS = sorted(
+    {
+        info.alias or name
+        for cls in (Config, *_all_docs(Doc))
+        for name, info in cls.__pydantic_fields__.items()  # type: ignore[attr-defined]
+    }
+)
 _keys = (
-    st.sampled_from(
-        [
-            "workloads",
-            "services",
-            "policies",
-            "waypoints",
-            "routes",
-            "peerAuthentication",
-            "trustDomain",
-            "uid",
-            "name",
-            "namespace",
-            "serviceAccount",
-            "workloadIps",
-            "node",
-            "protocol",
-            "netns",
-            "waypoint",
-            "services",
-            "destination",
-            "hboneMtlsPort",
-            "vips",
-            "ports",
-            "subjectAltNames",
-            "scope",
-            "action",
-            "rules",
-            "selector",
-            "workloadUids",
-            "mode",
-            "principals",
-            "namespaces",
-            "notNamespaces",
-            "sourceIps",
-            "destinationPorts",
-            "healthy",
-            "labels",
-            "parent",
-            "backends",
-            "matches",
-            "service",
-            "port",
-            "weight",
-            "timeout",
-            "retries",
-            "attempts",
-            "pathPrefix",
-            "headers",
-            "trafficType",
-        ]
-    )
+    st.sampled_from(_ALL_KEYS)
     | st.text(max_size=8)
     | st.integers(0, 70000)
 )

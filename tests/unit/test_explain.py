@@ -244,3 +244,12 @@ def test_document_shape(snapshot: Snapshot) -> None:
     [out] = doc["outcomes"]
     assert (out["path"], out["policy"], out["rule"], out["responseFlags"]) == \
         ("HBONE", "shop/deny-default", 1, "DENY")
+
+
+def test_waypoint_hop_claims_no_decision(snapshot: Snapshot) -> None:
+    # No waypoint proxy exists yet (issue 11 item 4): explain must not say one decides.
+    e = explain(snapshot, "client", "10.96.0.20:80")
+    text = " ".join([e.selection, *(h.reason for h in e.hops)])
+    assert "decided by" not in text
+    assert "chooses" not in text
+    assert "no waypoint proxy is implemented yet" in text
