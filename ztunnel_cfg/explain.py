@@ -22,6 +22,7 @@ from typing import Any
 
 from ztunnel_cfg.authz import ConnectionInfo, Decision, authorize
 from ztunnel_cfg.errors import NodeproxyError
+from ztunnel_cfg.hostport import HostPortError, parse_host_port
 from ztunnel_cfg.model import IPAddress, MtlsMode, Protocol, Workload
 from ztunnel_cfg.routing import Chooser, Route, RouteKind, route
 from ztunnel_cfg.snapshot import Snapshot, to_ip
@@ -168,13 +169,14 @@ class Explanation:
 
 def parse_target(text: str) -> tuple[IPAddress, int]:
     """``IP:PORT`` (IPv6 as ``[addr]:port``)."""
-    host, sep, port_text = text.rpartition(":")
-    ip = to_ip(host.strip("[]"))
-    if not sep or ip is None or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ExplainError(
-            f"bad target {text!r}", hint="use IP:PORT, e.g. 10.96.0.10:80 or [fd00::1]:80"
-        )
-    return ip, int(port_text)
+    try:
+        host, port = parse_host_port(text, "target", ip_only=True)
+    except HostPortError as exc:
+        raise ExplainError(f"bad target {text!r}: {exc.reason}",
+                           hint="use IP:PORT, e.g. 10.96.0.10:80 or [fd00::1]:80") from None
+    ip = to_ip(host)
+    assert ip is not None  # ip_only guarantees an address
+    return ip, port
 
 
 def resolve_source(snapshot: Snapshot, spec: str) -> tuple[Workload | None, IPAddress]:
