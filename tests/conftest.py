@@ -3,18 +3,35 @@
 - Privileged tests (marker ``privileged``) need root and netfilter/netns support.  When they
   cannot run they FAIL with the reason; they never skip silently.
 - Under CI (``CI`` set) any skipped test fails the run.
+- Every async test runs twice, on uvloop (the agent's production loop) and on the plain
+  asyncio loop (ids ``[uvloop]`` and ``[asyncio]``); marker ``uvloop`` restricts a test to
+  uvloop (figures that depend on its buffers, or too slow to run twice).
+- Every async test is held to the hygiene of ``tests/helpers/hygiene.py``: it fails if the
+  loop's exception handler was called or it left a task, a file descriptor or an unclosed
+  object behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import uvloop
+from pytest_asyncio import is_async_test
+
+from tests.helpers.hygiene import Baseline, LoopErrors
+
+pytest_plugins = ("pytester",)
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
 
 
 def _privilege_problem() -> str | None:
@@ -51,13 +68,58 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "uvloop: run the async test on uvloop, the agent's production event loop")
+        "markers", "uvloop: run the async test on uvloop only (the agent's production loop), "
+        "not also on the plain asyncio loop")
 
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item,
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Tests marked ``uvloop`` run on uvloop; the others on a plain asyncio loop."""
+    """Every async test on both loops; tests marked ``uvloop`` on uvloop only."""
     if item.get_closest_marker("uvloop") is not None:
-        return {"uvloop": uvloop.new_event_loop}
-    return {"asyncio": asyncio.new_event_loop}
+        return {"uvloop": LOOP_FACTORIES["uvloop"]}
+    return dict(LOOP_FACTORIES)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The hygiene checks collect garbage twice per async test: with everything imported and
+    # collected so far moved out of the collector's sight, each collection only walks what the
+    # tests themselves allocated (milliseconds instead of a tenth of a second).
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # An object dropped without close() warns in __del__; make that an error (reported as an
+    # unraisable exception) for async tests, whose transports must all be closed.
+    for item in items:
+        if is_async_test(item):
+            item.add_marker(pytest.mark.filterwarnings("error::ResourceWarning"))
+            item.add_marker(
+                pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"))
+
+
+@pytest.fixture
+async def loop_hygiene() -> AsyncIterator[LoopErrors]:
+    """Records the loop's exception-handler calls; at teardown (after the test's other
+    fixtures) fails on any of them and on tasks, descriptors or objects the test left open.
+    Applied to every async test; request it to ``take()`` errors a test provokes on purpose."""
+    loop = asyncio.get_running_loop()
+    baseline = Baseline()
+    errors = LoopErrors()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(errors)
+    try:
+        yield errors
+        problems = await baseline.check(errors)
+    finally:
+        loop.set_exception_handler(previous)
+    if problems:
+        pytest.fail("async hygiene: " + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _async_hygiene(request: pytest.FixtureRequest) -> None:
+    # Set up before the test's own function-scoped fixtures, so torn down after them.
+    if is_async_test(request.node):
+        request.getfixturevalue("loop_hygiene")

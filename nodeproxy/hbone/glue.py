@@ -454,8 +454,16 @@ class HboneProtocol(asyncio.BufferedProtocol):
         except asyncio.CancelledError:
             stream.reset()
             raise
-        except Exception:
-            log.exception("component=hbone request handler failed for %s", req.authority)
+        except Exception as exc:
+            # A handler that raises is a bug: refuse the stream, and report it where the
+            # loop reports other lost exceptions (the default handler logs it with its
+            # traceback; tests install a handler that fails the test).
+            log.error("component=hbone request handler failed for %s: %r", req.authority, exc)
+            self.loop.call_exception_handler({
+                "message": f"HBONE request handler failed for {req.authority}",
+                "exception": exc,
+                "protocol": self,
+            })
             if not stream.responded:
                 stream.refuse(503)
         finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import resource
 import socket
@@ -35,23 +34,6 @@ CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"  # allowed by the conf
 
 # The agent's production loop: memory figures depend on its TLS buffers (tests/conftest.py).
 pytestmark = pytest.mark.uvloop
-
-
-@pytest.fixture(autouse=True)
-async def loop_hygiene() -> AsyncIterator[None]:
-    """Fail on any loop exception-handler call (a handler task that died, a callback that
-    raised): those are bugs the data path would otherwise hide."""
-    loop = asyncio.get_running_loop()
-    calls: list[str] = []
-
-    def record(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        calls.append(str(context.get("message")) + ": " + repr(context.get("exception")))
-
-    loop.set_exception_handler(record)
-    yield
-    gc.collect()  # "Task exception was never retrieved" is reported when a task is collected
-    loop.set_exception_handler(None)
-    assert not calls, f"the event loop reported errors: {calls}"
 
 
 def open_fds() -> int:

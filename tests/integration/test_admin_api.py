@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -28,6 +28,7 @@ from nodeproxy.http_endpoints import (
     loopback_only,
     readiness_app,
 )
+from tests.helpers.waiting import eventually
 from tests.integration.test_agent_loopback import CONFIG as LOOPBACK_CONFIG
 from tests.integration.test_agent_loopback import Mesh, running_mesh
 from ztunnel_cfg.loader import load_config_text
@@ -190,14 +191,6 @@ async def _json(addr: str, path: str) -> Any:
     return json.loads(body)
 
 
-async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    for _ in range(200):
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never true: {what}")
-
-
 async def test_config_dump_round_trips_and_shows_certificates_without_keys(
     agents: Agents,
 ) -> None:
@@ -261,7 +254,7 @@ async def test_debug_connections_lists_live_connections_on_both_agents(agents: A
         return bool(await _json(n1, "/debug/connections") == []
                     and await _json(n2, "/debug/connections") == [])
 
-    await _until(empty, "the closed connection left /debug/connections")
+    await eventually(empty, 5, "the closed connection left /debug/connections")
 
 
 async def test_cli_against_a_running_agent(agents: Agents) -> None:

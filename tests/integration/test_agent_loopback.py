@@ -13,7 +13,7 @@ import contextlib
 import socket
 import textwrap
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from nodeproxy.identity.ca_client import LocalCaClient
 from nodeproxy.metrics import Metrics
 from nodeproxy.proxy.env import ProxyEnv
 from nodeproxy.proxy.limits import Limits
+from tests.helpers.waiting import eventually
 from ztunnel_cfg.snapshot import Snapshot
 
 CONFIG = textwrap.dedent(
@@ -75,6 +76,8 @@ class Mesh:
     targets: dict[tuple[str, int], tuple[str, int]]
     received: list[bytes]
     peers: list[str]
+    # Config-file watches a stopped agent left open (see _close_leaked_config_watch).
+    leaked_config_watches: list[str] = field(default_factory=list)
 
     async def connect_via(self, pod_ip: str, target: tuple[str, int]) -> tuple[
         asyncio.StreamReader, asyncio.StreamWriter
@@ -100,6 +103,20 @@ async def _echo_server(
         writer.close()
 
     return await asyncio.start_server(handle, host, port)
+
+
+def _close_leaked_config_watch(app: AgentApp) -> str | None:
+    """AgentApp.run() cancels ConfigSource.run() while that is still awaiting its own cleanup,
+    so the inotify descriptor (and asyncinotify's epoll) stay open after quit().  Close them
+    here so that every test using the mesh is not failed by the hygiene checks for it;
+    ``test_stopped_agent_closes_its_config_watch`` pins the bug."""
+    source = app.config
+    leaked = getattr(source, "_inotify", None)
+    if source is None or leaked is None:
+        return None
+    leaked.close()
+    source._inotify = None
+    return str(source.path)
 
 
 @contextlib.asynccontextmanager
@@ -141,15 +158,20 @@ async def running_mesh(
     received: list[bytes] = []
     peers: list[str] = []
     servers = [await _echo_server(ip, received, peers, app_port) for ip in server_ips]
+    mesh = Mesh(apps, targets, received, peers)
     try:
-        async with asyncio.timeout(30):  # generous: CI may share the machine's two cores
-            while not all(a.agent.ready and a.started.is_set() for a in apps.values()):
-                await asyncio.sleep(0.02)
-        yield Mesh(apps, targets, received, peers)
+        await eventually(  # generous: CI may share the machine's two cores
+            lambda: all(a.agent.ready and a.started.is_set() for a in apps.values()), 30,
+            lambda: "agents not ready: " + ", ".join(
+                f"{n}: {a.agent.readiness_detail()}" for n, a in apps.items()))
+        yield mesh
     finally:
         for app in apps.values():
             await app.quit()
         await asyncio.gather(*tasks)
+        for app in apps.values():
+            if (leaked := _close_leaked_config_watch(app)) is not None:
+                mesh.leaked_config_watches.append(leaked)
         for server in servers:
             server.close()
             await server.wait_closed()
@@ -178,9 +200,12 @@ async def test_round_trip_through_hbone(mesh: Mesh) -> None:
     writer.write_eof()
     assert await reader.read() == b""
     writer.close()
-    await asyncio.sleep(0.1)
-    assert mesh.received == [b"hello mesh"]
+    await writer.wait_closed()
     node1, node2 = mesh.apps["node1"], mesh.apps["node2"]
+    # Byte counters are recorded when the connection is over.
+    await eventually(lambda: _counter(node1, "istio_tcp_received_bytes_total",
+                                      reporter="source") == 10, 5, "node1 counted the bytes")
+    assert mesh.received == [b"hello mesh"]
     assert _counter(node1, "istio_tcp_connections_opened_total", reporter="source",
                     connection_security_policy="mutual_tls") == 1
     assert _counter(node2, "istio_tcp_connections_opened_total", reporter="destination",
@@ -196,10 +221,13 @@ async def test_denied_source_gets_no_byte_through(mesh: Mesh) -> None:
     with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
         await reader.readexactly(1)
     writer.close()
-    await asyncio.sleep(0.1)
-    assert mesh.received == []
+    # The refusal is counted once node2 decided: from then on no byte can reach the server.
+    await eventually(lambda: _counter(mesh.apps["node2"], "istio_tcp_connections_failed_total",
+                                      response_flags="DENY"), 5, "node2 counted the denial")
     assert _counter(mesh.apps["node2"], "istio_tcp_connections_failed_total",
                     response_flags="DENY") == 1
+    assert mesh.received == []
+    assert mesh.peers == []  # the server never even accepted a connection
 
 
 async def test_non_mesh_destination_is_passed_through(mesh: Mesh) -> None:
@@ -339,3 +367,11 @@ async def test_one_gib_transfer_keeps_integrity(mesh: Mesh) -> None:
         await server.wait_closed()
     assert received == total
     assert receiver_hash.hexdigest() == sender_hash.hexdigest()
+
+
+@pytest.mark.xfail(strict=True, reason="nodeproxy bug: AgentApp.run() cancels ConfigSource.run() "
+                   "during its cleanup, which then skips closing its inotify watch")
+async def test_stopped_agent_closes_its_config_watch(tmp_path: Path) -> None:
+    async with running_mesh(tmp_path, CONFIG, (), APP_PORT) as mesh:
+        pass
+    assert mesh.leaked_config_watches == []

@@ -34,6 +34,7 @@ from nodeproxy.identity.node_credentials import (
 )
 from nodeproxy.identity.svid import load_pem_chain, private_key_pem, uri_sans
 from nodeproxy.tls import context_from_pem
+from tests.helpers.waiting import eventually, wait_until
 from ztunnel_cfg.spiffe import NodeId, SpiffeId
 
 NODEPROXY = str(Path(sys.executable).with_name("nodeproxy"))
@@ -122,15 +123,16 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
              "--config", str(config), "--listen", f"127.0.0.1:{port}"],
             stdout=logf, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         assert proc.poll() is None, log.read_text()
-        if "CA service listening" in log.read_text():
-            break
-        time.sleep(0.05)
-    else:
+        return "CA service listening" in log.read_text()
+
+    try:
+        wait_until(listening, 20, lambda: f"CA service did not start:\n{log.read_text()}")
+    except AssertionError:
         proc.kill()
-        pytest.fail(f"CA service did not start:\n{log.read_text()}")
+        proc.wait()
+        raise
     svc = Service(f"https://127.0.0.1:{port}", port, ca_dir, config, proc, log)
     try:
         yield svc
@@ -161,10 +163,14 @@ async def test_node1_gets_a_certificate_for_its_workload(service: Service) -> No
     )  # fmt: skip
     assert verify.returncode == 0, verify.stderr
     serial = format(certs[0].serial_number, "x")
-    await asyncio.sleep(0.1)
-    logs = service.log.read_text()
-    issued = [line for line in logs.splitlines() if '"msg": "issued"' in line and serial in line]
+
+    def issued_lines() -> list[str]:
+        return [line for line in service.log.read_text().splitlines()
+                if '"msg": "issued"' in line and serial in line]
+
+    issued = await eventually(issued_lines, 5, f"no 'issued' log line for serial {serial}")
     assert len(issued) == 1
+    logs = service.log.read_text()
     assert CLIENT.uri in issued[0]
     assert '"node": "node1"' in issued[0]
     assert "PRIVATE KEY" not in logs
@@ -289,7 +295,7 @@ async def test_config_changes_are_picked_up(service: Service) -> None:
         assert uri_sans(load_pem_chain(chain)[0]) == [LATER.uri]
         assert "config rejected" in service.log.read_text()
     finally:
-        service.config.write_text(_config(later))
+        service.config.write_text(_config())  # as the other tests (and a rerun) expect it
 
 
 async def test_certificate_manager_over_the_service(service: Service) -> None:
@@ -319,9 +325,10 @@ async def test_node_renews_only_its_own_certificate(service: Service) -> None:
     assert renewed.node_id == node1
     assert renewed.serial_hex != bootstrap.serial_hex
     assert bundle == service.node_files("node1")[2]
-    await asyncio.sleep(0.1)
-    logs = [line for line in service.log.read_text().splitlines()
-            if "renewed node certificate" in line and renewed.serial_hex in line]
+    logs = await eventually(
+        lambda: [line for line in service.log.read_text().splitlines()
+                 if "renewed node certificate" in line and renewed.serial_hex in line],
+        5, "no 'renewed node certificate' log line")
     assert len(logs) == 1, logs
     assert '"node": "node1"' in logs[0], logs
     # The name comes from the caller's certificate: node1 cannot renew into node2.
@@ -360,19 +367,29 @@ async def test_renewer_keeps_the_node_enrolled_past_its_bootstrap_expiry(
     renewer = NodeCertRenewer(client, bootstrap, store)
     task = asyncio.create_task(renewer.run())
     try:
-        deadline = time.monotonic() + 15
-        while renewer.current.serial_hex == bootstrap.serial_hex:
-            assert time.monotonic() < deadline, f"no renewal: {renewer.last_error}"
+        def renewed_yet() -> bool:
             assert not task.done(), task
-            await asyncio.sleep(0.1)
+            return renewer.current.serial_hex != bootstrap.serial_hex
+
+        await eventually(renewed_yet, 15, lambda: f"no renewal: {renewer.last_error}",
+                         interval=0.1)
         renewed = renewer.current
         assert renewed.not_after > bootstrap.not_after
-        # Past the bootstrap certificate's expiry the old credentials are refused at TLS...
-        await asyncio.sleep(max(0.0, bootstrap.not_after.timestamp() - time.time()) + 1.0)
+        # The service checks certificates against its own clock (another process): wait for
+        # it to refuse the bootstrap credentials, which happens once they expired...
         stale = RemoteCaClient(service.url, bootstrap.chain_pem, bootstrap.key_pem, bundle)
         _, csr = new_key_and_csr(CLIENT)
-        with pytest.raises(IdentityError):
-            await stale.sign(CLIENT, csr)
+
+        async def stale_refused() -> bool:
+            try:
+                await stale.sign(CLIENT, csr)
+            except IdentityError:
+                return True
+            return False
+
+        await eventually(stale_refused, lifetime + 10, "bootstrap credentials still accepted",
+                         interval=0.2)
+        assert time.time() >= bootstrap.not_after.timestamp() - 1  # not refused for another reason
         # ... while the renewing client keeps getting workload certificates.
         chain, _ = await client.sign(CLIENT, csr)
         assert uri_sans(load_pem_chain(chain)[0]) == [CLIENT.uri]

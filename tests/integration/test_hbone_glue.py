@@ -1,26 +1,23 @@
-"""HBONE glue and relay over real TLS 1.3 on loopback, under asyncio and uvloop.
+"""HBONE glue and relay over real TLS 1.3 on loopback, under uvloop and asyncio.
 
-Async hygiene: every test runs in its own loop (``run`` fixture) which fails the test if the
-loop's exception handler fired, a task is still pending, or a transport was left unclosed
-(ResourceWarning at garbage collection).
+Like every async test (tests/conftest.py), each fails if the loop's exception handler fired
+(a server handler that raised included), a task is still pending, or a transport or socket
+was left open.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import socket
-import warnings
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from nodeproxy.errors import ProxyError
 from nodeproxy.hbone import (
+    HboneProtocol,
     HboneServer,
     HboneStream,
     StreamLimitError,
@@ -30,54 +27,14 @@ from nodeproxy.hbone import (
 )
 from nodeproxy.hbone import events as ev
 from nodeproxy.relay import open_tcp, relay, wrap_socket
+from tests.helpers.hygiene import LoopErrors
+from tests.helpers.waiting import eventually
 from tests.integration._certs import TestPki, make_pki
-
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-Runner = Callable[[Callable[[], Awaitable[Any]]], Any]
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     return make_pki(Path(tmp_path_factory.mktemp("pki")))
-
-
-def _runner(kind: str) -> Runner:
-    def run(main: Callable[[], Awaitable[Any]]) -> Any:
-        errors: list[dict[str, Any]] = []
-        gc.collect()  # garbage of earlier tests must not be blamed on this one
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ResourceWarning)
-            with asyncio.Runner(loop_factory=LOOPS[kind]) as runner:
-                loop = runner.get_loop()
-                loop.set_exception_handler(lambda _l, ctx: errors.append(ctx))
-
-                async def wrapped() -> Any:
-                    result = await main()
-                    for _ in range(5):
-                        await asyncio.sleep(0)
-                    me = asyncio.current_task()
-                    leaked = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-                    assert not leaked, f"tasks leaked: {leaked}"
-                    return result
-
-                result = runner.run(wrapped())
-            gc.collect()
-        leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
-        assert not errors, f"loop exception handler fired: {errors}"
-        assert not leaks, f"resources leaked: {[str(w.message) for w in leaks]}"
-        return result
-
-    return run
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Runner:
-    return _runner(request.param)
-
-
-@pytest.fixture
-def run_uvloop() -> Runner:
-    return _runner("uvloop")
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -108,32 +65,29 @@ async def serve(pki: TestPki, handler: Any = echo_handler) -> HboneServer:
     return await start_server(handler, "127.0.0.1", 0, pki.server_context())
 
 
-def test_round_trip(run: Runner, pki: TestPki) -> None:
-    async def main() -> None:
-        seen: list[ev.ConnectRequest] = []
+async def test_round_trip(pki: TestPki) -> None:
+    seen: list[ev.ConnectRequest] = []
 
-        async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
-            seen.append(req)
-            await echo_handler(stream, req)
+    async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
+        seen.append(req)
+        await echo_handler(stream, req)
 
-        server = await serve(pki, handler)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        stream = await conn.open_stream("10.0.0.7:8080", [("baggage", "k8s.pod.name=a")])
-        await stream.write(b"hello hbone")
-        stream.write_eof()
-        assert await read_all(stream) == b"hello hbone"
-        assert (stream.bytes_sent, stream.bytes_received) == (11, 11)
-        assert seen[0].authority == "10.0.0.7:8080"
-        assert (seen[0].host, seen[0].port) == ("10.0.0.7", 8080)
-        assert ("baggage", "k8s.pod.name=a") in seen[0].headers
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
-
-    run(main)
+    server = await serve(pki, handler)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    stream = await conn.open_stream("10.0.0.7:8080", [("baggage", "k8s.pod.name=a")])
+    await stream.write(b"hello hbone")
+    stream.write_eof()
+    assert await read_all(stream) == b"hello hbone"
+    assert (stream.bytes_sent, stream.bytes_received) == (11, 11)
+    assert seen[0].authority == "10.0.0.7:8080"
+    assert (seen[0].host, seen[0].port) == ("10.0.0.7", 8080)
+    assert ("baggage", "k8s.pod.name=a") in seen[0].headers
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
 
 
-def test_large_transfer_integrity(run_uvloop: Runner, pki: TestPki) -> None:
+async def test_large_transfer_integrity(pki: TestPki) -> None:
     total = 256 * 1024 * 1024
     block = hashlib.sha256(b"seed").digest() * (1024 * 1024 // 32)  # 1 MiB
 
@@ -147,295 +101,293 @@ def test_large_transfer_integrity(run_uvloop: Runner, pki: TestPki) -> None:
         await stream.write(f"{n} {digest.hexdigest()}".encode())
         stream.write_eof()
 
-    async def main() -> None:
-        server = await serve(pki, handler)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        stream = await conn.open_stream("10.0.0.7:8080")
-        sent = hashlib.sha256()
-        for i in range(total // len(block)):
-            chunk = i.to_bytes(8, "big") + block[8:]
-            sent.update(chunk)
-            await stream.write(chunk)
+    server = await serve(pki, handler)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    stream = await conn.open_stream("10.0.0.7:8080")
+    sent = hashlib.sha256()
+    for i in range(total // len(block)):
+        chunk = i.to_bytes(8, "big") + block[8:]
+        sent.update(chunk)
+        await stream.write(chunk)
+    stream.write_eof()
+    answer = await read_all(stream)
+    assert answer.decode() == f"{total} {sent.hexdigest()}"
+    assert stream.bytes_sent == total
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
+
+
+async def test_200_concurrent_streams_then_limit(pki: TestPki) -> None:
+    release = asyncio.Event()
+
+    async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
+        stream.accept()
+        data = await read_all(stream)
+        await release.wait()
+        await stream.write(data[::-1])
         stream.write_eof()
-        answer = await read_all(stream)
-        assert answer.decode() == f"{total} {sent.hexdigest()}"
-        assert stream.bytes_sent == total
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
 
-    run_uvloop(main)
-
-
-def test_200_concurrent_streams_then_limit(run: Runner, pki: TestPki) -> None:
-    async def main() -> None:
-        release = asyncio.Event()
-
-        async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
-            stream.accept()
-            data = await read_all(stream)
-            await release.wait()
-            await stream.write(data[::-1])
-            stream.write_eof()
-
-        server = await serve(pki, handler)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        streams = await asyncio.gather(
-            *(conn.open_stream(f"10.0.0.7:{1000 + i}") for i in range(200)))
-        assert conn.streams_available() == 0
-        with pytest.raises(StreamLimitError):
-            await conn.open_stream("10.0.0.7:9999")
-        for i, st in enumerate(streams):
-            await st.write(f"stream-{i}".encode())
-            st.write_eof()
-        release.set()
-        answers = await asyncio.gather(*(read_all(st) for st in streams))
-        assert answers == [f"stream-{i}".encode()[::-1] for i in range(200)]
-        await asyncio.sleep(0.05)
-        assert conn.streams_available() == 200
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
-
-    run(main)
+    server = await serve(pki, handler)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    streams = await asyncio.gather(
+        *(conn.open_stream(f"10.0.0.7:{1000 + i}") for i in range(200)))
+    assert conn.streams_available() == 0
+    with pytest.raises(StreamLimitError):
+        await conn.open_stream("10.0.0.7:9999")
+    for i, st in enumerate(streams):
+        await st.write(f"stream-{i}".encode())
+        st.write_eof()
+    release.set()
+    answers = await asyncio.gather(*(read_all(st) for st in streams))
+    assert answers == [f"stream-{i}".encode()[::-1] for i in range(200)]
+    await eventually(lambda: conn.streams_available() == 200, 5,
+                     lambda: f"{conn.streams_available()} streams available, not 200")
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
 
 
-def test_half_close_each_side(run: Runner, pki: TestPki) -> None:
+async def test_half_close_each_side(pki: TestPki) -> None:
     async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
         stream.accept()
         got = await read_all(stream)  # client half-closed first
         await stream.write(b"after your FIN: " + got)
         stream.write_eof()
 
-    async def main() -> None:
-        server = await serve(pki, handler)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        stream = await conn.open_stream("10.0.0.7:80")
-        await stream.write(b"ping")
-        stream.write_eof()
-        with pytest.raises(StreamResetError):
-            await stream.write(b"late")  # our side is closed for writing
-        assert await read_all(stream) == b"after your FIN: ping"
-        assert await stream.read() == b""
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
-
-    run(main)
+    server = await serve(pki, handler)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    stream = await conn.open_stream("10.0.0.7:80")
+    await stream.write(b"ping")
+    stream.write_eof()
+    with pytest.raises(StreamResetError):
+        await stream.write(b"late")  # our side is closed for writing
+    assert await read_all(stream) == b"after your FIN: ping"
+    assert await stream.read() == b""
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
 
 
-def test_server_half_close_first(run: Runner, pki: TestPki) -> None:
+async def test_server_half_close_first(pki: TestPki) -> None:
+    finished = asyncio.Event()
+
+    async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
+        try:
+            stream.accept()
+            await stream.write(b"banner")
+            stream.write_eof()
+            got = await read_all(stream)
+            assert got == b"still talking"  # a failure reaches the loop's exception handler
+        finally:
+            finished.set()
+
+    server = await serve(pki, handler)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    stream = await conn.open_stream("10.0.0.7:80")
+    assert await read_all(stream) == b"banner"
+    await stream.write(b"still talking")
+    stream.write_eof()
+    await asyncio.wait_for(finished.wait(), 5)
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
+
+
+async def test_failing_handler_is_refused_and_reported_to_the_loop(
+    pki: TestPki, loop_hygiene: LoopErrors,
+) -> None:
+    """A handler that raises (an assertion in a test's server, a bug in the agent) gets its
+    stream refused with 503 and is reported to the loop's exception handler, which fails the
+    test (tests/conftest.py) instead of only logging."""
+
+    async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
+        assert req.port == 81, "handler saw the wrong port"
+
+    server = await serve(pki, handler)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    with pytest.raises(ProxyError) as info:
+        await conn.open_stream("10.0.0.7:80")
+    assert info.value.status == 503
+    call = await loop_hygiene.wait(lambda c: isinstance(c.get("exception"), AssertionError))
+    assert "handler saw the wrong port" in str(call["exception"])
+    assert call["message"] == "HBONE request handler failed for 10.0.0.7:80"
+    assert isinstance(call.get("protocol"), HboneProtocol)
+    assert len(loop_hygiene.take()) == 1  # expected: it must not fail this test
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
+
+
+async def test_reset_propagates_both_ways(pki: TestPki) -> None:
+    server_saw: asyncio.Queue[str] = asyncio.Queue()
+
     async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
         stream.accept()
-        await stream.write(b"banner")
-        stream.write_eof()
-        got = await read_all(stream)
-        assert got == b"still talking"
+        if req.port == 1:  # client will reset
+            try:
+                await read_all(stream)
+                await server_saw.put("eof")
+            except StreamResetError as exc:
+                await server_saw.put(f"reset {exc.code}")
+        else:  # server resets
+            await stream.read()
+            stream.reset()
 
-    async def main() -> None:
-        server = await serve(pki, handler)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        stream = await conn.open_stream("10.0.0.7:80")
-        assert await read_all(stream) == b"banner"
-        await stream.write(b"still talking")
-        stream.write_eof()
-        await asyncio.sleep(0.05)
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
-
-    run(main)
-
-
-def test_reset_propagates_both_ways(run: Runner, pki: TestPki) -> None:
-    async def main() -> None:
-        server_saw: asyncio.Queue[str] = asyncio.Queue()
-
-        async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
-            stream.accept()
-            if req.port == 1:  # client will reset
-                try:
-                    await read_all(stream)
-                    await server_saw.put("eof")
-                except StreamResetError as exc:
-                    await server_saw.put(f"reset {exc.code}")
-            else:  # server resets
-                await stream.read()
-                stream.reset()
-
-        server = await serve(pki, handler)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        a = await conn.open_stream("10.0.0.7:1")
-        await a.write(b"x")
-        a.reset()
-        assert await asyncio.wait_for(server_saw.get(), 5) == "reset 8"  # CANCEL
-        b = await conn.open_stream("10.0.0.7:2")
-        await b.write(b"y")
-        with pytest.raises(StreamResetError):
-            await asyncio.wait_for(b.read(), 5)
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
-
-    run(main)
+    server = await serve(pki, handler)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    a = await conn.open_stream("10.0.0.7:1")
+    await a.write(b"x")
+    a.reset()
+    assert await asyncio.wait_for(server_saw.get(), 5) == "reset 8"  # CANCEL
+    b = await conn.open_stream("10.0.0.7:2")
+    await b.write(b"y")
+    with pytest.raises(StreamResetError):
+        await asyncio.wait_for(b.read(), 5)
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
 
 
 @pytest.mark.parametrize(("status", "flags"), [(401, "DENY"), (503, "CONNECT"), (400, "CONNECT")])
-def test_non_200_is_proxy_error(run_uvloop: Runner, pki: TestPki, status: int, flags: str) -> None:
+async def test_non_200_is_proxy_error(pki: TestPki, status: int, flags: str) -> None:
     async def handler(stream: HboneStream, req: ev.ConnectRequest) -> None:
         stream.refuse(status)
 
-    async def main() -> None:
-        server = await serve(pki, handler)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        with pytest.raises(ProxyError) as info:
-            await conn.open_stream("10.0.0.7:80")
-        assert (info.value.status, info.value.flags) == (status, flags)
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
-
-    run_uvloop(main)
+    server = await serve(pki, handler)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    with pytest.raises(ProxyError) as info:
+        await conn.open_stream("10.0.0.7:80")
+    assert (info.value.status, info.value.flags) == (status, flags)
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
 
 
-def test_graceful_goaway_lets_streams_finish(run: Runner, pki: TestPki) -> None:
-    async def main() -> None:
-        server = await serve(pki)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        stream = await conn.open_stream("10.0.0.7:80")
-        await stream.write(b"before")
-        closing = asyncio.ensure_future(server.close(graceful=True))
-        await asyncio.sleep(0.05)
-        assert conn.streams_available() == 0  # GOAWAY received: no new streams
-        with pytest.raises(StreamLimitError):
-            await conn.open_stream("10.0.0.7:81")
-        await stream.write(b" and after GOAWAY")
-        stream.write_eof()
-        assert await read_all(stream) == b"before and after GOAWAY"
-        await closing
-        await conn.wait_closed()
-
-    run(main)
+async def test_graceful_goaway_lets_streams_finish(pki: TestPki) -> None:
+    server = await serve(pki)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    stream = await conn.open_stream("10.0.0.7:80")
+    await stream.write(b"before")
+    closing = asyncio.ensure_future(server.close(graceful=True))
+    # GOAWAY received: no new streams
+    await eventually(lambda: conn.streams_available() == 0, 5, "no GOAWAY seen")
+    with pytest.raises(StreamLimitError):
+        await conn.open_stream("10.0.0.7:81")
+    await stream.write(b" and after GOAWAY")
+    stream.write_eof()
+    assert await read_all(stream) == b"before and after GOAWAY"
+    await closing
+    await conn.wait_closed()
 
 
-def test_tcp_relay_through_hbone(run: Runner, pki: TestPki) -> None:
+async def test_tcp_relay_through_hbone(pki: TestPki) -> None:
     """app -> [TCP] -> outbound relay -> HBONE -> inbound relay -> [TCP] -> echo server."""
 
-    async def main() -> None:
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-            await writer.wait_closed()
-
-        upstream = await asyncio.start_server(echo, "127.0.0.1", 0)
-        up_port = upstream.sockets[0].getsockname()[1]
-        results: list[Any] = []
-
-        async def inbound(stream: HboneStream, req: ev.ConnectRequest) -> None:
-            tcp = await open_tcp("127.0.0.1", req.port)
-            stream.accept()
-            results.append(await relay(stream, tcp))
-
-        server = await serve(pki, inbound)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-
-        async def outbound(sock: socket.socket) -> None:
-            tcp = await wrap_socket(sock)
-            stream = await conn.open_stream(f"127.0.0.1:{up_port}")
-            results.append(await relay(tcp, stream))
-
-        lsock = socket.create_server(("127.0.0.1", 0))
-        lsock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        reader, writer = await asyncio.open_connection("127.0.0.1", lsock.getsockname()[1])
-        accepted, _ = await loop.sock_accept(lsock)
-        lsock.close()
-        task = asyncio.ensure_future(outbound(accepted))
-        payload = bytes(range(256)) * 4096 * 4  # 4 MiB
-        writer.write(payload)
-        await writer.drain()
-        writer.write_eof()
-        echoed = await reader.read(-1)
-        assert echoed == payload
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
         writer.close()
         await writer.wait_closed()
-        await task
-        for _ in range(50):
-            if len(results) == 2:
-                break
-            await asyncio.sleep(0.01)
-        out_res, in_res = results[1], results[0]
-        assert (out_res.bytes_up, out_res.bytes_down) == (len(payload), len(payload))
-        assert not out_res.reset
-        assert (in_res.bytes_up, in_res.bytes_down) == (len(payload), len(payload))
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
-        upstream.close()
-        await upstream.wait_closed()
 
-    run(main)
+    upstream = await asyncio.start_server(echo, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
+    results: list[Any] = []
 
+    async def inbound(stream: HboneStream, req: ev.ConnectRequest) -> None:
+        tcp = await open_tcp("127.0.0.1", req.port)
+        stream.accept()
+        results.append(await relay(stream, tcp))
 
-def test_upstream_reset_resets_downstream_socket(run: Runner, pki: TestPki) -> None:
-    async def main() -> None:
-        async def rst_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read(1)
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-            writer.transport.abort()
+    server = await serve(pki, inbound)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
 
-        upstream = await asyncio.start_server(rst_server, "127.0.0.1", 0)
-        up_port = upstream.sockets[0].getsockname()[1]
-        results: list[Any] = []
-
-        async def inbound(stream: HboneStream, req: ev.ConnectRequest) -> None:
-            tcp = await open_tcp("127.0.0.1", req.port)
-            stream.accept()
-            results.append(await relay(stream, tcp))
-
-        server = await serve(pki, inbound)
-        conn = await open_connection("127.0.0.1", server.port, pki.client_context())
-        a, b = tcp_pair()
-        tcp = await wrap_socket(b)
+    async def outbound(sock: socket.socket) -> None:
+        tcp = await wrap_socket(sock)
         stream = await conn.open_stream(f"127.0.0.1:{up_port}")
-        task = asyncio.ensure_future(relay(tcp, stream))
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(a, b"x")
-        res = await asyncio.wait_for(task, 5)
-        assert res.reset
-        assert res.bytes_up == 1
-        async def drain() -> None:
-            while await loop.sock_recv(a, 100):
-                pass
+        results.append(await relay(tcp, stream))
 
-        with pytest.raises(ConnectionResetError):
-            await drain()
-        a.close()
-        assert results[0].reset
-        conn.close()
-        await conn.wait_closed()
-        await server.close()
-        upstream.close()
-        await upstream.wait_closed()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", lsock.getsockname()[1])
+    accepted, _ = await loop.sock_accept(lsock)
+    lsock.close()
+    task = asyncio.ensure_future(outbound(accepted))
+    payload = bytes(range(256)) * 4096 * 4  # 4 MiB
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    echoed = await reader.read(-1)
+    assert echoed == payload
+    writer.close()
+    await writer.wait_closed()
+    await task
+    await eventually(lambda: len(results) == 2, 5, lambda: f"relay results: {results}")
+    out_res, in_res = results[1], results[0]
+    assert (out_res.bytes_up, out_res.bytes_down) == (len(payload), len(payload))
+    assert not out_res.reset
+    assert (in_res.bytes_up, in_res.bytes_down) == (len(payload), len(payload))
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
+    upstream.close()
+    await upstream.wait_closed()
 
-    run(main)
+
+async def test_upstream_reset_resets_downstream_socket(pki: TestPki) -> None:
+    async def rst_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        writer.transport.abort()
+
+    upstream = await asyncio.start_server(rst_server, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
+    results: list[Any] = []
+
+    async def inbound(stream: HboneStream, req: ev.ConnectRequest) -> None:
+        tcp = await open_tcp("127.0.0.1", req.port)
+        stream.accept()
+        results.append(await relay(stream, tcp))
+
+    server = await serve(pki, inbound)
+    conn = await open_connection("127.0.0.1", server.port, pki.client_context())
+    a, b = tcp_pair()
+    tcp = await wrap_socket(b)
+    stream = await conn.open_stream(f"127.0.0.1:{up_port}")
+    task = asyncio.ensure_future(relay(tcp, stream))
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(a, b"x")
+    res = await asyncio.wait_for(task, 5)
+    assert res.reset
+    assert res.bytes_up == 1
+    async def drain() -> None:
+        while await loop.sock_recv(a, 100):
+            pass
+
+    with pytest.raises(ConnectionResetError):
+        await drain()
+    a.close()
+    assert results[0].reset
+    conn.close()
+    await conn.wait_closed()
+    await server.close()
+    upstream.close()
+    await upstream.wait_closed()
 
 
-def test_relay_idle_timeout(run_uvloop: Runner) -> None:
-    async def main() -> None:
-        a1, b1 = socket.socketpair()
-        a2, b2 = socket.socketpair()
-        for s in (a1, a2):
-            s.setblocking(False)
-        left, right = await wrap_socket(b1), await wrap_socket(b2)
-        res = await relay(left, right, idle_timeout=0.2)
-        assert res.reset
-        assert res.error is not None
-        assert "idle" in res.error
-        a1.close()
-        a2.close()
+async def test_relay_idle_timeout() -> None:
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    for s in (a1, a2):
+        s.setblocking(False)
+    left, right = await wrap_socket(b1), await wrap_socket(b2)
+    res = await relay(left, right, idle_timeout=0.2)
+    assert res.reset
+    assert res.error is not None
+    assert "idle" in res.error
+    a1.close()
+    a2.close()
 
-    run_uvloop(main)

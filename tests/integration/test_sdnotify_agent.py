@@ -14,16 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from nodeproxy.identity.ca import CertificateAuthority
 
 ROOT = Path(__file__).resolve().parents[2]
-# Until nodeproxy/app.py calls nodeproxy.sdnotify this cannot pass; strict, so the marker
-# must go (automatically) the moment the wiring lands.
-_WIRED = "sdnotify" in (ROOT / "nodeproxy/app.py").read_text()
-pytestmark = pytest.mark.xfail(not _WIRED, strict=True,
-                               reason="nodeproxy/app.py does not use nodeproxy.sdnotify yet")
 
 CONFIG = textwrap.dedent(
     """

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nodeproxy.sdnotify import Notifier, run_watchdog, supervise
+from tests.helpers.waiting import eventually
 
 
 class FakeSystemd:
@@ -68,6 +69,7 @@ def test_abstract_socket() -> None:
     try:
         n = Notifier({"NOTIFY_SOCKET": "@" + name})
         assert n.ready()
+        n.close()
         assert server.drain() == [["READY=1"]]
     finally:
         server.sock.close()
@@ -78,6 +80,7 @@ def test_send_failure_is_reported_not_raised(tmp_path: Path) -> None:
     assert n.enabled
     assert n.ready() is False
     assert n.watchdog() is False
+    n.close()
 
 
 @pytest.mark.parametrize(
@@ -107,39 +110,58 @@ async def test_watchdog_pings_at_half_interval(fake: tuple[FakeSystemd, str]) ->
     server, path = fake
     n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    pings: list[float] = []
+
+    def collect() -> bool:
+        pings.extend(loop.time() for d in server.drain() if d == ["WATCHDOG=1"])
+        return len(pings) >= 3
+
+    start = loop.time()
     task = asyncio.create_task(run_watchdog(n, lambda: True, stop))
-    await asyncio.sleep(0.6)  # three watchdog intervals
+    await eventually(collect, 5, lambda: f"pings at {pings}")
     stop.set()
     await asyncio.wait_for(task, 2)
-    pings = [d for d in server.drain() if d == ["WATCHDOG=1"]]
-    assert len(pings) >= 2
+    n.close()
+    # The first at once, then one per half interval (0.1 s), not faster.
+    assert pings[2] - start >= 0.2 * 0.9
 
 
 async def test_watchdog_withheld_while_unhealthy(fake: tuple[FakeSystemd, str]) -> None:
     server, path = fake
     n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
     stop = asyncio.Event()
-    healthy = {"ok": False}
+    healthy = {"ok": False, "boom": False}
+    checks = 0
 
     def check() -> bool:
-        if healthy.get("boom"):
+        nonlocal checks
+        checks += 1
+        if healthy["boom"]:
             raise RuntimeError("broken check")
         return healthy["ok"]
 
+    async def checked(times: int) -> None:
+        # The watchdog sends (or withholds) right after each check, before waiting: once
+        # check() ran ``times`` more times, that many decisions were acted on.
+        target = checks + times
+        await eventually(lambda: checks >= target, 5, lambda: f"{checks} checks, not {target}")
+
     task = asyncio.create_task(run_watchdog(n, check, stop))
-    await asyncio.sleep(0.3)
-    assert server.drain() == []
+    await checked(3)
+    assert server.drain() == []  # unhealthy: three decisions, no ping
     healthy["ok"] = True
-    await asyncio.sleep(0.3)
+    await checked(2)
     assert ["WATCHDOG=1"] in server.drain()
     healthy["boom"] = True  # a raising check counts as unhealthy and does not kill the task
-    await asyncio.sleep(0.15)
-    server.drain()
-    await asyncio.sleep(0.3)
+    await checked(1)
+    server.drain()  # a ping sent before the first raising check
+    await checked(3)
     assert server.drain() == []
     assert not task.done()
     stop.set()
     await asyncio.wait_for(task, 2)
+    n.close()
 
 
 async def test_watchdog_returns_when_not_armed() -> None:
@@ -152,17 +174,26 @@ async def test_supervise_ready_once_and_status_changes(fake: tuple[FakeSystemd, 
     n = Notifier({"NOTIFY_SOCKET": path})
     state = {"ready": False, "text": "waiting for pod a"}
     stop = asyncio.Event()
+    got: list[list[str]] = []
+
+    async def received(count: int) -> None:
+        def check() -> bool:
+            got.extend(server.drain())
+            return len(got) >= count
+        await eventually(check, 5, lambda: f"got only {got}")
+
     task = asyncio.create_task(
         supervise(n, lambda: bool(state["ready"]), lambda: str(state["text"]), stop, poll=0.02)
     )
-    await asyncio.sleep(0.1)
+    await received(1)
     state.update(ready=True, text="ready: 1 pod(s)")
-    await asyncio.sleep(0.1)
+    await received(2)
     state.update(ready=False, text="waiting for pod b")  # READY=1 is never taken back
-    await asyncio.sleep(0.1)
+    await received(3)
     stop.set()
     await asyncio.wait_for(task, 2)
-    got = server.drain()
+    n.close()
+    got.extend(server.drain())
     assert got == [
         ["STATUS=waiting for pod a"],
         ["READY=1", "STATUS=ready: 1 pod(s)"],

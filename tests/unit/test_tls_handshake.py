@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import uvloop
 from cryptography import x509
 
 from nodeproxy.errors import IdentityError
@@ -27,6 +26,7 @@ from nodeproxy.tls import (
     server_context,
     verify_peer,
 )
+from tests.helpers.waiting import eventually
 from ztunnel_cfg.spiffe import NodeId, SpiffeId
 
 TD = "cluster.local"
@@ -59,6 +59,7 @@ class Server:
     errors: list[PeerIdentityError] = field(default_factory=list)
     sni: list[str | None] = field(default_factory=list)
     received: list[bytes] = field(default_factory=list)
+    finished: int = 0  # connections whose handler is done
 
 
 @pytest.fixture
@@ -88,6 +89,7 @@ async def serve() -> AsyncIterator[Callable[[ssl.SSLContext], asyncio.Future[Ser
                 pass
             finally:
                 writer.close()
+                state.finished += 1
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
         servers.append(server)
@@ -142,7 +144,7 @@ async def test_wrong_server_san_is_refused_before_sending(serve, ca, bundle) -> 
     assert "is not the expected spiffe://cluster.local/ns/default/sa/other" in str(info.value)
     writer.close()
     await writer.wait_closed()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: srv.finished == 1, 5, "the server saw the connection end")
     assert srv.received == []
 
 
@@ -324,43 +326,39 @@ async def test_context_cache_client_side_and_forget(ca, bundle) -> None:  # type
     assert await cache.client(CLIENT) is not ctx
 
 
-def test_handshake_rotation_and_refusal_under_uvloop(tmp_path: Path) -> None:
-    """The agent runs on uvloop: same checks there (memfd-loaded keys, no SNI, identity check,
-    per-handshake certificate swap)."""
+async def test_handshake_rotation_and_refusal(tmp_path: Path) -> None:
+    """Memfd-loaded keys, no SNI, identity check, per-handshake certificate swap (on both loops,
+    like every async test: the agent runs on uvloop)."""
     ca = CertificateAuthority.init(tmp_path / "ca")
     bundle = ca.trust_bundle
 
-    async def scenario() -> None:
-        source = Source(issue(ca, SERVER), bundle)
-        cache = ContextCache(source)
-        peers: list[SpiffeId] = []
+    source = Source(issue(ca, SERVER), bundle)
+    cache = ContextCache(source)
+    peers: list[SpiffeId] = []
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peers.append(verify_peer(writer.get_extra_info("ssl_object"), TD))
-            writer.write(b"hi")
-            await writer.drain()
-            writer.close()
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(verify_peer(writer.get_extra_info("ssl_object"), TD))
+        writer.write(b"hi")
+        await writer.drain()
+        writer.close()
 
-        ctx = await cache.rotating_server_context(SERVER)
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
-        port = server.sockets[0].getsockname()[1]
-        client_ctx = client_context(issue(ca, CLIENT), bundle)
-        try:
-            r1, w1 = await connect(port, client_ctx)
-            assert verify_peer(w1.get_extra_info("ssl_object"), TD, {SERVER}) == SERVER
-            with pytest.raises(PeerIdentityError):
-                verify_peer(w1.get_extra_info("ssl_object"), TD, {OTHER})
-            assert await r1.read() == b"hi"
-            w1.close()
-            source.svid = issue(ca, SERVER)
-            r2, w2 = await connect(port, client_ctx)
-            assert peer_serial(w2) == source.svid.serial
-            assert await r2.read() == b"hi"
-            w2.close()
-            assert peers == [CLIENT, CLIENT]
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(scenario())
+    ctx = await cache.rotating_server_context(SERVER)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    client_ctx = client_context(issue(ca, CLIENT), bundle)
+    try:
+        r1, w1 = await connect(port, client_ctx)
+        assert verify_peer(w1.get_extra_info("ssl_object"), TD, {SERVER}) == SERVER
+        with pytest.raises(PeerIdentityError):
+            verify_peer(w1.get_extra_info("ssl_object"), TD, {OTHER})
+        assert await r1.read() == b"hi"
+        w1.close()
+        source.svid = issue(ca, SERVER)
+        r2, w2 = await connect(port, client_ctx)
+        assert peer_serial(w2) == source.svid.serial
+        assert await r2.read() == b"hi"
+        w2.close()
+        assert peers == [CLIENT, CLIENT]
+    finally:
+        server.close()
+        await server.wait_closed()
