@@ -18,6 +18,7 @@ import gc
 import os
 import shutil
 import subprocess
+import warnings
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -90,11 +91,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # An object dropped without close() warns in __del__; make that an error (reported as an
-    # unraisable exception) for async tests, whose transports must all be closed.
+    # An object dropped without close() warns in __del__; loop_hygiene makes that an error
+    # (reported as an unraisable exception), which must fail the test.
     for item in items:
         if is_async_test(item):
-            item.add_marker(pytest.mark.filterwarnings("error::ResourceWarning"))
             item.add_marker(
                 pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"))
 
@@ -109,10 +109,15 @@ async def loop_hygiene() -> AsyncIterator[LoopErrors]:
     errors = LoopErrors()
     previous = loop.get_exception_handler()
     loop.set_exception_handler(errors)
+    # pytest restores the warning filters after each test.  Not an error once this fixture is
+    # done: uvloop warns about open handles while closing the loop, and an exception raised
+    # there leaves loop.close() waiting forever (the fd check has reported them by then).
+    warnings.filterwarnings("error", category=ResourceWarning)
     try:
         yield errors
         problems = await baseline.check(errors)
     finally:
+        warnings.filterwarnings("always", category=ResourceWarning)
         loop.set_exception_handler(previous)
     if problems:
         pytest.fail("async hygiene: " + "\n".join(problems), pytrace=False)

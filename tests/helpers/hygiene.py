@@ -82,12 +82,16 @@ def open_fds() -> dict[int, str]:
 
 
 def _new_fds(before: dict[int, str]) -> dict[int, str]:
-    # By number only: uvloop replaces its signal socketpair at every run_until_complete (same
-    # numbers, new sockets); a descriptor the test opened and kept has a number not in before.
-    # /dev/null is libuv's spare descriptor for EMFILE (opened at a loop's first listen, kept
-    # for the loop's life), never a socket or file the test forgot.
-    return {fd: what for fd, what in open_fds().items()
-            if fd not in before and what != "/dev/null"}
+    """Descriptors opened since ``before`` if there are more than were closed meanwhile.
+
+    uvloop replaces its signal socketpair at every run_until_complete: new sockets, usually
+    on the same numbers, but on others when lower ones were freed meanwhile; so it is the
+    count that tells a leak.  /dev/null is libuv's spare descriptor for EMFILE (opened at a
+    loop's first listen, kept for the loop's life), never something the test forgot."""
+    now = {fd: what for fd, what in open_fds().items() if what != "/dev/null"}
+    new = {fd: what for fd, what in now.items() if fd not in before}
+    gone = [fd for fd, what in before.items() if fd not in now and what != "/dev/null"]
+    return new if len(new) > len(gone) else {}
 
 
 def collect_garbage() -> list[str]:

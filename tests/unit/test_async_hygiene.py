@@ -58,6 +58,15 @@ async def test_leaves_a_transport_open():
     await server.wait_closed()
 
 
+async def test_leaves_a_server_serving():  # uvloop hung closing the loop once
+    async def handle(reader, writer):
+        await reader.read()
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    KEPT.append(await asyncio.open_connection("127.0.0.1", port))
+    KEPT.append(server)
+
+
 async def test_claims_the_error_it_provoked(loop_hygiene):
     def boom():
         raise RuntimeError("expected")
@@ -89,7 +98,8 @@ EXPECTED = {  # each messy test: what its failure report must say
     "test_task_exception_never_retrieved": "Task exception was never retrieved",
     "test_keeps_a_socket_open": "file descriptors left open",
     "test_drops_a_socket_unclosed": "ResourceWarning: unclosed <socket.socket",
-    "test_leaves_a_transport_open": "unclosed",
+    "test_leaves_a_transport_open": "file descriptors left open",
+    "test_leaves_a_server_serving": "tasks still pending at teardown",
 }
 
 
