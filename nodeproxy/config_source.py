@@ -219,10 +219,14 @@ class ConfigSource:
             # Cancelling an in-flight reload drops its result (the thread finishes on its own).
             work.cancel()
             stopped.cancel()
-            await asyncio.gather(work, stopped, return_exceptions=True)
-            if self._inotify is not None:
-                self._inotify.close()
-                self._inotify = None
+            try:
+                await asyncio.gather(work, stopped, return_exceptions=True)
+            finally:
+                # Also when this task is cancelled again while waiting above (the agent's
+                # shutdown does that): the inotify and epoll descriptors leaked otherwise.
+                if self._inotify is not None:
+                    self._inotify.close()
+                    self._inotify = None
 
     def stop(self) -> None:
         self._stop.set()

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import textwrap
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,6 @@ class Mesh:
     targets: dict[tuple[str, int], tuple[str, int]]
     received: list[bytes]
     peers: list[str]
-    # Config-file watches a stopped agent left open (see _close_leaked_config_watch).
-    leaked_config_watches: list[str] = field(default_factory=list)
 
     async def connect_via(self, pod_ip: str, target: tuple[str, int]) -> tuple[
         asyncio.StreamReader, asyncio.StreamWriter
@@ -103,20 +102,6 @@ async def _echo_server(
         writer.close()
 
     return await asyncio.start_server(handle, host, port)
-
-
-def _close_leaked_config_watch(app: AgentApp) -> str | None:
-    """AgentApp.run() cancels ConfigSource.run() while that is still awaiting its own cleanup,
-    so the inotify descriptor (and asyncinotify's epoll) stay open after quit().  Close them
-    here so that every test using the mesh is not failed by the hygiene checks for it;
-    ``test_stopped_agent_closes_its_config_watch`` pins the bug."""
-    source = app.config
-    leaked = getattr(source, "_inotify", None)
-    if source is None or leaked is None:
-        return None
-    leaked.close()
-    source._inotify = None
-    return str(source.path)
 
 
 @contextlib.asynccontextmanager
@@ -169,9 +154,6 @@ async def running_mesh(
         for app in apps.values():
             await app.quit()
         await asyncio.gather(*tasks)
-        for app in apps.values():
-            if (leaked := _close_leaked_config_watch(app)) is not None:
-                mesh.leaked_config_watches.append(leaked)
         for server in servers:
             server.close()
             await server.wait_closed()
@@ -369,9 +351,18 @@ async def test_one_gib_transfer_keeps_integrity(mesh: Mesh) -> None:
     assert receiver_hash.hexdigest() == sender_hash.hexdigest()
 
 
-@pytest.mark.xfail(strict=True, reason="nodeproxy bug: AgentApp.run() cancels ConfigSource.run() "
-                   "during its cleanup, which then skips closing its inotify watch")
+def _inotify_fds() -> int:
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify"
+    return count
+
+
 async def test_stopped_agent_closes_its_config_watch(tmp_path: Path) -> None:
-    async with running_mesh(tmp_path, CONFIG, (), APP_PORT) as mesh:
-        pass
-    assert mesh.leaked_config_watches == []
+    """quit() cancels the config watcher during its own cleanup; its inotify descriptor must
+    be closed all the same (one per agent leaked before)."""
+    before = _inotify_fds()
+    async with running_mesh(tmp_path, CONFIG, (), APP_PORT):
+        assert _inotify_fds() == before + 2  # one watch per agent
+    assert _inotify_fds() == before
