@@ -13,13 +13,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Protocol
 
 from nodeproxy.hbone.settings import RELAY_READ_SIZE
+from nodeproxy.sockets import linger_zero
 
 #: Pause reading a TCP socket when this much is buffered and not yet relayed.
 TCP_READ_HIGH_WATER = 4 * RELAY_READ_SIZE
@@ -156,8 +155,7 @@ class TcpStream(asyncio.Protocol):
             return
         sock = t.get_extra_info("socket")
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            linger_zero(sock)
         t.abort()
 
     def close(self) -> None:

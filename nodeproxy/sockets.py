@@ -10,6 +10,7 @@ same code serves in-pod, loopback tests and benchmarks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -89,6 +90,17 @@ def prepare_connecting(
         sock.close()
         raise from_os_error(exc, "preparing connection to", addr) from None
     return sock
+
+
+def linger_zero(sock: socket.socket) -> None:
+    """SO_LINGER 0: closing sends RST, so the peer sees a failure, not a clean EOF."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def close_with_reset(sock: socket.socket) -> None:
+    linger_zero(sock)
+    sock.close()
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:

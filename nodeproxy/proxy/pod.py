@@ -11,7 +11,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from nodeproxy.metrics import ConnectionLabels
 from nodeproxy.pool import ConnectionPool
 from nodeproxy.proxy import guard, tunnel
 from nodeproxy.proxy.env import ProxyEnv
-from nodeproxy.sockets import SocketFactory
+from nodeproxy.sockets import SocketFactory, close_with_reset
 from nodeproxy.tls import ContextCache
 from ztunnel_cfg.authz import ConnectionInfo, authorize
 from ztunnel_cfg.errors import NodeproxyError
@@ -64,13 +63,6 @@ class LiveConnection:
             "workload": self.workload, "local": self.local, "remote": self.remote,
             "target": self.target, "protocol": self.protocol,
         }
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0) so the client sees a failure, not a clean EOF."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def _peer_text(sock: socket.socket) -> str:
@@ -264,7 +256,7 @@ class PodProxy:
     def _reject(self, sock: socket.socket, direction: str, exc: RejectedError) -> None:
         """Reset a connection refused before any handler ran; count and log it."""
         peer = _peer_text(sock)
-        _reset(sock)
+        close_with_reset(sock)
         self._rejected(direction, exc, peer)
 
     def _rejected(self, direction: str, exc: RejectedError, peer: str, dst: str = "") -> None:
@@ -375,7 +367,7 @@ class PodProxy:
                 path = "rejected"
                 env.metrics.connection_rejected("outbound", exc.reason)
             env.metrics.connection_failed(self._outbound_labels(decision, flags))
-            _reset(sock)
+            close_with_reset(sock)
             log.info("outbound %s failed: %s", conn_id, exc, extra={"component": "outbound"})
         finally:
             self.live.pop(conn_id, None)
@@ -478,7 +470,7 @@ class PodProxy:
             )
         finally:
             if upstream is not None:  # dialled, but the stream ended before the relay began
-                _reset(upstream)
+                close_with_reset(upstream)
             self.live.pop(conn_id, None)
             env_src = src.name if src else ""
             accesslog.write(accesslog.AccessRecord(
@@ -569,7 +561,7 @@ class PodProxy:
                 env.metrics.connection_rejected("inbound_plaintext", exc.reason)
             env.metrics.connection_failed(_labels_for("destination", src, None, dst, "", flags,
                                                       False))
-            _reset(sock)
+            close_with_reset(sock)
         finally:
             self.live.pop(conn_id, None)
             with contextlib.suppress(OSError):

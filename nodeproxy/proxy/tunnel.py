@@ -7,11 +7,9 @@ streams that carry the peer's verified SPIFFE ID, and relays that return exact b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import ssl
-import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -20,6 +18,7 @@ from nodeproxy.hbone.events import ConnectRequest
 from nodeproxy.hbone.flood import FloodLimits
 from nodeproxy.pool import Lease
 from nodeproxy.relay import RelayResult, relay, wrap_socket
+from nodeproxy.sockets import close_with_reset
 from nodeproxy.tls import PeerIdentityError, verify_peer
 from ztunnel_cfg.model import Workload
 from ztunnel_cfg.spiffe import SpiffeId
@@ -159,27 +158,20 @@ def inbound_server(
         on_connection_error=on_connection_error, max_backlog=max_backlog))
 
 
-def _abandon(sock: socket.socket) -> None:
-    """Close a socket nobody will relay, with RST so its peer does not wait for data."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 async def relay_sockets(downstream: socket.socket, upstream: socket.socket,
                         idle_timeout: float) -> RelayResult:
     """Relay two sockets; both are closed whatever happens (also on cancellation)."""
     try:
         down = await wrap_socket(downstream)
     except BaseException:
-        _abandon(downstream)
-        _abandon(upstream)
+        close_with_reset(downstream)
+        close_with_reset(upstream)
         raise
     try:
         up = await wrap_socket(upstream)
     except BaseException:
         down.reset()
-        _abandon(upstream)
+        close_with_reset(upstream)
         raise
     return await relay(down, up, idle_timeout=idle_timeout)
 
@@ -192,7 +184,7 @@ async def relay_stream(sock: socket.socket, stream: Stream | ServerStream,
     try:
         tcp = await wrap_socket(sock)
     except BaseException:
-        _abandon(sock)
+        close_with_reset(sock)
         hbone.reset()
         raise
     return await relay(tcp, hbone, idle_timeout=idle_timeout)
