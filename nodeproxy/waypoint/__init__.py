@@ -1,0 +1,1 @@
+"""Waypoint proxy: the optional L7 layer (routing, retries, timeouts, circuit breaking, L7 policy)."""
