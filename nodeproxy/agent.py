@@ -22,6 +22,7 @@ from nodeproxy.metrics import Metrics
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.model import Protocol as WorkloadProtocol
 from ztunnel_cfg.model import Workload
+from ztunnel_cfg.routing import is_waypoint
 from ztunnel_cfg.snapshot import Snapshot
 
 log = logging.getLogger("nodeproxy.agent")
@@ -102,10 +103,12 @@ class Agent:
 
     # -- convergence --------------------------------------------------------------------------
     def desired(self, snapshot: Snapshot) -> tuple[Workload, ...]:
-        """Mesh (HBONE) workloads of this node; in-pod mode needs their netns path."""
+        """Mesh (HBONE) workloads of this node; in-pod mode needs their netns path.
+        Waypoints are not captured: they terminate HBONE themselves."""
         return tuple(
             w for w in snapshot.workloads_on_node(self.node)
             if w.protocol is WorkloadProtocol.HBONE and (w.netns or not self._in_pod)
+            and not is_waypoint(snapshot, w)
         )
 
     async def apply(self, snapshot: Snapshot) -> None:

@@ -26,7 +26,16 @@ from ztunnel_cfg.model import HBONE_PORT, IPAddress, Protocol, Service, Waypoint
 from ztunnel_cfg.snapshot import Snapshot, to_ip
 from ztunnel_cfg.spiffe import SpiffeId
 
-__all__ = ["Chooser", "Route", "RouteKind", "first", "route"]
+__all__ = [
+    "Chooser",
+    "Route",
+    "RouteKind",
+    "first",
+    "inbound_waypoint_refusal",
+    "is_waypoint",
+    "route",
+    "waypoints_of",
+]
 
 Chooser = Callable[[Sequence[Workload]], Workload]
 
@@ -223,10 +232,65 @@ def route(
             f"{_hostport(dst, dst_port)} is not a known workload or service: passthrough",
         )
     desc = f"workload {workload.key}"
-    if workload.waypoint is not None:
-        via = _via_waypoint(
-            snapshot, source, workload.waypoint, dst, dst_port, desc, None, workload, pick
-        )
+    # The workload's own waypoint, else its services' (the destination agent admits nothing
+    # else, so addressing the pod directly must not bypass the service's L7 policy).
+    refs = waypoints_of(snapshot, workload)
+    if refs:
+        via = _via_waypoint(snapshot, source, refs[0], dst, dst_port, desc, None, workload, pick)
         if via is not None:
             return via
     return _to_workload(workload, dst, dst_port, None, f"{_hostport(dst, dst_port)} is {desc}")
+
+
+def waypoints_of(snapshot: Snapshot, workload: Workload) -> tuple[WaypointRef, ...]:
+    """The waypoints traffic to ``workload`` must pass: its own, then its services' (in the
+    order the workload lists its services).  Empty: no waypoint applies."""
+    refs: list[WaypointRef] = []
+    if workload.waypoint is not None:
+        refs.append(workload.waypoint)
+    for key, _ports in workload.services:
+        service = snapshot.service_by_key(key)
+        if service is not None and service.waypoint is not None:
+            if all(r.destination != service.waypoint.destination for r in refs):
+                refs.append(service.waypoint)
+    return tuple(refs)
+
+
+def _waypoint_identities(snapshot: Snapshot, ref: WaypointRef) -> frozenset[SpiffeId]:
+    service = snapshot.service_by_key(ref.destination)
+    out = {w.identity for w in snapshot.endpoints(ref.destination)}
+    if service is not None:
+        out.update(SpiffeId.parse(san) for san in service.subject_alt_names)
+    return frozenset(out)
+
+
+def is_waypoint(snapshot: Snapshot, workload: Workload) -> bool:
+    """Is ``workload`` a waypoint proxy (an endpoint of a service named in ``waypoints:``)?
+
+    Node agents do not capture waypoints: a waypoint speaks HBONE itself (Istio labels its
+    pods out of ambient capture the same way)."""
+    keys = {wp.service for wp in snapshot.config.waypoints}
+    return any(key in keys for key, _ports in workload.services)
+
+
+def inbound_waypoint_refusal(
+    snapshot: Snapshot, destination: Workload, peer: SpiffeId | None
+) -> str | None:
+    """Why the destination agent must refuse an HBONE stream from ``peer`` to
+    ``destination``, or None.  A destination behind a waypoint admits only that waypoint's
+    identity (ztunnel's inbound check): anything else bypassed the waypoint's L7 policy."""
+    refs = waypoints_of(snapshot, destination)
+    if not refs:
+        return None
+    allowed: set[SpiffeId] = set()
+    for ref in refs:
+        allowed |= _waypoint_identities(snapshot, ref)
+    if peer in allowed:
+        return None
+    names = ", ".join(r.destination for r in refs)
+    who = str(peer) if peer is not None else "a plaintext client"
+    return (
+        f"{destination.key} is behind waypoint {names}: only "
+        f"{', '.join(sorted(str(i) for i in allowed)) or 'its (missing) workloads'} may "
+        f"connect, not {who} (traffic that bypasses the waypoint is refused)"
+    )

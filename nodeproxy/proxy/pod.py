@@ -30,7 +30,7 @@ from ztunnel_cfg.authz import ConnectionInfo, authorize
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.hostport import HostPortError, parse_host_port
 from ztunnel_cfg.model import MtlsMode, Workload
-from ztunnel_cfg.routing import Route, RouteKind, route
+from ztunnel_cfg.routing import Route, RouteKind, inbound_waypoint_refusal, route
 from ztunnel_cfg.spiffe import SpiffeId
 
 log = logging.getLogger("nodeproxy.proxy")
@@ -440,6 +440,9 @@ class PodProxy:
             self.live[conn_id] = LiveConnection(
                 conn_id, time.time(), "inbound", dst.key, authority, src_ip, authority, "HBONE"
             )
+            bypass = inbound_waypoint_refusal(snapshot, dst, peer)
+            if bypass is not None:
+                raise RejectedError(bypass, reason="waypoint_bypass", status=401, flags="DENY")
             decision = authorize(snapshot, dst, ConnectionInfo(peer, src_ip, host, port))
             policy = decision.policy or ""
             if not decision.allowed:
@@ -535,6 +538,9 @@ class PodProxy:
             refusal = guard.inbound_refusal(env.ports, port)
             if refusal is not None:
                 raise RejectedError(refusal, reason="own_port", status=400, flags="NR")
+            bypass = inbound_waypoint_refusal(snapshot, self.workload, None)
+            if bypass is not None:
+                raise RejectedError(bypass, reason="waypoint_bypass", status=401, flags="DENY")
             if snapshot.mtls_mode(self.workload) is MtlsMode.STRICT:
                 raise ProxyError(
                     f"plaintext connection from {peer_ip} refused: {self.workload.namespace}/"

@@ -269,29 +269,33 @@ CASES = [
         "10.0.2.4:9090",
     ),
     Case(
-        "pod IP of a workload without waypoint -> HBONE direct",
+        "pod IP of a workload whose service has a waypoint -> that waypoint (no bypass)",
         "client",
         "10.0.2.4",
         9090,
-        RouteKind.HBONE,
-        "10.0.2.4",
+        RouteKind.WAYPOINT,
+        "10.0.2.6",
         9090,
         15008,
-        "cart",
+        "wp",
         None,
-        ("spiffe://cluster.local/ns/shop/sa/cart",),
+        (WP,),
         "10.0.2.4:9090",
+        reason="workload shop/cart has waypoint shop/waypoint.shop.svc.cluster.local",
     ),
     Case(
-        "service waypoint does not apply to pod-IP traffic",
+        "pod IP of a workload with no waypoint anywhere -> HBONE direct",
         "client",
-        "10.0.2.4",
-        9090,
+        "10.0.1.2",
+        8080,
         RouteKind.HBONE,
-        "10.0.2.4",
-        9090,
+        "10.0.1.2",
+        8080,
         15008,
-        "cart",
+        "echo-a",
+        None,
+        (ECHO,),
+        "10.0.1.2:8080",
     ),
     Case(
         "pod IP of a workload with waypoint -> waypoint on its hboneMtlsPort",
@@ -449,3 +453,40 @@ def test_all_endpoints_unhealthy() -> None:
     r = route(snapshot, None, "10.96.0.10", 80)
     assert r.kind is RouteKind.NO_ENDPOINTS
     assert "(3 listed, 3 unhealthy)" in r.reason
+
+
+ADMISSION = [
+    # (destination, peer, refused?)
+    ("cart", "spiffe://cluster.local/ns/shop/sa/waypoint", False),
+    ("cart", "spiffe://cluster.local/ns/default/sa/client", True),
+    ("cart", None, True),
+    ("billing", "spiffe://cluster.local/ns/shop/sa/waypoint", False),
+    ("billing", "spiffe://cluster.local/ns/shop/sa/cart", True),
+    ("echo-a", "spiffe://cluster.local/ns/default/sa/client", False),
+    ("echo-a", None, False),
+]
+
+
+@pytest.mark.parametrize(("dst", "peer", "refused"), ADMISSION,
+                         ids=[f"{d}<-{p or 'plaintext'}" for d, p, _ in ADMISSION])
+def test_inbound_waypoint_admission(dst: str, peer: str | None, refused: bool) -> None:
+    from ztunnel_cfg.routing import inbound_waypoint_refusal
+    from ztunnel_cfg.spiffe import SpiffeId
+
+    why = inbound_waypoint_refusal(SNAPSHOT, w(dst), SpiffeId.parse(peer) if peer else None)
+    assert (why is not None) is refused, why
+    if refused:
+        assert "bypasses the waypoint" in why
+        assert "shop/waypoint.shop.svc.cluster.local" in why
+
+
+def test_waypoints_are_not_captured() -> None:
+    from ztunnel_cfg.routing import is_waypoint
+
+    assert is_waypoint(SNAPSHOT, w("wp")) is False  # not declared under waypoints: here
+    snap = Snapshot.build(load_config_text(CONFIG + """\
+waypoints:
+- {name: waypoint, namespace: shop, service: shop/waypoint.shop.svc.cluster.local}
+""", "routing.yaml"))
+    assert is_waypoint(snap, [x for x in snap.config.workloads if x.name == "wp"][0])
+    assert not is_waypoint(snap, [x for x in snap.config.workloads if x.name == "cart"][0])
