@@ -250,9 +250,9 @@ def waypoints_of(snapshot: Snapshot, workload: Workload) -> tuple[WaypointRef, .
         refs.append(workload.waypoint)
     for key, _ports in workload.services:
         service = snapshot.service_by_key(key)
-        if service is not None and service.waypoint is not None:
-            if all(r.destination != service.waypoint.destination for r in refs):
-                refs.append(service.waypoint)
+        ref = service.waypoint if service is not None else None
+        if ref is not None and all(r.destination != ref.destination for r in refs):
+            refs.append(ref)
     return tuple(refs)
 
 

@@ -488,5 +488,5 @@ def test_waypoints_are_not_captured() -> None:
 waypoints:
 - {name: waypoint, namespace: shop, service: shop/waypoint.shop.svc.cluster.local}
 """, "routing.yaml"))
-    assert is_waypoint(snap, [x for x in snap.config.workloads if x.name == "wp"][0])
-    assert not is_waypoint(snap, [x for x in snap.config.workloads if x.name == "cart"][0])
+    assert is_waypoint(snap, next(x for x in snap.config.workloads if x.name == "wp"))
+    assert not is_waypoint(snap, next(x for x in snap.config.workloads if x.name == "cart"))
