@@ -9,6 +9,14 @@ when any of its matches matches; a match when every field it sets holds.  A posi
 holds when one of its values matches; a ``not`` field holds when none of its values matches.
 Identity fields (namespaces, serviceAccounts, principals) never match a connection without
 a verified identity, so their ``not`` forms always hold for such connections (as in Istio).
+
+HTTP fields (methods, paths, hosts, requestHeaders and their ``not`` forms) are checked by
+:func:`authorize_request` at a waypoint, for the policies whose targetRefs name it or the
+service.  A node agent (:func:`authorize`) sees only connections, so it enforces them fail
+closed, as Istio's ztunnel does: in an ALLOW policy a match with HTTP fields never matches;
+in a DENY policy they are ignored, so it denies the whole connection.  Policies with
+targetRefs never apply at node agents.  Missing headers never match a positive condition and
+always satisfy a ``not`` one.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from ztunnel_cfg.l7.request import HeaderList, header_value
 from ztunnel_cfg.model import (
     Action,
     IPAddress,
@@ -23,13 +32,22 @@ from ztunnel_cfg.model import (
     Match,
     Policy,
     Rule,
+    Service,
     StringMatch,
+    WaypointConfig,
     Workload,
 )
 from ztunnel_cfg.snapshot import Snapshot, to_ip
 from ztunnel_cfg.spiffe import SpiffeId
 
-__all__ = ["ConnectionInfo", "Decision", "authorize", "rule_matches"]
+__all__ = [
+    "ConnectionInfo",
+    "Decision",
+    "RequestInfo",
+    "authorize",
+    "authorize_request",
+    "rule_matches",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +58,24 @@ class ConnectionInfo:
     source_ip: IPAddress | str
     destination_ip: IPAddress | str
     destination_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a waypoint's authorization sees of an HTTP request.
+
+    ``path`` excludes the query; ``host`` is the authority without its port; header names
+    are lower case (a name may repeat: its values are joined with ',').
+    """
+
+    source_identity: SpiffeId | None
+    source_ip: IPAddress | str
+    destination_ip: IPAddress | str
+    destination_port: int
+    method: str
+    path: str
+    host: str
+    headers: HeaderList = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +90,20 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class _Http:
+    method: str
+    path: str
+    host: str  # lower case: hosts compare case-insensitively
+    headers: HeaderList
+
+
+@dataclass(frozen=True, slots=True)
 class _Conn:
     identity: SpiffeId | None
     src: IPAddress | None
     dst: IPAddress | None
     port: int
+    http: _Http | None = None  # None: a node agent, which sees no HTTP
 
 
 class _Only(Enum):
@@ -77,6 +122,7 @@ _ONLY_NOT = _Only.NEGATIVE
 def _string_hit(
     value: str | None, positive: tuple[StringMatch, ...], negative: tuple[StringMatch, ...]
 ) -> StringMatch | _Only | None:
+    # Also for paths: PathPattern is a StringMatch whose matches() knows templates.
     hit: StringMatch | _Only = _ONLY_NOT
     if positive:
         if value is None:
@@ -126,13 +172,17 @@ def _fmt(values: tuple[object, ...]) -> str:
 
 
 def _string_phrase(
-    what: str, value: str | None, hit: StringMatch | _Only, negative: tuple[StringMatch, ...]
+    what: str,
+    value: str | None,
+    hit: StringMatch | _Only,
+    negative: tuple[StringMatch, ...],
+    absent: str = "(none: no verified identity)",
 ) -> str:
     phrases = []
     if hit is not _ONLY_NOT:
         phrases.append(f"{what} '{value}' matches '{hit}'")
     if negative:
-        shown = f"'{value}'" if value is not None else "(none: no verified identity)"
+        shown = f"'{value}'" if value is not None else absent
         phrases.append(f"{what} {shown} is not one of {_fmt(negative)}")
     return " and ".join(phrases)
 
@@ -160,11 +210,41 @@ def _port_phrase(value: int, positive: tuple[int, ...], negative: tuple[int, ...
 # -- the evaluator ---------------------------------------------------------------------------
 
 
-def _match(m: Match, c: _Conn, explain: bool) -> str | None:
+def _http_match(m: Match, h: _Http, why: list[str] | None) -> bool:
+    """Whether the HTTP fields of ``m`` hold for ``h`` (phrases appended to ``why``)."""
+    for what, value, positive, negative in (
+        ("method", h.method, m.methods, m.not_methods),
+        ("path", h.path, m.paths, m.not_paths),
+        ("host", h.host, m.hosts, m.not_hosts),
+    ):
+        if positive or negative:
+            hit = _string_hit(value, positive, negative)
+            if hit is None:
+                return False
+            if why is not None:
+                why.append(_string_phrase(what, value, hit, negative))
+    for name, values in m.request_headers:
+        found = header_value(h.headers, name)
+        hit = _string_hit(found, values, ())
+        if hit is None:
+            return False
+        if why is not None:
+            why.append(_string_phrase(f"header {name}", found, hit, ()))
+    for name, values in m.not_request_headers:
+        found = header_value(h.headers, name)
+        if _string_hit(found, (), values) is None:
+            return False
+        if why is not None:
+            why.append(_string_phrase(f"header {name}", found, _ONLY_NOT, values, "(absent)"))
+    return True
+
+
+def _match(m: Match, c: _Conn, explain: bool, deny: bool = False) -> str | None:
     """None when ``m`` does not match ``c``; else why ("" unless ``explain``).
 
     Unset field pairs are skipped without a call; phrases are built only when explaining
-    (building them for every attempted match made authorize() ~3x slower)."""
+    (building them for every attempted match made authorize() ~3x slower).  ``deny``: the
+    policy is a DENY (HTTP fields a node agent cannot check are then ignored, not failed)."""
     ident = c.identity
     why: list[str] | None = [] if explain else None
     if m.namespaces or m.not_namespaces:
@@ -180,8 +260,7 @@ def _match(m: Match, c: _Conn, explain: bool) -> str | None:
         if hit is None:
             return None
         if why is not None:
-            why.append(_string_phrase("source service account", value, hit,
-                                      m.not_service_accounts))
+            why.append(_string_phrase("source service account", value, hit, m.not_service_accounts))
     if m.principals or m.not_principals:
         value = ident.uri if ident else None
         hit = _string_hit(value, m.principals, m.not_principals)
@@ -206,17 +285,34 @@ def _match(m: Match, c: _Conn, explain: bool) -> str | None:
             return None
         if why is not None:
             why.append(_port_phrase(c.port, m.destination_ports, m.not_destination_ports))
+    # Checked last, and one test for all eight: most matches have no HTTP field.
+    if (
+        m.methods
+        or m.not_methods
+        or m.paths
+        or m.not_paths
+        or m.hosts
+        or m.not_hosts
+        or m.request_headers
+        or m.not_request_headers
+    ):
+        if c.http is not None:
+            if not _http_match(m, c.http, why):
+                return None
+        elif not deny:
+            return None  # a node agent cannot check them: an ALLOW match fails closed
+        # else: a DENY at a node agent ignores them, so it applies (fail closed)
     if why is None:
         return ""
     return " and ".join(why) if why else "matches any connection"
 
 
-def _rule(rule: Rule, c: _Conn, explain: bool = True) -> str | None:
+def _rule(rule: Rule, c: _Conn, explain: bool = True, deny: bool = False) -> str | None:
     """None when ``rule`` does not match ``c``; else why ("" unless ``explain``)."""
     why: list[str] = []
     for clause in rule:
         for m in clause:
-            hit = _match(m, c, explain)
+            hit = _match(m, c, explain, deny)
             if hit is not None:
                 break
         else:
@@ -229,47 +325,72 @@ def _rule(rule: Rule, c: _Conn, explain: bool = True) -> str | None:
     return "; ".join(why) if why else "the rule has no conditions"
 
 
-def _rule_ok(rule: Rule, c: _Conn) -> bool:
-    return _rule(rule, c, explain=False) is not None
+def _rule_ok(rule: Rule, c: _Conn, deny: bool = False) -> bool:
+    return _rule(rule, c, False, deny) is not None
 
 
-def _conn(conn: ConnectionInfo) -> _Conn:
+def _conn(conn: ConnectionInfo | RequestInfo) -> _Conn:
+    http = None
+    if isinstance(conn, RequestInfo):
+        http = _Http(conn.method, conn.path, conn.host.lower(), conn.headers)
     return _Conn(
         conn.source_identity,
         to_ip(conn.source_ip),
         to_ip(conn.destination_ip),
         conn.destination_port,
+        http,
     )
 
 
-def rule_matches(rule: Rule, conn: ConnectionInfo) -> str | None:
-    """Why ``rule`` matches ``conn`` (a phrase), or None.  Exposed for debugging tools."""
-    return _rule(rule, _conn(conn))
+def rule_matches(
+    rule: Rule, conn: ConnectionInfo | RequestInfo, *, deny: bool = False
+) -> str | None:
+    """Why ``rule`` matches (a phrase), or None.  Exposed for debugging tools.
+
+    A :class:`ConnectionInfo` is judged as a node agent does (HTTP fields fail closed, by
+    ``deny``: the rule's policy is a DENY); a :class:`RequestInfo` as a waypoint does."""
+    return _rule(rule, _conn(conn), deny=deny)
 
 
 def _first_match(policy: Policy, c: _Conn) -> tuple[int, str] | None:
+    deny = policy.action is Action.DENY
     for index, rule in enumerate(policy.rules):
-        if _rule_ok(rule, c):
+        if _rule_ok(rule, c, deny):
             # The same evaluation again, now with phrases: only the deciding rule pays.
-            why = _rule(rule, c)
+            why = _rule(rule, c, True, deny)
             if why is not None:  # always: it is the same evaluator
                 return index, why
     return None
 
 
-def authorize(snapshot: Snapshot, destination: Workload, conn: ConnectionInfo) -> Decision:
-    """May ``conn`` reach ``destination``?  Pure; see the module docstring for semantics."""
-    c = _conn(conn)
-    policies = snapshot.policies_for(destination)
-    target = f"workload {destination.key}"
+def _rule_http_fields(rule: Rule) -> tuple[str, ...]:
+    found: dict[str, None] = {}
+    for clause in rule:
+        for m in clause:
+            found.update(dict.fromkeys(m.http_fields()))
+    return tuple(found)
+
+
+_NODE_AGENT = "a node agent cannot check"
+
+
+def _decide(policies: tuple[Policy, ...], c: _Conn, target: str, who: str) -> Decision:
+    """DENY policies first (any match denies), then: no ALLOW policy -> allowed, else one of
+    their rules must match."""
     for policy in policies:
         if policy.action is Action.DENY:
             hit = _first_match(policy, c)
             if hit is not None:
                 index, why = hit
-                return Decision(
-                    False, policy.key, index, f"denied by policy {policy.key} rule {index}: {why}"
-                )
+                reason = f"denied by policy {policy.key} rule {index}: {why}"
+                ignored = _rule_http_fields(policy.rules[index]) if c.http is None else ()
+                if ignored:
+                    reason += (
+                        f"; policy {policy.key} has HTTP fields that {_NODE_AGENT}: "
+                        f"{', '.join(ignored)} (ignored, so the DENY applies to the whole "
+                        "connection: fail closed)"
+                    )
+                return Decision(False, policy.key, index, reason)
     allows = [p for p in policies if p.action is Action.ALLOW]
     if not allows:
         return Decision(True, None, None, f"allowed: no ALLOW policy applies to {target}")
@@ -280,12 +401,46 @@ def authorize(snapshot: Snapshot, destination: Workload, conn: ConnectionInfo) -
             return Decision(
                 True, policy.key, index, f"allowed by policy {policy.key} rule {index}: {why}"
             )
-    who = str(c.identity) if c.identity else f"plaintext connection from {c.src}"
     names = ", ".join(p.key for p in allows)
-    return Decision(
-        False,
-        None,
-        None,
+    reason = (
         f"denied: {who} matches no rule of the ALLOW "
-        f"polic{'ies' if len(allows) > 1 else 'y'} applying to {target} ({names})",
+        f"polic{'ies' if len(allows) > 1 else 'y'} applying to {target} ({names})"
     )
+    if c.http is None:
+        unchecked = [(p.key, p.http_fields()) for p in allows]
+        notes = [
+            f"{key} has HTTP fields that {_NODE_AGENT}: {', '.join(f)}" for key, f in unchecked if f
+        ]
+        if notes:
+            reason += (
+                f"; {'; '.join(notes)} (a match with them never matches at a node agent, fail "
+                "closed: give the policy targetRefs to enforce them at a waypoint)"
+            )
+    return Decision(False, None, None, reason)
+
+
+def authorize(snapshot: Snapshot, destination: Workload, conn: ConnectionInfo) -> Decision:
+    """May ``conn`` reach ``destination``?  Pure; see the module docstring for semantics."""
+    c = _conn(conn)
+    who = str(c.identity) if c.identity else f"plaintext connection from {c.src}"
+    return _decide(snapshot.policies_for(destination), c, f"workload {destination.key}", who)
+
+
+def authorize_request(
+    snapshot: Snapshot,
+    waypoint: WaypointConfig,
+    service: Service | None,
+    request: RequestInfo,
+) -> Decision:
+    """May ``request`` (to ``service``, through ``waypoint``) proceed?  Pure.
+
+    The policies are those whose targetRefs name the waypoint (kind Gateway) or the service
+    (kind Service); semantics as :func:`authorize`, with the HTTP fields checked.
+    """
+    c = _conn(request)
+    source = str(c.identity) if c.identity else f"plaintext request from {c.src}"
+    who = f"{source} {request.method} {request.path}"
+    target = f"waypoint {waypoint.key}"
+    if service is not None:
+        target = f"service {service.key} at {target}"
+    return _decide(snapshot.waypoint_policies(waypoint, service), c, target, who)

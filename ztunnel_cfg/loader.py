@@ -14,7 +14,7 @@ import difflib
 import gc
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from yaml.constructor import SafeConstructor
 
 from ztunnel_cfg.errors import ConfigError, ConfigIssue
-from ztunnel_cfg.model import Config, Doc, IPAddress, describe
+from ztunnel_cfg.model import Config, Doc, IPAddress, Policy, TargetKind, describe
 
 __all__ = ["LoadResult", "load_config_file", "load_config_text", "locate", "validate_config_text"]
 
@@ -34,12 +34,19 @@ _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _NULL = "tag:yaml.org,2002:null"
 
-# Keys the loader accepts that no code acts on yet (issue: waypoints / L7).
+# Keys the loader accepts that no code acts on yet (issue 12: the waypoint proxy).
 NOT_IMPLEMENTED = {
     "waypoints": "no waypoint proxy is implemented yet: the entries are checked but have no effect",
-    "routes": "no code applies L7 routes yet (that needs the waypoint proxy): the entries are "
-    "checked but have no effect",
+    "routes": "no waypoint proxy is implemented yet to apply L7 routes: the entries are checked "
+    "but have no effect",
+    "trafficPolicies": "no waypoint proxy is implemented yet to apply traffic policies: the "
+    "entries are checked but have no effect",
 }
+# Policies with targetRefs are enforced only by waypoints (same issue).
+NOT_ENFORCED_TARGET_REFS = (
+    "it has targetRefs, so only waypoint proxies enforce it, and none is implemented yet: "
+    "it is checked but has no effect"
+)
 
 # Removing every workload un-enrols every pod, so it must be written out, never implied by an
 # empty or half-written file.
@@ -490,6 +497,10 @@ class _Checker:
         node = where.key_node if key and where.key_node is not None else where.node
         self.doc.error(node, where.path, message)
 
+    def warn(self, loc: Loc, message: str) -> None:
+        where = locate(self.doc.entries, self.doc.root, loc)
+        self.doc.warnings.append(self.doc.issue(where.node, where.path, f"warning: {message}"))
+
     def run(self) -> None:
         c = self.config
         by_uid: dict[str, str] = {}
@@ -576,20 +587,13 @@ class _Checker:
             loc = self.at("waypoints", i)
             if self.ok((*loc, "service")):
                 check_service(wp.service, (*loc, "service"), "waypoint service")
-        seen_routes: dict[str, str] = {}
-        for i, r in enumerate(c.routes):
-            loc = self.at("routes", i)
-            if self.ok((*loc, "parent")):
-                check_service(r.parent, (*loc, "parent"), "service")
-            for j, rule in enumerate(r.rules):
-                for k, backend in enumerate(rule.backends):
-                    b_loc = (*loc, "rules", j, "backends", k, "service")
-                    if self.ok(b_loc, (*loc, "rules")):
-                        check_service(backend.service, b_loc, "service")
-            if self.ok((*loc, "name"), (*loc, "namespace")):
-                if r.key in seen_routes:
-                    self.error(loc, f"duplicate route {r.key!r} (see {seen_routes[r.key]})")
-                seen_routes.setdefault(r.key, f"routes[{loc[1]}]")
+        endpoints: dict[str, list[Any]] = {}
+        for w in c.workloads:
+            for key, _ports in w.services:
+                endpoints.setdefault(key, []).append(w)
+        l7 = _L7Checks(self, check_service, by_key, endpoints)
+        l7.routes()
+        l7.traffic_policies()
 
         seen: dict[str, str] = {}
         for i, p in enumerate(c.policies):
@@ -599,6 +603,7 @@ class _Checker:
                     self.error(loc, f"duplicate policy {p.key!r} (see {seen[p.key]})")
                 seen.setdefault(p.key, f"policies[{loc[1]}]")
             self._check_uids(loc, p.workload_uids, by_uid)
+            l7.policy(p, loc)
         seen_pa: dict[tuple[Any, ...], str] = {}
         for i, pa in enumerate(c.peer_authentications):
             loc = self.at("peerAuthentication", i)
@@ -623,6 +628,149 @@ class _Checker:
                 self.error(
                     (*loc, "workloadUids", j), f"workload uid {uid!r} is not a known workload"
                 )
+
+
+def _did_you_mean(value: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _shown_labels(labels: tuple[tuple[str, str], ...]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in labels) + "}"
+
+
+class _L7Checks:
+    """Cross references of routes, trafficPolicies and policies' targetRefs."""
+
+    def __init__(
+        self,
+        checker: _Checker,
+        check_service: Callable[..., bool],
+        services: dict[str, Any],
+        endpoints: dict[str, list[Any]],
+    ) -> None:
+        self.checker = checker
+        self.check_service = check_service
+        self.services = services
+        self.endpoints = endpoints
+
+    def service_port(self, key: str, port: int | None, loc: Loc, what: str) -> bool:
+        """The service is known and (when ``port`` is set) has that port."""
+        if not self.check_service(key, (*loc, "service"), what):
+            return False
+        service = self.services.get(key)
+        if port is not None and service is not None and service.target_port(port) is None:
+            ports = ", ".join(str(p) for p, _t in service.ports) or "none"
+            self.checker.error(
+                (*loc, "port"), f"service {key!r} has no port {port} (its ports: {ports})"
+            )
+            return False
+        return True
+
+    def subset(self, key: str, subset: tuple[tuple[str, str], ...], loc: Loc) -> None:
+        members = self.endpoints.get(key, [])
+        if any(all(w.effective_labels().get(k) == v for k, v in subset) for w in members):
+            return
+        seen = []
+        for k, _v in subset:
+            values = sorted({w.effective_labels().get(k, "(none)") for w in members})
+            seen.append(f"{k}: {', '.join(values)}")
+        found = f"its workloads have {'; '.join(seen)}" if members else "it has no workloads"
+        self.checker.error(
+            loc,
+            f"subset {_shown_labels(subset)} selects no workload of service {key!r} ({found})",
+        )
+
+    def routes(self) -> None:
+        ck = self.checker
+        seen: dict[str, str] = {}
+        for i, r in enumerate(ck.config.routes):
+            loc = ck.at("routes", i)
+            for j, ref in enumerate(r.parent_refs):
+                ref_loc = (*loc, "parentRefs", j)
+                if ck.ok(ref_loc):
+                    self.service_port(ref.service, ref.port, ref_loc, "parentRef service")
+            for j, rule in enumerate(r.rules):
+                rule_loc = (*loc, "rules", j)
+                for k, backend in enumerate(rule.backend_refs):
+                    b_loc = (*rule_loc, "backendRefs", k)
+                    if not ck.ok(b_loc):
+                        continue
+                    known = self.service_port(backend.service, backend.port, b_loc, "service")
+                    if known and backend.subset and backend.service in self.services:
+                        self.subset(backend.service, backend.subset, (*b_loc, "subset"))
+                for k, f in enumerate(rule.filters):
+                    m_loc = (*rule_loc, "filters", k, "requestMirror", "backendRef")
+                    if f.request_mirror is not None and ck.ok(m_loc):
+                        mirror = f.request_mirror.backend_ref
+                        self.service_port(mirror.service, mirror.port, m_loc, "mirror service")
+            if ck.ok((*loc, "name"), (*loc, "namespace")):
+                if r.key in seen:
+                    ck.error(loc, f"duplicate route {r.key!r} (see {seen[r.key]})")
+                seen.setdefault(r.key, f"routes[{loc[1]}]")
+
+    def traffic_policies(self) -> None:
+        ck = self.checker
+        seen: dict[str, str] = {}
+        by_service: dict[str, tuple[str, str]] = {}
+        for i, tp in enumerate(ck.config.traffic_policies):
+            loc = ck.at("trafficPolicies", i)
+            where = f"trafficPolicies[{loc[1]}]"
+            if ck.ok((*loc, "name"), (*loc, "namespace")):
+                if tp.key in seen:
+                    ck.error(loc, f"duplicate trafficPolicy {tp.key!r} (see {seen[tp.key]})")
+                    continue
+                seen[tp.key] = where
+            if not ck.ok((*loc, "service")):
+                continue
+            if not self.check_service(tp.service, (*loc, "service"), "service"):
+                continue
+            if tp.service in by_service:
+                first_key, first_where = by_service[tp.service]
+                ck.error(
+                    (*loc, "service"),
+                    f"service {tp.service!r} already has trafficPolicy {first_key!r} "
+                    f"({first_where}); {tp.key!r} is a second one: merge them (one "
+                    "trafficPolicy per service)",
+                )
+                continue
+            by_service[tp.service] = (tp.key, where)
+
+    def policy(self, policy: Policy, loc: Loc) -> None:
+        ck = self.checker
+        if policy.target_refs and ck.ok((*loc, "targetRefs"), (*loc, "namespace")):
+            waypoints = {w.name for w in ck.config.waypoints if w.namespace == policy.namespace}
+            services = {s.name for s in ck.config.services if s.namespace == policy.namespace}
+            for j, ref in enumerate(policy.target_refs):
+                if ref.kind is TargetKind.GATEWAY and ref.name not in waypoints:
+                    ck.error(
+                        (*loc, "targetRefs", j, "name"),
+                        f"no waypoint {ref.name!r} in namespace {policy.namespace!r} "
+                        f"(kind Gateway names an entry of 'waypoints:' in the policy's "
+                        f"namespace){_did_you_mean(ref.name, waypoints)}",
+                    )
+                elif ref.kind is TargetKind.SERVICE and ref.name not in services:
+                    ck.error(
+                        (*loc, "targetRefs", j, "name"),
+                        f"no service {ref.name!r} in namespace {policy.namespace!r} "
+                        f"(kind Service names a service of the policy's namespace)"
+                        f"{_did_you_mean(ref.name, services)}",
+                    )
+        if not ck.ok(loc):
+            return
+        if policy.target_refs:
+            ck.warn(loc, f"policy {policy.key}: {NOT_ENFORCED_TARGET_REFS}")
+            return
+        fields = policy.http_fields()
+        if fields:
+            ck.warn(
+                loc,
+                f"policy {policy.key} has HTTP fields that a node agent cannot check "
+                f"({', '.join(fields)}): it applies to workloads (no targetRefs), so node "
+                "agents enforce it fail-closed: an ALLOW match with these fields never "
+                "matches and a DENY ignores them (denying whole connections); add targetRefs "
+                "to enforce it at a waypoint",
+            )
 
 
 # --- entry points -------------------------------------------------------------------------
@@ -725,7 +873,8 @@ def validate_config_text(text: str | bytes, filename: str = "<string>") -> LoadR
     if doc.issues:
         # Reading order; issues without a position (none today) go last.
         raise ConfigError(sorted(doc.issues, key=lambda i: (i.line or 1 << 30, i.column or 0)))
-    return LoadResult(config, tuple(doc.warnings))
+    warnings = sorted(doc.warnings, key=lambda i: (i.line or 1 << 30, i.column or 0))
+    return LoadResult(config, tuple(warnings))
 
 
 def load_config_text(text: str | bytes, filename: str = "<string>") -> Config:

@@ -10,6 +10,7 @@ is wrong in the user's terms; the loader maps each error to file:line:column and
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -199,12 +201,49 @@ def _bool(value: object) -> bool:
     return value
 
 
-def _seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid(f"expected a number of seconds, got {describe(value)}")
-    if not 0 < value < 86400 * 365:
-        raise invalid(f"{value} is not a positive number of seconds")
-    return float(value)
+_MAX_SECONDS = 86400 * 365
+# Go / Istio style: "250ms", "2s", "1.5s", "1m", "1h", or parts of those: "1m30s".
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|h|m|s))+$"
+_DURATION = re.compile(DURATION_PATTERN)
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_EXAMPLES = "e.g. 250ms, 2s, 1.5s, 1m, 1h, or a number of seconds"
+
+
+def _duration(*, allow_zero: bool = False) -> Callable[[object], float]:
+    """A duration in seconds from ``2s``-style text or a number; 0 only with ``allow_zero``."""
+
+    def check(value: object) -> float:
+        if isinstance(value, str):
+            text = value.strip()
+            if not _DURATION.match(text):
+                raise invalid(f"{value!r} is not a duration ({_DURATION_EXAMPLES})")
+            seconds = sum(
+                float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text)
+            )
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise invalid(f"expected a duration ({_DURATION_EXAMPLES}), got {describe(value)}")
+        else:
+            seconds = float(value)
+        if seconds != seconds or seconds >= _MAX_SECONDS or seconds < 0:  # NaN or out of range
+            raise invalid(f"duration {value} is out of range (0 to 365 days)")
+        if seconds == 0 and not allow_zero:
+            raise invalid(f"duration {value} must be more than 0")
+        return seconds
+
+    return check
+
+
+def _duration_schema(minimum_key: str) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", minimum_key: 0, "exclusiveMaximum": _MAX_SECONDS},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": f"seconds, or text: {_DURATION_EXAMPLES}",
+        }
+    )
 
 
 def _ip(value: object) -> IPAddress:
@@ -305,10 +344,26 @@ Attempts = Annotated[
     WithJsonSchema({"type": "integer", "minimum": 0, "maximum": 100}),
 ]
 Bool = Annotated[bool, PlainValidator(_bool), WithJsonSchema({"type": "boolean"})]
-Seconds = Annotated[
-    float,
-    PlainValidator(_seconds),
-    WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 86400 * 365}),
+
+
+def _int_schema(low: int, high: int) -> WithJsonSchema:
+    return WithJsonSchema({"type": "integer", "minimum": low, "maximum": high})
+
+
+# Istio's "no limit" for connection pool settings.
+UNLIMITED = 2**32 - 1
+StatusCode = Annotated[int, PlainValidator(_ranged("status code", 100, 599)), _int_schema(100, 599)]
+Percent = Annotated[int, PlainValidator(_ranged("percentage", 0, 100)), _int_schema(0, 100)]
+Limit = Annotated[int, PlainValidator(_ranged("limit", 1, UNLIMITED)), _int_schema(1, UNLIMITED)]
+LimitOrZero = Annotated[
+    int, PlainValidator(_ranged("limit", 0, UNLIMITED)), _int_schema(0, UNLIMITED)
+]
+Count = Annotated[int, PlainValidator(_ranged("count", 0, UNLIMITED)), _int_schema(0, UNLIMITED)]
+# Held as float seconds; written as a number or as text (``250ms``, ``1.5s``, ``1m``).
+Duration = Annotated[float, PlainValidator(_duration()), _duration_schema("exclusiveMinimum")]
+# 0 disables (a timeout of 0 is "no timeout", as in Gateway API).
+DurationOrOff = Annotated[
+    float, PlainValidator(_duration(allow_zero=True)), _duration_schema("minimum")
 ]
 IP = Annotated[
     IPAddress,
@@ -376,8 +431,13 @@ def _header_name(value: object) -> str:
 
 
 def _header_value(value: object) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # `value: 1` is a number in YAML; header values are text.
+        raise invalid(f'expected a string, got {describe(value)} (quote it: "{value}")')
     if not isinstance(value, str):
         raise invalid(f"expected a string, got {describe(value)}")
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise invalid(f"{value!r}: a header value must not contain CR, LF or NUL")
     return value
 
 
@@ -404,18 +464,10 @@ Labels = Annotated[
     PlainSerializer(_as_dict),
     _map_schema({"minLength": 1}, {"type": "string", "pattern": LABEL_VALUE_PATTERN}),
 ]
-Headers = Annotated[
-    tuple[
-        tuple[
-            Annotated[str, PlainValidator(_header_name)],
-            Annotated[str, PlainValidator(_header_value)],
-        ],
-        ...,
-    ],
-    BeforeValidator(_pairs),
-    PlainSerializer(_as_dict),
-    _map_schema({"pattern": _HEADER_NAME.pattern}, {"type": "string"}),
+HeaderName = Annotated[
+    str, PlainValidator(_header_name), _string(_HEADER_NAME.pattern.replace("a-z", "A-Za-z"))
 ]
+HeaderValue = Annotated[str, PlainValidator(_header_value), WithJsonSchema({"type": "string"})]
 WorkloadServices = Annotated[
     tuple[tuple[ServiceKey, PortMap], ...],
     BeforeValidator(_pairs),
@@ -643,6 +695,24 @@ class Service(Doc):
         return None
 
 
+def _path_value(value: object) -> str:
+    text = _free_text(value)
+    if not text.startswith("/"):
+        raise invalid(f"{text!r} must start with '/'")
+    return text
+
+
+def _method(value: object) -> str:
+    text = _text(value)
+    if not _HTTP_METHOD.match(text):
+        raise invalid(f"{text!r} is not an HTTP method (upper case, e.g. GET)")
+    return text
+
+
+HttpPath = Annotated[str, PlainValidator(_path_value), _string(r"^/\S*$")]
+HttpMethod = Annotated[str, PlainValidator(_method), _string(r"^[A-Z]+$")]
+
+
 @dataclass(frozen=True, slots=True)
 class StringMatch:
     """Istio string match: exact, ``prefix*``, ``*suffix`` or ``*`` (presence)."""
@@ -717,6 +787,151 @@ PrincipalMatch = Annotated[
     StringMatch, PlainValidator(_string_match("principal")), PlainSerializer(str), _MATCH_SCHEMA
 ]
 
+
+@dataclass(frozen=True, slots=True)
+class PathPattern(StringMatch):
+    """Istio path match: a :class:`StringMatch`, or a template with ``{*}`` / ``{**}``.
+
+    ``{*}`` is exactly one non-empty segment; ``{**}`` is the rest of the path ('/'
+    included, possibly empty) and only the last segment (Envoy's URI template matcher).
+    """
+
+    def matches(self, value: str) -> bool:
+        if "{" in self.text:
+            return _template_regex(self.text).fullmatch(value) is not None
+        return StringMatch.matches(self, value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = []
+    for segment in template.split("/"):
+        if segment == "{*}":
+            parts.append("[^/]+")
+        elif segment == "{**}":
+            parts.append(".*")
+        else:
+            parts.append(re.escape(segment))
+    return re.compile("/".join(parts))
+
+
+def _check_star(text: str) -> None:
+    core = text[:-1] if text.endswith("*") else text[1:] if text.startswith("*") else text
+    if text != "*" and ("*" in core or not core):
+        raise invalid(f"{text!r}: '*' is allowed only alone, at the start or at the end")
+
+
+def _path_pattern(value: object) -> PathPattern:
+    if isinstance(value, PathPattern):
+        return value
+    text = _free_text(value)
+    if "{" in text or "}" in text:
+        segments = text.split("/")
+        if not text.startswith("/"):
+            raise invalid(f"{text!r}: a path template must start with '/'")
+        for index, segment in enumerate(segments):
+            if segment in ("{*}", "{**}"):
+                if segment == "{**}" and index != len(segments) - 1:
+                    raise invalid(f"{text!r}: '{{**}}' is allowed only as the last segment")
+            elif "{" in segment or "}" in segment or "*" in segment:
+                raise invalid(
+                    f"{text!r}: in a path template, '{{*}}' (one segment) and '{{**}}' (the "
+                    "rest) must each be a whole segment, and '*' may not appear elsewhere"
+                )
+        return PathPattern(text)
+    _check_star(text)
+    if not text.startswith(("/", "*")):
+        raise invalid(f"{text!r} must start with '/' (or '*' for a suffix match)")
+    return PathPattern(text)
+
+
+def _host_match(value: object) -> StringMatch:
+    if isinstance(value, StringMatch):
+        return value
+    text = _hostname(value).lower()  # hosts are compared case-insensitively
+    _check_star(text)
+    return StringMatch(text)
+
+
+def _method_match(value: object) -> StringMatch:
+    if isinstance(value, StringMatch):
+        return value
+    return StringMatch(_method(value))
+
+
+def _header_value_match(value: object) -> StringMatch:
+    if isinstance(value, StringMatch):
+        return value
+    text = _header_value(value)
+    if not text:
+        raise invalid("must not be empty (use '*' to require only that the header is present)")
+    if text != "*" and text.strip("*") == "":
+        raise invalid(f"{text!r}: '*' is allowed only alone, at the start or at the end")
+    return StringMatch(text)
+
+
+def _some_values(values: tuple[StringMatch, ...]) -> tuple[StringMatch, ...]:
+    if not values:
+        raise invalid("list at least one value ('*': the header is present)")
+    return values
+
+
+def _as_dict_of_texts(pairs: tuple[tuple[str, tuple[object, ...]], ...]) -> dict[str, Any]:
+    return {key: [str(v) for v in values] for key, values in pairs}
+
+
+MethodMatch = Annotated[
+    StringMatch,
+    PlainValidator(_method_match),
+    PlainSerializer(str),
+    _string(r"^[A-Z]+$"),
+]
+PathMatchText = Annotated[
+    PathPattern,
+    PlainValidator(_path_pattern),
+    PlainSerializer(str),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "description": "exact '/a', prefix '/a*', suffix '*.html', presence '*', or a "
+            "template: '/a/{*}/b' (one segment), '/a/{**}' (the rest)",
+        }
+    ),
+]
+HostMatch = Annotated[StringMatch, PlainValidator(_host_match), PlainSerializer(str), _MATCH_SCHEMA]
+HeaderValueMatch = Annotated[
+    StringMatch, PlainValidator(_header_value_match), PlainSerializer(str), _MATCH_SCHEMA
+]
+# Istio's `when: request.headers[name]`: header name -> values (string matches), ORed.
+HeaderConditions = Annotated[
+    tuple[
+        tuple[
+            HeaderName,
+            Annotated[tuple[HeaderValueMatch, ...], AfterValidator(_some_values)],
+        ],
+        ...,
+    ],
+    BeforeValidator(_pairs),
+    PlainSerializer(_as_dict_of_texts),
+    _map_schema(
+        {"pattern": _HEADER_NAME.pattern},
+        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+    ),
+]
+
+# Match fields only an HTTP-aware proxy (a waypoint) can check: (key, attribute).
+HTTP_MATCH_FIELDS = (
+    ("methods", "methods"),
+    ("notMethods", "not_methods"),
+    ("paths", "paths"),
+    ("notPaths", "not_paths"),
+    ("hosts", "hosts"),
+    ("notHosts", "not_hosts"),
+    ("requestHeaders", "request_headers"),
+    ("notRequestHeaders", "not_request_headers"),
+)
+
 RULES_SHAPE = (
     "rules is a list of rules; a rule is a list of clauses (ANDed); a clause is a list of "
     "matches (ORed), e.g. rules: [[[{namespaces: [default]}]]]"
@@ -741,10 +956,24 @@ class Match(Doc):
     not_destination_ips: tuple[CIDR, ...] = ()
     destination_ports: tuple[Port, ...] = ()
     not_destination_ports: tuple[Port, ...] = ()
+    # HTTP fields (Istio's `to.operation` and `when: request.headers[...]`): checked only by
+    # waypoints; a node agent enforces them fail-closed (see authz).
+    methods: tuple[MethodMatch, ...] = ()
+    not_methods: tuple[MethodMatch, ...] = ()
+    paths: tuple[PathMatchText, ...] = ()
+    not_paths: tuple[PathMatchText, ...] = ()
+    hosts: tuple[HostMatch, ...] = ()
+    not_hosts: tuple[HostMatch, ...] = ()
+    request_headers: HeaderConditions = ()
+    not_request_headers: HeaderConditions = ()
 
     @classmethod
     def _shape_hint(cls) -> str:
         return f" ({RULES_SHAPE})"
+
+    def http_fields(self) -> tuple[str, ...]:
+        """The keys of the HTTP fields this match sets (what a node agent cannot check)."""
+        return tuple(key for key, attr in HTTP_MATCH_FIELDS if getattr(self, attr))
 
 
 def _list_of(what: str) -> Callable[[object], object]:
@@ -771,16 +1000,84 @@ class _Selecting(Doc):
     workload_uids: tuple[FreeText, ...] = ()
 
 
+class TargetKind(enum.Enum):
+    """What a policy's targetRef names (Istio: a Service, or a Gateway = a waypoint)."""
+
+    SERVICE = "Service"
+    GATEWAY = "Gateway"
+
+
+TargetKindField = Annotated[
+    TargetKind,
+    PlainValidator(_enum(TargetKind, "targetRef kind")),
+    PlainSerializer(_value_of),
+    _enum_schema(TargetKind),
+]
+TargetName = Annotated[str, PlainValidator(_name_check("target name")), _string(NAME_PATTERN)]
+
+
 @document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class TargetRef(Doc):
+    """A service (by name) or a waypoint from ``waypoints:`` (kind Gateway), in the policy's
+    namespace."""
+
+    kind: TargetKindField
+    name: TargetName
+
+
+def _policy_schema(schema: dict[str, Any]) -> None:
+    # `scope` is required unless the policy has targetRefs; JSON Schema here cannot say "unless".
+    schema["required"] = [k for k in schema.get("required", []) if k != "scope"]
+    scope = schema.get("properties", {}).get("scope")
+    if isinstance(scope, dict):
+        scope["description"] = "required unless targetRefs is set (then Namespace)"
+
+
+@document(
+    frozen=True,
+    slots=True,
+    kw_only=True,
+    config=ConfigDict(**_DOCUMENT, json_schema_extra=_policy_schema),
+)
 class Policy(_Selecting):
     name: PolicyName
     namespace: Namespace
-    scope: ScopeField
+    scope: ScopeField  # optional with targetRefs (Namespace): see _scope_optional_with_targets
     action: ActionField
     rules: tuple[Rule, ...] = ()
+    # Set: the policy applies at the waypoint for these targets, never at node agents.
+    target_refs: tuple[TargetRef, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scope_optional_with_targets(cls, data: Any) -> Any:
+        # With targetRefs, scope may be left out (Namespace); without, it stays required.
+        if isinstance(data, dict):
+            if "scope" not in data and (data.get("targetRefs") or data.get("target_refs")):
+                return {**data, "scope": Scope.NAMESPACE.value}
+        elif isinstance(data, ArgsKwargs) and data.kwargs is not None:
+            kwargs = data.kwargs
+            if "scope" not in kwargs and kwargs.get("target_refs"):
+                return ArgsKwargs(data.args, {**kwargs, "scope": Scope.NAMESPACE})
+        return data
 
     @model_validator(mode="after")
     def _selector_needs_scope(self) -> Policy:
+        if self.target_refs:
+            for attr, key in (("selector", "selector"), ("workload_uids", "workloadUids")):
+                if getattr(self, attr):
+                    raise invalid(
+                        f"{key!r} cannot be used with targetRefs: such a policy applies at the "
+                        "waypoint to the targets it names; remove one of them",
+                        key,
+                    )
+            if self.scope is not Scope.NAMESPACE:
+                raise invalid(
+                    f"scope {self.scope.value} does not apply to a policy with targetRefs "
+                    "(the targets decide where it applies): leave 'scope' out",
+                    "scope",
+                )
+            return self
         if self.scope is Scope.WORKLOAD_SELECTOR and not (self.selector or self.workload_uids):
             raise invalid("scope WorkloadSelector needs 'selector' or 'workloadUids'", "scope")
         if self.scope is not Scope.WORKLOAD_SELECTOR:
@@ -796,6 +1093,16 @@ class Policy(_Selecting):
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def http_fields(self) -> tuple[str, ...]:
+        """Keys of the HTTP fields any match of this policy sets, in first-seen order."""
+        found: dict[str, None] = {}
+        for rule in self.rules:
+            for clause in rule:
+                for match in clause:
+                    for key in match.http_fields():
+                        found[key] = None
+        return tuple(found)
 
 
 @document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
@@ -826,77 +1133,583 @@ class WaypointConfig(Doc):
     service: ServiceKey  # "ns/hostname" of the waypoint's service
     traffic_type: TrafficTypeField = TrafficType.SERVICE
 
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
-def _path_value(value: object) -> str:
+
+# --- L7: routes (Gateway API HTTPRoute) and traffic policies (Istio DestinationRule) -------
+
+
+class PathMatchType(enum.Enum):
+    EXACT = "Exact"
+    PATH_PREFIX = "PathPrefix"
+    REGULAR_EXPRESSION = "RegularExpression"
+
+
+class ValueMatchType(enum.Enum):
+    """How a header or query parameter value is compared."""
+
+    EXACT = "Exact"
+    REGULAR_EXPRESSION = "RegularExpression"
+
+
+class FilterType(enum.Enum):
+    REQUEST_HEADER_MODIFIER = "RequestHeaderModifier"
+    RESPONSE_HEADER_MODIFIER = "ResponseHeaderModifier"
+    REQUEST_REDIRECT = "RequestRedirect"
+    URL_REWRITE = "URLRewrite"
+    REQUEST_MIRROR = "RequestMirror"
+
+
+class PathModifierType(enum.Enum):
+    REPLACE_FULL_PATH = "ReplaceFullPath"
+    REPLACE_PREFIX_MATCH = "ReplacePrefixMatch"
+
+
+class Scheme(enum.Enum):
+    HTTP = "http"
+    HTTPS = "https"
+
+
+class RetryOn(enum.Enum):
+    """Envoy/Istio retry conditions."""
+
+    CONNECT_FAILURE = "connect-failure"
+    REFUSED_STREAM = "refused-stream"
+    RESET = "reset"
+    SERVER_ERROR = "5xx"
+    GATEWAY_ERROR = "gateway-error"
+    RETRIABLE_STATUS_CODES = "retriable-status-codes"
+    UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
+    DEADLINE_EXCEEDED = "deadline-exceeded"
+    RESOURCE_EXHAUSTED = "resource-exhausted"
+
+
+class LoadBalancerPolicy(enum.Enum):
+    LEAST_REQUEST = "LEAST_REQUEST"
+    ROUND_ROBIN = "ROUND_ROBIN"
+    RANDOM = "RANDOM"
+
+
+def _enum_field(kind: type[E], what: str) -> tuple[Any, ...]:
+    return (PlainValidator(_enum(kind, what)), PlainSerializer(_value_of), _enum_schema(kind))
+
+
+PathMatchTypeField = Annotated[PathMatchType, *_enum_field(PathMatchType, "path match type")]
+ValueMatchTypeField = Annotated[ValueMatchType, *_enum_field(ValueMatchType, "match type")]
+FilterTypeField = Annotated[FilterType, *_enum_field(FilterType, "filter type")]
+PathModifierTypeField = Annotated[
+    PathModifierType, *_enum_field(PathModifierType, "path modifier type")
+]
+SchemeField = Annotated[Scheme, *_enum_field(Scheme, "scheme")]
+RetryOnField = Annotated[RetryOn, *_enum_field(RetryOn, "retry condition")]
+LoadBalancerPolicyField = Annotated[
+    LoadBalancerPolicy, *_enum_field(LoadBalancerPolicy, "load balancer")
+]
+
+# Istio's defaults (1.24+): 503 is no longer retried unless asked for.
+DEFAULT_RETRY_ATTEMPTS = 2
+DEFAULT_RETRY_ON = (
+    RetryOn.CONNECT_FAILURE,
+    RetryOn.REFUSED_STREAM,
+    RetryOn.UNAVAILABLE,
+    RetryOn.CANCELLED,
+)
+DEFAULT_RETRY_BACKOFF = 0.025
+REDIRECT_STATUS_CODES = (301, 302, 303, 307, 308)
+
+
+def _regex(value: str, sub: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise invalid(f"{value!r} is not a valid regular expression: {exc}", sub) from None
+
+
+def _request_path(value: object) -> str:
+    text = _path_value(value)
+    if "?" in text or "#" in text:
+        raise invalid(
+            f"{text!r}: a path must not contain '?' or '#' (match query parameters "
+            "with 'queryParams')"
+        )
+    return text
+
+
+def _prefix_replacement(value: object) -> str:
+    # Gateway API allows "" (drop the matched prefix).
+    if value == "":
+        return ""
+    return _request_path(value)
+
+
+def _redirect_status(value: object) -> int:
+    code = _int(value)
+    if code not in REDIRECT_STATUS_CODES:
+        allowed = ", ".join(map(str, REDIRECT_STATUS_CODES))
+        raise invalid(f"redirect status code {code} is not one of {allowed}")
+    return code
+
+
+def _query_name(value: object) -> str:
     text = _free_text(value)
-    if not text.startswith("/"):
-        raise invalid(f"{text!r} must start with '/'")
+    if any(c in text for c in "&=#?"):
+        raise invalid(f"{text!r} is not a valid query parameter name (no '&', '=', '#', '?')")
     return text
 
 
-def _method(value: object) -> str:
-    text = _text(value)
-    if not _HTTP_METHOD.match(text):
-        raise invalid(f"{text!r} is not an HTTP method (upper case, e.g. GET)")
-    return text
-
-
-HttpPath = Annotated[str, PlainValidator(_path_value), _string(r"^/\S*$")]
-HttpMethod = Annotated[str, PlainValidator(_method), _string(r"^[A-Z]+$")]
+RequestPath = Annotated[str, PlainValidator(_request_path), _string(r"^/[^\s?#]*$")]
+PrefixReplacement = Annotated[
+    str, PlainValidator(_prefix_replacement), WithJsonSchema({"type": "string"})
+]
+RedirectStatus = Annotated[
+    int, PlainValidator(_redirect_status), WithJsonSchema({"enum": list(REDIRECT_STATUS_CODES)})
+]
+QueryParamName = Annotated[str, PlainValidator(_query_name), _string(r"^[^\s&=#?]+$")]
+AnyText = Annotated[str, PlainValidator(_text), _string(r"^.+$")]
 
 
 @document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
-class RouteMatch(Doc):
-    """Match on an HTTP request; every set field must hold."""
+class HttpPathMatch(Doc):
+    """``Exact`` and ``PathPrefix`` compare path segments; ``RegularExpression`` must match
+    the whole path (query excluded)."""
 
-    path_prefix: HttpPath | None = None
-    path_exact: HttpPath | None = Field(default=None, alias="path")
-    method: HttpMethod | None = None
-    headers: Headers = ()
+    type: PathMatchTypeField = PathMatchType.PATH_PREFIX
+    value: AnyText = "/"
 
     @model_validator(mode="after")
-    def _one_path(self) -> RouteMatch:
-        if self.path_prefix is not None and self.path_exact is not None:
-            raise invalid("use either 'pathPrefix' or 'path', not both")
+    def _value_fits_type(self) -> HttpPathMatch:
+        if self.type is PathMatchType.REGULAR_EXPRESSION:
+            _regex(self.value, "value")
+        else:
+            try:
+                _request_path(self.value)
+            except PydanticCustomError as exc:
+                raise invalid(str(exc), "value") from None
+        return self
+
+    @property
+    def prefix(self) -> str:
+        """The PathPrefix value without its trailing '/' (Gateway API ignores it); "" for /."""
+        return self.value.rstrip("/")
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class HttpHeaderMatch(Doc):
+    type: ValueMatchTypeField = ValueMatchType.EXACT
+    name: HeaderName
+    value: HeaderValue
+
+    @model_validator(mode="after")
+    def _regex_compiles(self) -> HttpHeaderMatch:
+        if self.type is ValueMatchType.REGULAR_EXPRESSION:
+            _regex(self.value, "value")
         return self
 
 
 @document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
-class Backend(Doc):
-    service: ServiceKey  # "ns/hostname"
-    port: Port
-    weight: Weight = 1
+class HttpQueryParamMatch(Doc):
+    """Query parameter names are case-sensitive (Gateway API)."""
+
+    type: ValueMatchTypeField = ValueMatchType.EXACT
+    name: QueryParamName
+    value: HeaderValue
+
+    @model_validator(mode="after")
+    def _regex_compiles(self) -> HttpQueryParamMatch:
+        if self.type is ValueMatchType.REGULAR_EXPRESSION:
+            _regex(self.value, "value")
+        return self
+
+
+def _unique_names(
+    items: tuple[HttpHeaderMatch | HttpQueryParamMatch, ...], what: str, key: str
+) -> None:
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if item.name in seen:
+            raise invalid(
+                f"{what} {item.name!r} is matched twice in one match (conditions are ANDed: "
+                "keep one, or put the alternatives in separate matches)",
+                key,
+                index,
+                "name",
+            )
+        seen.add(item.name)
 
 
 @document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
-class RouteRetries(Doc):
-    attempts: Attempts
-    per_try_timeout: Seconds | None = None  # seconds
+class HttpRouteMatch(Doc):
+    """Every condition set must hold.  No ``path`` is ``PathPrefix /`` (Gateway API)."""
+
+    path: HttpPathMatch = HttpPathMatch()
+    headers: tuple[HttpHeaderMatch, ...] = ()
+    query_params: tuple[HttpQueryParamMatch, ...] = ()
+    method: HttpMethod | None = None
+
+    @model_validator(mode="after")
+    def _names_once(self) -> HttpRouteMatch:
+        _unique_names(self.headers, "header", "headers")
+        _unique_names(self.query_params, "query parameter", "queryParams")
+        return self
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class HttpHeader(Doc):
+    name: HeaderName
+    value: HeaderValue
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class HeaderModifier(Doc):
+    """Applied as Envoy does: ``remove`` first, then ``set`` (replace), then ``add``."""
+
+    set_headers: tuple[HttpHeader, ...] = Field(default=(), alias="set")
+    add_headers: tuple[HttpHeader, ...] = Field(default=(), alias="add")
+    remove_headers: tuple[HeaderName, ...] = Field(default=(), alias="remove")
+
+    @model_validator(mode="after")
+    def _names_once(self) -> HeaderModifier:
+        for key, names in (
+            ("set", [h.name for h in self.set_headers]),
+            ("add", [h.name for h in self.add_headers]),
+            ("remove", list(self.remove_headers)),
+        ):
+            seen: set[str] = set()
+            for index, name in enumerate(names):
+                if name in seen:
+                    sub: tuple[str | int, ...] = (
+                        (key, index) if key == "remove" else (key, index, "name")
+                    )
+                    raise invalid(f"header {name!r} is listed twice in {key!r}", *sub)
+                seen.add(name)
+        return self
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class HttpPathModifier(Doc):
+    type: PathModifierTypeField
+    replace_full_path: RequestPath | None = None
+    replace_prefix_match: PrefixReplacement | None = None
+
+    @model_validator(mode="after")
+    def _field_fits_type(self) -> HttpPathModifier:
+        wanted = (
+            "replaceFullPath"
+            if self.type is PathModifierType.REPLACE_FULL_PATH
+            else "replacePrefixMatch"
+        )
+        for key, value in (
+            ("replaceFullPath", self.replace_full_path),
+            ("replacePrefixMatch", self.replace_prefix_match),
+        ):
+            if key == wanted and value is None:
+                raise invalid(f"type {self.type.value} needs {key!r}", key)
+            if key != wanted and value is not None:
+                raise invalid(
+                    f"{key!r} does not go with type {self.type.value} (set {wanted!r} instead, "
+                    f"or change the type)",
+                    key,
+                )
+        return self
+
+    @property
+    def replacement(self) -> str:
+        if self.type is PathModifierType.REPLACE_FULL_PATH:
+            return self.replace_full_path or "/"
+        return self.replace_prefix_match or ""
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class RequestRedirect(Doc):
+    """Unset parts keep the request's; the port follows Gateway API (see l7.rewrite)."""
+
+    scheme: SchemeField | None = None
+    hostname: Hostname | None = None
+    path: HttpPathModifier | None = None
+    port: Port | None = None
+    status_code: RedirectStatus = 302
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class UrlRewrite(Doc):
+    hostname: Hostname | None = None
+    path: HttpPathModifier | None = None
+
+    @model_validator(mode="after")
+    def _rewrites_something(self) -> UrlRewrite:
+        if self.hostname is None and self.path is None:
+            raise invalid("set 'hostname' or 'path' (a URLRewrite that changes nothing)")
+        return self
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class MirrorBackendRef(Doc):
+    service: ServiceKey  # "ns/hostname"; must exist
+    port: Port  # a port of that service
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class RequestMirror(Doc):
+    """A copy of the request goes to ``backendRef``; its response is dropped."""
+
+    backend_ref: MirrorBackendRef
+    percent: Percent = 100
+
+
+# Filter type -> (attribute, key) of the one field it uses.
+FILTER_FIELDS: dict[FilterType, tuple[str, str]] = {
+    FilterType.REQUEST_HEADER_MODIFIER: ("request_header_modifier", "requestHeaderModifier"),
+    FilterType.RESPONSE_HEADER_MODIFIER: ("response_header_modifier", "responseHeaderModifier"),
+    FilterType.REQUEST_REDIRECT: ("request_redirect", "requestRedirect"),
+    FilterType.URL_REWRITE: ("url_rewrite", "urlRewrite"),
+    FilterType.REQUEST_MIRROR: ("request_mirror", "requestMirror"),
+}
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class HttpRouteFilter(Doc):
+    """``type`` plus exactly the one field it names (Gateway API's shape)."""
+
+    type: FilterTypeField
+    request_header_modifier: HeaderModifier | None = None
+    response_header_modifier: HeaderModifier | None = None
+    request_redirect: RequestRedirect | None = None
+    url_rewrite: UrlRewrite | None = None
+    request_mirror: RequestMirror | None = None
+
+    @model_validator(mode="after")
+    def _field_fits_type(self) -> HttpRouteFilter:
+        attr, key = FILTER_FIELDS[self.type]
+        for other_type, (other_attr, other_key) in FILTER_FIELDS.items():
+            if other_attr != attr and getattr(self, other_attr) is not None:
+                raise invalid(
+                    f"{other_key!r} does not match the filter's type {self.type.value} "
+                    f"(set type: {other_type.value}, or move it to a filter of its own)",
+                    other_key,
+                )
+        if getattr(self, attr) is None:
+            raise invalid(f"a {self.type.value} filter needs {key!r}", key)
+        return self
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class ParentRef(Doc):
+    """The service a route attaches to; ``port`` None: every port of it."""
+
+    service: ServiceKey
+    port: Port | None = None
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class BackendRef(Doc):
+    service: ServiceKey  # "ns/hostname"; must exist
+    port: Port  # a port of that service
+    weight: Weight = 1
+    # Workload labels (effective labels: app/version included); must select an endpoint.
+    subset: Labels = ()
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class RouteTimeouts(Doc):
+    """Gateway API: ``request`` is the whole request (retries included), ``backendRequest``
+    each try.  0 means no timeout."""
+
+    request: DurationOrOff | None = None
+    backend_request: DurationOrOff | None = None
+
+    @model_validator(mode="after")
+    def _try_within_request(self) -> RouteTimeouts:
+        if self.request and self.backend_request and self.backend_request > self.request:
+            raise invalid(
+                f"backendRequest ({self.backend_request:g}s) is longer than request "
+                f"({self.request:g}s): each try must fit in the whole request's time",
+                "backendRequest",
+            )
+        return self
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class RouteRetry(Doc):
+    """Retries after the first try.  Absent fields take Istio's defaults."""
+
+    attempts: Attempts = DEFAULT_RETRY_ATTEMPTS
+    per_try_timeout: Duration | None = None
+    backoff: Duration = DEFAULT_RETRY_BACKOFF
+    retry_on: tuple[RetryOnField, ...] = DEFAULT_RETRY_ON
+    # Retried when the response has one of these (implies retriable-status-codes).
+    codes: tuple[StatusCode, ...] = ()
 
 
 @document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
 class RouteRule(Doc):
-    matches: tuple[RouteMatch, ...] = ()  # empty: every request
-    backends: tuple[Backend, ...]
-    timeout: Seconds | None = None  # seconds
-    retries: RouteRetries | None = None
+    matches: tuple[HttpRouteMatch, ...] = ()  # ORed; none: every request
+    filters: tuple[HttpRouteFilter, ...] = ()  # applied in order
+    backend_refs: tuple[BackendRef, ...] = ()
+    timeouts: RouteTimeouts | None = None
+    retry: RouteRetry | None = None
 
-    @field_validator("backends")
-    @classmethod
-    def _some_backend(cls, backends: tuple[Backend, ...]) -> tuple[Backend, ...]:
-        if not backends:
-            raise invalid("must list at least one backend")
-        return backends
+    @model_validator(mode="after")
+    def _consistent(self) -> RouteRule:
+        seen: dict[FilterType, int] = {}
+        for index, f in enumerate(self.filters):
+            if f.type is not FilterType.REQUEST_MIRROR and f.type in seen:
+                raise invalid(
+                    f"a rule may have one {f.type.value} filter (another is filters"
+                    f"[{seen[f.type]}]): merge them",
+                    "filters",
+                    index,
+                    "type",
+                )
+            seen.setdefault(f.type, index)
+        redirect = seen.get(FilterType.REQUEST_REDIRECT)
+        if redirect is not None and FilterType.URL_REWRITE in seen:
+            raise invalid(
+                "a rule cannot both redirect and rewrite (RequestRedirect answers the client; "
+                "URLRewrite changes what is sent to backends): keep one",
+                "filters",
+                seen[FilterType.URL_REWRITE],
+                "type",
+            )
+        if redirect is None and not self.backend_refs:
+            raise invalid(
+                "list at least one backendRef (or add a RequestRedirect filter)", "backendRefs"
+            )
+        if redirect is not None and self.backend_refs:
+            raise invalid(
+                "a rule with a RequestRedirect filter answers the redirect itself and sends "
+                "nothing to backends: remove 'backendRefs'",
+                "backendRefs",
+            )
+        for index, f in enumerate(self.filters):
+            action = f.url_rewrite or f.request_redirect
+            path = action.path if action is not None else None
+            if path is not None and path.type is PathModifierType.REPLACE_PREFIX_MATCH:
+                kinds = {m.path.type for m in self.matches} or {PathMatchType.PATH_PREFIX}
+                if kinds != {PathMatchType.PATH_PREFIX}:
+                    raise invalid(
+                        "ReplacePrefixMatch needs every match of the rule to be a PathPrefix "
+                        "match (it replaces the matched prefix): use ReplaceFullPath, or "
+                        "PathPrefix matches",
+                        "filters",
+                        index,
+                        FILTER_FIELDS[f.type][1],
+                        "path",
+                        "type",
+                    )
+        if self.retry is not None and self.retry.per_try_timeout is not None:
+            timeouts = self.timeouts
+            if timeouts is not None and timeouts.backend_request is not None:
+                raise invalid(
+                    "set the per-try timeout once: timeouts.backendRequest (Gateway API) or "
+                    "retry.perTryTimeout (Istio)",
+                    "retry",
+                    "perTryTimeout",
+                )
+            if (
+                timeouts is not None
+                and timeouts.request
+                and (self.retry.per_try_timeout > timeouts.request)
+            ):
+                raise invalid(
+                    f"perTryTimeout ({self.retry.per_try_timeout:g}s) is longer than "
+                    f"timeouts.request ({timeouts.request:g}s)",
+                    "retry",
+                    "perTryTimeout",
+                )
+        return self
+
+    @property
+    def redirect(self) -> RequestRedirect | None:
+        for f in self.filters:
+            if f.request_redirect is not None:
+                return f.request_redirect
+        return None
+
+
+def _some(what: str) -> Callable[[tuple[T, ...]], tuple[T, ...]]:
+    def check(items: tuple[T, ...]) -> tuple[T, ...]:
+        if not items:
+            raise invalid(f"list at least one {what}")
+        return items
+
+    return check
 
 
 @document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
 class HttpRoute(Doc):
-    """L7 routing for requests to ``parent`` (a service key), applied by its waypoint."""
+    """HTTPRoute: L7 routing for requests to the services in ``parentRefs``, applied by
+    their waypoint."""
 
     name: RouteName
     namespace: Namespace
-    parent: ServiceKey
-    rules: tuple[RouteRule, ...] = ()
+    parent_refs: Annotated[tuple[ParentRef, ...], AfterValidator(_some("parentRef"))]
+    rules: Annotated[tuple[RouteRule, ...], AfterValidator(_some("rule"))]
+
+    @model_validator(mode="after")
+    def _parents_once(self) -> HttpRoute:
+        seen: set[tuple[str, int | None]] = set()
+        for index, ref in enumerate(self.parent_refs):
+            if (ref.service, ref.port) in seen:
+                raise invalid(f"parentRef {ref.service!r} is listed twice", "parentRefs", index)
+            seen.add((ref.service, ref.port))
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class TcpPoolSettings(Doc):
+    max_connections: Limit = UNLIMITED
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class HttpPoolSettings(Doc):
+    http1_max_pending_requests: Limit = UNLIMITED
+    http2_max_requests: Limit = UNLIMITED
+    max_requests_per_connection: LimitOrZero = 0  # 0: unlimited
+    max_retries: LimitOrZero = UNLIMITED  # retries in flight at once; 0: none
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class ConnectionPool(Doc):
+    """Circuit-breaker limits (Istio's defaults: no limit); overflow is 503 with flag UO."""
+
+    tcp: TcpPoolSettings = TcpPoolSettings()
+    http: HttpPoolSettings = HttpPoolSettings()
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class OutlierDetection(Doc):
+    """Ejection of failing endpoints; on only when given (as Istio).  0 errors: that check off."""
+
+    consecutive_5xx_errors: Count = Field(default=5, alias="consecutive5xxErrors")
+    consecutive_gateway_errors: Count = 0
+    interval: Duration = 10.0
+    base_ejection_time: Duration = 30.0  # x the endpoint's number of ejections
+    max_ejection_percent: Percent = 10
+    min_health_percent: Percent = 0
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class LoadBalancer(Doc):
+    simple: LoadBalancerPolicyField = LoadBalancerPolicy.LEAST_REQUEST
+
+
+@document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)
+class TrafficPolicyConfig(Doc):
+    """DestinationRule-shaped settings for one service (``trafficPolicies:`` section)."""
+
+    name: PolicyName
+    namespace: Namespace
+    service: ServiceKey
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    load_balancer: LoadBalancer | None = None
 
     @property
     def key(self) -> str:
@@ -918,6 +1731,7 @@ class Config(Doc):
     )
     waypoints: tuple[WaypointConfig, ...] = ()
     routes: tuple[HttpRoute, ...] = ()
+    traffic_policies: tuple[TrafficPolicyConfig, ...] = ()
 
     @model_validator(mode="before")
     @classmethod

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ztunnel_cfg.l7.table import RouteCandidate, build_route_table
 from ztunnel_cfg.loader import load_config_file
 from ztunnel_cfg.model import (
     Config,
@@ -22,6 +24,9 @@ from ztunnel_cfg.model import (
     Policy,
     Scope,
     Service,
+    TargetKind,
+    TrafficPolicyConfig,
+    WaypointConfig,
     Workload,
 )
 from ztunnel_cfg.spiffe import SpiffeId
@@ -76,6 +81,18 @@ class Snapshot:
     _pa_mesh: PeerAuthentication | None = field(repr=False)
     _pa_ns: MappingProxyType[str, PeerAuthentication] = field(repr=False)
     _pa_selected: MappingProxyType[str, tuple[PeerAuthentication, ...]] = field(repr=False)
+    # --- L7 (waypoints) ---
+    _waypoints: MappingProxyType[str, WaypointConfig] = field(repr=False)
+    # Policies with targetRefs: by waypoint key ("ns/name"), by service "ns/name", and for
+    # each (waypoint key, service key) pair where both have some, merged in config order.
+    _gateway_policies: MappingProxyType[str, tuple[Policy, ...]] = field(repr=False)
+    _service_policies: MappingProxyType[str, tuple[Policy, ...]] = field(repr=False)
+    _pair_policies: MappingProxyType[tuple[str, str], tuple[Policy, ...]] = field(repr=False)
+    _routes: MappingProxyType[str, tuple[RouteCandidate, ...]] = field(repr=False)
+    _subsets: MappingProxyType[tuple[str, tuple[tuple[str, str], ...]], tuple[Workload, ...]] = (
+        field(repr=False)
+    )
+    _traffic: MappingProxyType[str, TrafficPolicyConfig] = field(repr=False)
 
     @classmethod
     def build(cls, config: Config) -> Snapshot:
@@ -103,9 +120,15 @@ class Snapshot:
         uid_p: dict[str, list[Policy]] = {}
         label_p: dict[tuple[str, str, str], list[Policy]] = {}
         order: dict[int, int] = {}
+        gateway_p: dict[str, list[Policy]] = {}
+        service_p: dict[str, list[Policy]] = {}
         for index, p in enumerate(config.policies):
             order[id(p)] = index
-            if p.scope is Scope.GLOBAL:
+            if p.target_refs:  # enforced by waypoints only, never by node agents
+                for ref in dict.fromkeys(p.target_refs):
+                    by_kind = gateway_p if ref.kind is TargetKind.GATEWAY else service_p
+                    by_kind.setdefault(f"{p.namespace}/{ref.name}", []).append(p)
+            elif p.scope is Scope.GLOBAL:
                 global_p.append(p)
             elif p.scope is Scope.NAMESPACE:
                 ns_p.setdefault(p.namespace, []).append(p)
@@ -141,6 +164,28 @@ class Snapshot:
                 if chosen:
                     pa_selected[w.uid] = chosen
 
+        healthy = {
+            k: tuple(w for w in v if w.healthy and w.workload_ips) for k, v in endpoints.items()
+        }
+        waypoints: dict[str, WaypointConfig] = {}
+        for wp in config.waypoints:
+            waypoints.setdefault(wp.key, wp)
+        pairs: dict[tuple[str, str], tuple[Policy, ...]] = {}
+        for wp_key in waypoints:
+            for svc_name, svc_policies in service_p.items():
+                merged = {id(p): p for p in (*gateway_p.get(wp_key, ()), *svc_policies)}
+                pairs[(wp_key, svc_name)] = tuple(sorted(merged.values(), key=_by(order)))
+        subsets: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Workload, ...]] = {}
+        for r in config.routes:
+            for rule in r.rules:
+                for b in rule.backend_refs:
+                    subsets.setdefault(
+                        (b.service, b.subset), _in_subset(healthy.get(b.service, ()), b.subset)
+                    )
+        traffic: dict[str, TrafficPolicyConfig] = {}
+        for tp in config.traffic_policies:
+            traffic.setdefault(tp.service, tp)
+
         return cls(
             config=config,
             trust_domain=config.trust_domain,
@@ -149,12 +194,7 @@ class Snapshot:
             _by_vip=_frozen(by_vip),
             _by_key=_frozen(by_key),
             _endpoints=_frozen({k: tuple(v) for k, v in endpoints.items()}),
-            _healthy=_frozen(
-                {
-                    k: tuple(w for w in v if w.healthy and w.workload_ips)
-                    for k, v in endpoints.items()
-                }
-            ),
+            _healthy=_frozen(healthy),
             _by_node=_frozen({k: tuple(v) for k, v in by_node.items()}),
             _identities=_frozen({k: frozenset(w.identity for w in v) for k, v in by_node.items()}),
             _global_policies=tuple(global_p),
@@ -165,6 +205,13 @@ class Snapshot:
             _pa_mesh=pa_mesh,
             _pa_ns=_frozen(pa_ns),
             _pa_selected=_frozen({k: tuple(v) for k, v in pa_selected.items()}),
+            _waypoints=_frozen(waypoints),
+            _gateway_policies=_frozen({k: tuple(v) for k, v in gateway_p.items()}),
+            _service_policies=_frozen({k: tuple(v) for k, v in service_p.items()}),
+            _pair_policies=_frozen(pairs),
+            _routes=_frozen(build_route_table(config.routes)),
+            _subsets=_frozen(subsets),
+            _traffic=_frozen(traffic),
         )
 
     # --- lookups ---------------------------------------------------------------------------
@@ -226,6 +273,50 @@ class Snapshot:
                     found[id(p)] = p
         return tuple(sorted(found.values(), key=lambda p: self._policy_order.get(id(p), 0)))
 
+    # --- L7 (waypoints) ----------------------------------------------------------------------
+
+    def waypoint(self, key: str) -> WaypointConfig | None:
+        """The ``waypoints:`` entry ``namespace/name``."""
+        return self._waypoints.get(key)
+
+    def waypoint_policies(
+        self, waypoint: WaypointConfig, service: Service | None
+    ) -> tuple[Policy, ...]:
+        """Policies a waypoint enforces for a request to ``service``, in config order.
+
+        Those whose targetRefs name the waypoint (kind Gateway, in its namespace) or the
+        service (kind Service, in the service's namespace).  Precomputed: no merge per call.
+        """
+        own = self._gateway_policies.get(waypoint.key, ())
+        if service is None:
+            return own
+        name = f"{service.namespace}/{service.name}"
+        targeted = self._service_policies.get(name)
+        if targeted is None:
+            return own
+        pair = self._pair_policies.get((waypoint.key, name))
+        if pair is not None:
+            return pair
+        # A waypoint not from this snapshot: merge now (never on the data path).
+        merged = {id(p): p for p in (*own, *targeted)}
+        return tuple(sorted(merged.values(), key=_by(self._policy_order)))
+
+    def route_candidates(self, service_key: str) -> tuple[RouteCandidate, ...]:
+        """Route matches attached to the service, highest Gateway API precedence first."""
+        return self._routes.get(service_key, ())
+
+    def subset_endpoints(
+        self, service_key: str, subset: tuple[tuple[str, str], ...]
+    ) -> tuple[Workload, ...]:
+        """Healthy endpoints of the service whose effective labels include ``subset``."""
+        found = self._subsets.get((service_key, subset))
+        if found is not None:
+            return found
+        return _in_subset(self._healthy.get(service_key, ()), subset)
+
+    def traffic_policy_config(self, service_key: str) -> TrafficPolicyConfig | None:
+        return self._traffic.get(service_key)
+
     def mtls_mode(self, workload: Workload) -> MtlsMode:
         """Most specific wins: workload-specific > namespace > mesh-wide > PERMISSIVE.
 
@@ -271,6 +362,21 @@ class Snapshot:
 
 def _labels_match(selector: tuple[tuple[str, str], ...], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector)
+
+
+def _in_subset(
+    workloads: tuple[Workload, ...], subset: tuple[tuple[str, str], ...]
+) -> tuple[Workload, ...]:
+    if not subset:
+        return workloads
+    return tuple(w for w in workloads if _labels_match(subset, w.effective_labels()))
+
+
+def _by(order: Mapping[int, int]) -> Callable[[Policy], int]:
+    def position(policy: Policy) -> int:
+        return order.get(id(policy), 0)
+
+    return position
 
 
 def _selects(

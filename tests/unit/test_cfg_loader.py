@@ -228,10 +228,11 @@ def test_issue_has_file_line_column_and_key_path() -> None:
             id="unknown-waypoint",
         ),
         pytest.param(
-            "routes:\n- {name: r, namespace: a, parent: a/x, rules: [{backends: []}]}\n",
+            "routes:\n- {name: r, namespace: a, parentRefs: [{service: a/x}],\n"
+            "   rules: [{backendRefs: [{service: a/x, port: 80}]}]}\n",
             2,
-            "routes[0].parent",
-            "'a/x' is not a known service",
+            "routes[0].parentRefs[0].service",
+            "parentRef service 'a/x' is not a known service",
             id="route-parent",
         ),
         pytest.param(
@@ -359,20 +360,21 @@ def test_routes_section() -> None:
     routes:
     - name: split
       namespace: default
-      parent: default/echo.default.svc.cluster.local
+      parentRefs: [{service: default/echo.default.svc.cluster.local, port: 80}]
       rules:
-      - matches: [{pathPrefix: /api, method: GET, headers: {X-User: alice}}]
-        backends: [{service: default/echo.default.svc.cluster.local, port: 80, weight: 90}]
-        timeout: 2.5
-        retries: {attempts: 3, perTryTimeout: 1}
+      - matches: [{path: {value: /api}, method: GET, headers: [{name: X-User, value: alice}]}]
+        backendRefs: [{service: default/echo.default.svc.cluster.local, port: 80, weight: 90}]
+        timeouts: {request: 2.5s}
+        retry: {attempts: 3, perTryTimeout: 1}
     """)
     (route,) = load_config_text(text).routes
     (rule,) = route.rules
-    assert rule.matches[0].headers == (("x-user", "alice"),)
-    assert rule.timeout == 2.5
-    assert rule.retries is not None
-    assert rule.retries.attempts == 3
-    bad = text.replace("pathPrefix: /api", "pathPrefix: api").replace("port: 80,", "port: 0,")
+    assert rule.matches[0].headers[0].name == "x-user"
+    assert rule.timeouts is not None
+    assert rule.timeouts.request == 2.5
+    assert rule.retry is not None
+    assert rule.retry.attempts == 3
+    bad = text.replace("value: /api", "value: api").replace("port: 80,", "port: 0,")
     messages = [m for _, _, m in issues_of(bad)]
     assert any("'api' must start with '/'" in m for m in messages)
     assert any("port 0 is out of range" in m for m in messages)
@@ -490,6 +492,16 @@ _scalars = st.one_of(
             80,
             15008,
             65536,
+            "PathPrefix",
+            "RegularExpression",
+            "RequestRedirect",
+            "ReplacePrefixMatch",
+            "(unclosed",
+            "250ms",
+            "Gateway",
+            "Service",
+            "/api/{*}/x",
+            "/a/{**}",
         ]
     ),
 )
@@ -535,6 +547,7 @@ def _only_config_errors(data: str | bytes) -> None:
                 "policies",
                 "waypoints",
                 "routes",
+                "trafficPolicies",
                 "peerAuthentication",
                 "trustDomain",
             ]

@@ -59,6 +59,7 @@ SECTIONS: dict[str, type[Doc]] = {
     "peerAuthentication": model.PeerAuthentication,
     "waypoints": model.WaypointConfig,
     "routes": model.HttpRoute,
+    "trafficPolicies": model.TrafficPolicyConfig,
 }
 
 
@@ -174,15 +175,45 @@ def test_dump_round_trips_every_section() -> None:
         routes:
         - name: r
           namespace: default
-          parent: default/echo.default.svc.cluster.local
+          parentRefs: [{service: default/echo.default.svc.cluster.local, port: 80}]
           rules:
-          - matches: [{pathPrefix: /a, headers: {X-A: b}}]
-            backends: [{service: default/echo.default.svc.cluster.local, port: 80}]
-            retries: {attempts: 2, perTryTimeout: 1}
+          - matches: [{path: {value: /a}, headers: [{name: X-A, value: b}]}]
+            filters:
+            - type: URLRewrite
+              urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}
+            - type: RequestHeaderModifier
+              requestHeaderModifier: {set: [{name: x-a, value: c}], remove: [x-b]}
+            backendRefs: [{service: default/echo.default.svc.cluster.local, port: 80}]
+            retry: {attempts: 2, perTryTimeout: 1, retryOn: [5xx], codes: [503]}
+            timeouts: {request: 2s}
+          - matches: [{path: {type: Exact, value: /old}}]
+            filters:
+            - type: RequestRedirect
+              requestRedirect: {scheme: https, statusCode: 301}
+        trafficPolicies:
+        - name: echo
+          namespace: default
+          service: default/echo.default.svc.cluster.local
+          connectionPool: {tcp: {maxConnections: 10}, http: {http1MaxPendingRequests: 1}}
+          outlierDetection: {consecutive5xxErrors: 3, interval: 1m}
+          loadBalancer: {simple: ROUND_ROBIN}
         """)
     config = validate_config_text(text).config
     assert config.waypoints
     assert config.routes
+    assert config.traffic_policies
+    _assert_round_trip(config)
+
+
+def test_dump_round_trips_the_l7_example() -> None:
+    config = validate_config_text((ROOT / "examples" / "l7.yaml").read_text()).config
+    assert any(p.target_refs for p in config.policies)
+    assert any(m.paths for p in config.policies for r in p.rules for c in r for m in c)
+    assert any(f.request_redirect for r in config.routes for rule in r.rules for f in rule.filters)
+    _assert_round_trip(config)
+
+
+def _assert_round_trip(config: Config) -> None:
     again = yaml.safe_dump(config_to_document(config), sort_keys=False)
     assert validate_config_text(again).config == config
     as_json = json.dumps(config_to_document(config))
@@ -192,12 +223,15 @@ def test_dump_round_trips_every_section() -> None:
 # --- keys accepted but not implemented (issue 11 item 4) --------------------------------------
 
 
-@pytest.mark.parametrize("key", ["waypoints", "routes"])
+@pytest.mark.parametrize("key", ["waypoints", "routes", "trafficPolicies"])
 def test_unimplemented_keys_warn(key: str, tmp_path: Path) -> None:
     body = {
         "waypoints": "waypoints:\n- {name: w, namespace: a, service: a/s.a.svc.cluster.local}\n",
-        "routes": "routes:\n- {name: r, namespace: a, parent: a/s.a.svc.cluster.local,\n"
-        "   rules: [{backends: [{service: a/s.a.svc.cluster.local, port: 80}]}]}\n",
+        "routes": "routes:\n- {name: r, namespace: a,\n"
+        "   parentRefs: [{service: a/s.a.svc.cluster.local}],\n"
+        "   rules: [{backendRefs: [{service: a/s.a.svc.cluster.local, port: 80}]}]}\n",
+        "trafficPolicies": "trafficPolicies:\n"
+        "- {name: t, namespace: a, service: a/s.a.svc.cluster.local}\n",
     }[key]
     text = "workloads: []\nservices: [{name: s, namespace: a, ports: {80: 80}}]\n" + body
     (warning,) = validate_config_text(text, "m.yaml").warnings
