@@ -1,1 +1,2 @@
-"""Waypoint proxy: the optional L7 layer (routing, retries, timeouts, circuit breaking, L7 policy)."""
+"""Waypoint proxy: the optional L7 layer (routing, retries, timeouts, circuit breaking,
+L7 policy) that node agents send traffic through."""

@@ -1,0 +1,294 @@
+"""A waypoint between two agents on loopback: the L7 data path end to end, in one process.
+
+node1 runs the client pod (127.0.1.1); node2 runs two versions of ``echo`` (127.0.2.1 v1,
+127.0.2.2 v2), a ``flaky`` backend, and the waypoint (127.0.2.9).  Real TLS 1.3, real HBONE
+both hops (client agent -> waypoint -> destination agent), real HTTP/1.1 servers (aiohttp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import textwrap
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from nodeproxy.app import AgentApp, AgentOptions
+from nodeproxy.identity.ca import CertificateAuthority
+from nodeproxy.identity.ca_client import LocalCaClient
+from nodeproxy.metrics import Metrics
+from nodeproxy.proxy.env import ProxyEnv
+from nodeproxy.waypoint.app import WaypointApp, WaypointOptions
+from nodeproxy.waypoint.http1 import MessageEnd, ResponseHead, ResponseReader
+from nodeproxy.waypoint.proxy import WaypointSettings
+from nodeproxy.waypoint.telemetry import WaypointMetrics
+from tests.helpers.waiting import eventually
+from ztunnel_cfg.snapshot import Snapshot
+
+APP_PORT = 18180
+VIP = "10.96.0.10"
+FLAKY_VIP = "10.96.0.11"
+
+CONFIG = textwrap.dedent(f"""
+    workloads:
+    - {{name: client, namespace: default, serviceAccount: client, workloadIps: ["127.0.1.1"],
+       node: node1}}
+    - name: echo-v1
+      namespace: default
+      serviceAccount: echo
+      workloadIps: ["127.0.2.1"]
+      node: node2
+      canonicalRevision: v1
+      services: {{"default/echo.default.svc.cluster.local": {{80: {APP_PORT}}},
+                 "default/flaky.default.svc.cluster.local": {{80: {APP_PORT + 1}}}}}
+    - name: echo-v2
+      namespace: default
+      serviceAccount: echo
+      workloadIps: ["127.0.2.2"]
+      node: node2
+      canonicalRevision: v2
+      services: {{"default/echo.default.svc.cluster.local": {{80: {APP_PORT}}},
+                 "default/flaky.default.svc.cluster.local": {{80: {APP_PORT + 1}}}}}
+    - name: waypoint
+      namespace: default
+      serviceAccount: waypoint
+      workloadIps: ["127.0.2.9"]
+      node: node2
+      services: {{"default/waypoint.default.svc.cluster.local": {{15008: 15008}}}}
+    services:
+    - name: echo
+      namespace: default
+      vips: ["/{VIP}"]
+      ports: {{80: {APP_PORT}}}
+      waypoint: {{destination: default/waypoint.default.svc.cluster.local}}
+    - name: flaky
+      namespace: default
+      vips: ["/{FLAKY_VIP}"]
+      ports: {{80: {APP_PORT + 1}}}
+      waypoint: {{destination: default/waypoint.default.svc.cluster.local}}
+    - name: waypoint
+      namespace: default
+      vips: ["/10.96.0.99"]
+      ports: {{15008: 15008}}
+    waypoints:
+    - {{name: waypoint, namespace: default, service: default/waypoint.default.svc.cluster.local}}
+    routes:
+    - name: echo-canary
+      namespace: default
+      parentRefs: [{{service: default/echo.default.svc.cluster.local}}]
+      rules:
+      - matches: [{{path: {{type: PathPrefix, value: /slow}}}}]
+        backendRefs: [{{service: default/echo.default.svc.cluster.local, port: 80}}]
+        timeouts: {{request: 300ms}}
+      - backendRefs:
+        - {{service: default/echo.default.svc.cluster.local, port: 80, weight: 90,
+           subset: {{version: v1}}}}
+        - {{service: default/echo.default.svc.cluster.local, port: 80, weight: 10,
+           subset: {{version: v2}}}}
+    - name: flaky
+      namespace: default
+      parentRefs: [{{service: default/flaky.default.svc.cluster.local}}]
+      rules:
+      - backendRefs: [{{service: default/flaky.default.svc.cluster.local, port: 80}}]
+        retry: {{attempts: 5, retryOn: [5xx], backoff: 1ms}}
+    policies:
+    - name: no-admin
+      namespace: default
+      action: Deny
+      targetRefs: [{{kind: Service, name: echo}}]
+      rules: [[[{{paths: ["/admin*"]}}]]]
+""")
+
+
+@dataclass
+class Lab:
+    agents: dict[str, AgentApp]
+    waypoint: WaypointApp
+    targets: dict[tuple[str, int], tuple[str, int]]
+    hits: Counter[str] = field(default_factory=Counter)
+    flaky_calls: list[str] = field(default_factory=list)
+
+    async def request(self, target: tuple[str, int], method: str, path: str,
+                      body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+        """One HTTP/1.1 request from the client pod as if redirected to ``target``."""
+        sock = socket.socket()
+        sock.bind(("127.0.1.1", 0))
+        sock.setblocking(False)
+        self.targets[sock.getsockname()[:2]] = target
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.1.1", 15001))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: echo\r\nContent-Length: "
+                         f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            parser = ResponseReader()
+            parser.expect_response(method)
+            head: ResponseHead | None = None
+            chunks: list[bytes] = []
+            while True:
+                data = await reader.read(65536)
+                events = parser.feed(data) if data else parser.feed_eof()
+                for event in events:
+                    if isinstance(event, ResponseHead):
+                        head = event
+                    elif isinstance(event, MessageEnd):
+                        assert head is not None
+                        return head.status, {n.lower(): v for n, v in head.headers}, \
+                            b"".join(chunks)
+                    elif hasattr(event, "data"):
+                        chunks.append(event.data)
+                    else:
+                        raise AssertionError(f"bad response: {event}")
+                if not data:
+                    raise AssertionError("connection closed before the response ended")
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def _backend(lab_hits: Counter[str], flaky_calls: list[str], ip: str,
+                   name: str) -> list[web.AppRunner]:
+    async def echo(request: web.Request) -> web.Response:
+        lab_hits[name] += 1
+        if request.path.startswith("/slow"):
+            await asyncio.sleep(2)
+        return web.Response(text=f"{name} {request.method} {request.path_qs}")
+
+    flaky_count = [0]
+
+    async def flaky(request: web.Request) -> web.Response:
+        flaky_count[0] += 1
+        failed = flaky_count[0] % 2 == 1  # every other call fails
+        flaky_calls.append(f"{name}:{'503' if failed else '200'}")
+        return web.Response(status=503 if failed else 200, text=name)
+
+    runners = []
+    for port, handler in ((APP_PORT, echo), (APP_PORT + 1, flaky)):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, ip, port).start()
+        runners.append(runner)
+    return runners
+
+
+@contextlib.asynccontextmanager
+async def running_lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    ca_dir = tmp_path / "ca"
+    CertificateAuthority.init(ca_dir)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(CONFIG)
+    targets: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def inject(env: ProxyEnv) -> None:
+        env.original_dst = lambda sock: targets[sock.getpeername()[:2]]
+
+    agents: dict[str, AgentApp] = {}
+    tasks = []
+    for node in ("node1", "node2"):
+        holder: list[AgentApp] = []
+
+        def snap(h: list[AgentApp] = holder) -> Snapshot:
+            return h[0].env.snapshot()
+
+        options = AgentOptions(config=str(config), node=node, in_pod=False,
+                               readiness_addr=("127.0.0.1", 0), metrics_addr=("127.0.0.1", 0),
+                               admin_addr=("127.0.0.1", 0), socket_mark=False,
+                               handle_signals=False, drain_timeout=0.5)
+        app = AgentApp(options, LocalCaClient(CertificateAuthority.load(ca_dir), node, snap),
+                       None, metrics=Metrics(), env_overrides=inject)
+        holder.append(app)
+        agents[node] = app
+        tasks.append(asyncio.create_task(app.run()))
+    wp_holder: list[WaypointApp] = []
+
+    def wp_snap() -> Snapshot:
+        return wp_holder[0]._current()
+
+    waypoint = WaypointApp(
+        WaypointOptions(config=str(config), name="default/waypoint", node="node2",
+                        listen_ip="127.0.2.9", readiness_addr=("127.0.0.1", 0),
+                        metrics_addr=("127.0.0.1", 0), admin_addr=("127.0.0.1", 0),
+                        handle_signals=False, drain_timeout=0.5,
+                        settings=WaypointSettings(detection_timeout=0.5)),
+        LocalCaClient(CertificateAuthority.load(ca_dir), "node2", wp_snap),
+        metrics=WaypointMetrics())
+    wp_holder.append(waypoint)
+    tasks.append(asyncio.create_task(waypoint.run()))
+    lab = Lab(agents, waypoint, targets)
+    runners = []
+    for ip, name in (("127.0.2.1", "v1"), ("127.0.2.2", "v2")):
+        runners += await _backend(lab.hits, lab.flaky_calls, ip, name)
+    try:
+        await eventually(
+            lambda: all(a.agent.ready for a in agents.values()) and waypoint.ready, 30,
+            lambda: f"not ready: waypoint {waypoint.readiness_detail()}")
+        yield lab
+    finally:
+        await waypoint.quit()
+        for app in agents.values():
+            await app.quit()
+        await asyncio.gather(*tasks)
+        for runner in runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    async with running_lab(tmp_path) as lab:
+        yield lab
+
+
+def _sample(registry: object, name: str, **labels: str) -> float:
+    total = 0.0
+    for metric in registry.collect():  # type: ignore[attr-defined]
+        for sample in metric.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def test_canary_split_retries_timeout_and_deny(lab: Lab) -> None:
+    # Canary 90/10 by subset.
+    for _ in range(60):
+        status, _h, body = await lab.request((VIP, 80), "GET", "/hello")
+        assert status == 200, body
+    assert lab.hits["v1"] + lab.hits["v2"] == 60
+    assert lab.hits["v1"] > lab.hits["v2"] >= 1, lab.hits  # 60 draws of 10%: P(0) ~ 0.2%
+
+    # A backend failing every other call is masked by retries on 5xx.
+    for _ in range(10):
+        status, _h, _b = await lab.request((FLAKY_VIP, 80), "GET", "/")
+        assert status == 200
+    assert any(c.endswith(":503") for c in lab.flaky_calls)
+
+    # Route timeout: 504 with flag UT.
+    status, _h, _b = await lab.request((VIP, 80), "GET", "/slow")
+    assert status == 504
+
+    # L7 deny at the waypoint.
+    status, _h, body = await lab.request((VIP, 80), "GET", "/admin/users")
+    assert status == 403
+    assert b"RBAC: access denied" in body
+
+    reg = lab.waypoint.metrics.registry
+    await eventually(lambda: _sample(reg, "istio_requests_total", response_code="504",
+                                     response_flags="UT") == 1, 5, "UT counted")
+    assert _sample(reg, "istio_requests_total", response_code="403", response_flags="DENY") == 1
+    assert _sample(reg, "istio_requests_total", reporter="waypoint", response_code="200",
+                   destination_service="echo.default.svc.cluster.local",
+                   source_principal="spiffe://cluster.local/ns/default/sa/client") == 60
+    assert _sample(reg, "nodeproxy_waypoint_retries_total") >= 1
+
+
+async def test_direct_traffic_bypassing_the_waypoint_is_refused(lab: Lab) -> None:
+    # The client addresses the pod directly; its agent sends it through the waypoint.
+    status, _h, body = await lab.request(("127.0.2.1", APP_PORT), "GET", "/direct")
+    assert status == 200 and body.startswith(b"v1")
