@@ -1,24 +1,27 @@
-"""HTTP/1.1 through the waypoint: per request, L7 policy, route, backend, retries, timeouts,
-circuit breaking and outlier detection, then the response streamed back.
-
-Requests on one downstream connection are answered in order (HTTP/1.1 has no other way).
-Bodies stream both ways with the tunnels' flow control as backpressure; a request body is
-held only when it is small enough to be replayed (``replay_buffer``), which is what makes a
-retry possible.
+"""HTTP/1.1 through the waypoint: requests of one downstream connection answered in order,
+each decided and retried by :mod:`nodeproxy.waypoint.exchange`, bodies streamed both ways
+with the tunnels' flow control as backpressure.  A request body is held only when it fits
+the replay buffer, which is what makes a retry possible.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import time
 from collections import deque
-from dataclasses import dataclass
 
-from nodeproxy.errors import ProxyError
 from nodeproxy.hbone.glue import StreamResetError
 from nodeproxy.relay import relay
+from nodeproxy.waypoint.exchange import (
+    Answered,
+    Exchange,
+    Forward,
+    LocalReply,
+    decide,
+    record,
+    run_tries,
+    with_traceparent,
+)
 from nodeproxy.waypoint.http1 import (
     BodyData,
     BodyKind,
@@ -37,27 +40,12 @@ from nodeproxy.waypoint.http1 import (
     encode_response_head,
     strip_hop_by_hop,
 )
-from nodeproxy.waypoint.proxy import Downstream, WaypointProxy, _tunnel_headers
-from nodeproxy.waypoint.retry import Outcome, RetryPolicy, backoff, should_retry
-from nodeproxy.waypoint.telemetry import RequestRecord
+from nodeproxy.waypoint.proxy import Downstream, WaypointProxy, tunnel_headers
+from nodeproxy.waypoint.retry import Outcome
+from nodeproxy.waypoint.upstream import Endpoint
 from nodeproxy.waypoint.upstream_http1 import Http1Connection, Http1Pool, Overflow
-from ztunnel_cfg.authz import RequestInfo, authorize_request
 from ztunnel_cfg.errors import NodeproxyError
-from ztunnel_cfg.l7 import (
-    Request,
-    choose_backend,
-    redirect_location,
-    response_headers,
-    retry_policy,
-    rewrite_request,
-    select_route,
-    timeouts,
-)
-from ztunnel_cfg.l7 import RetryPolicy as ConfigRetry
-from ztunnel_cfg.model import BackendRef, RouteRule, Workload
-
-log = logging.getLogger("nodeproxy.waypoint")
-_EXTRA = {"component": "waypoint"}
+from ztunnel_cfg.l7 import Request, response_headers
 
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
            307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
@@ -66,34 +54,17 @@ REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout",
            505: "HTTP Version Not Supported"}
-
-
-def to_runtime_retry(policy: ConfigRetry) -> RetryPolicy:
-    return RetryPolicy(attempts=policy.attempts, retry_on=policy.retry_on, codes=policy.codes,
-                       backoff_base=policy.backoff_base, backoff_max=policy.backoff_max,
-                       per_try_timeout=policy.per_try_timeout)
+_INLINE_BODY = 65536  # bodies up to this size go out in one write with the head
 
 
 class _ClientGone(Exception):
     """The downstream ended (EOF mid-request or reset): nothing more can be answered."""
 
 
-@dataclass(slots=True)
-class _Exchange:
-    """What one request accumulated, for the access log and metrics."""
-
-    head: RequestHead
-    route: str = "-"
-    flags: str = "-"
-    status: int = 0
-    grpc_status: str = ""
-    upstream: str = ""
-    attempts: int = 0
-    request_bytes: int = 0
-    response_bytes: int = 0
-    destination: Workload | None = None  # the endpoint's workload that answered
-    reason: str = ""
-    traceparent: str = ""
+class _Overflowed(Exception):
+    def __init__(self, reply: LocalReply) -> None:
+        super().__init__(reply.reason)
+        self.reply = reply
 
 
 class Http1Session:
@@ -124,25 +95,24 @@ class Http1Session:
                 self.down.stream.write_eof()
                 return
             if isinstance(event, ProtocolError):
-                await self._local_reply(event.status, event.reason, close=True)
+                await self._local_reply(LocalReply(event.status, event.reason), None,
+                                        close=True)
                 return
             if not isinstance(event, RequestHead):  # cannot happen: the reader orders events
                 return
-            keep = await self._exchange(event)
-            if not keep:
+            if not await self._exchange(event):
                 self.down.stream.write_eof()
                 return
             self.reader.response_sent()
 
-    async def _local_reply(self, status: int, text: str, *, close: bool,
-                           head: RequestHead | None = None,
-                           extra: tuple[tuple[str, str], ...] = ()) -> None:
-        body = f"{text}\n".encode()
+    async def _local_reply(self, reply: LocalReply, head: RequestHead | None, *,
+                           close: bool) -> None:
+        body = f"{reply.text}\n".encode()
         method = head.method if head is not None else "GET"
         version = head.version if head is not None else "1.1"
         await self._send(encode_response_head(
-            status, REASONS.get(status, "Unknown"),
-            (("content-type", "text/plain"), *extra), BodyKind.of_length(len(body)),
+            reply.status, REASONS.get(reply.status, "Unknown"),
+            (("content-type", "text/plain"), *reply.headers), BodyKind.of_length(len(body)),
             request_method=method, request_version=version, keep_alive=not close)
             + (b"" if method == "HEAD" else body))
 
@@ -150,112 +120,71 @@ class Http1Session:
     async def _exchange(self, head: RequestHead) -> bool:
         """Answer one request; returns whether the connection stays open."""
         started = time.monotonic()
-        ex = _Exchange(head)
-        metrics = self.metrics
-        metrics.active_requests.inc()
-        keep = False
+        grpc = any(n.lower() == "content-type" and v.startswith("application/grpc")
+                   for n, v in head.headers)
+        ex = Exchange(head.method, head.target, "grpc" if grpc else "http")
+        self.metrics.active_requests.inc()
         try:
-            keep = await self._route_and_forward(head, ex)
+            return await self._handle(head, ex)
         except _ClientGone as exc:
             ex.flags, ex.reason = "DC", str(exc) or "downstream went away"
-            ex.status = ex.status or 0
+            return False
         finally:
-            metrics.active_requests.dec()
-            self._record(ex, started)
-        return keep
+            self.metrics.active_requests.dec()
+            record(self.proxy, self.down, ex, started)
 
-    async def _route_and_forward(self, head: RequestHead, ex: _Exchange) -> bool:
-        down = self.down
-        target = down.target
-        snapshot = down.snapshot
-        lower = tuple((n.lower(), v) for n, v in head.headers)
-        host_header = next((v for n, v in lower if n == "host"), target.authority)
-        host = _strip_port(host_header)
-        trace = next((v for n, v in lower if n == "traceparent"), "")
-        if not trace:
-            trace = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
-            lower = (*lower, ("traceparent", trace))
-        ex.traceparent = trace
-        request = Request(head.method, head.target, host, lower)
-        has_body = head.body.framing is not Framing.NONE
+    async def _reply(self, reply: LocalReply, head: RequestHead, ex: Exchange, *,
+                     close: bool = False) -> bool:
+        ex.status, ex.flags, ex.reason = reply.status, reply.flags, reply.reason
+        # An unread request body cannot be skipped safely: close after answering.
+        close = close or head.body.framing is not Framing.NONE or not head.keep_alive
+        await self._local_reply(reply, head, close=close)
+        return not close
 
-        # L7 authorization first: nothing of a denied request reaches routing.
-        ip = target.authority.rpartition(":")[0].strip("[]")
-        decision = authorize_request(snapshot, down.waypoint, target.service, RequestInfo(
-            down.peer, down.peer_ip, ip, target.port, head.method,
-            request.path_only, host, lower))
-        if not decision.allowed:
-            ex.status, ex.flags, ex.reason = 403, "DENY", decision.reason
-            await self._local_reply(403, "RBAC: access denied", close=has_body, head=head)
-            return not has_body and head.keep_alive
-
-        rule: RouteRule | None = None
-        prefix: str | None = None
-        if target.service is not None:
-            selection = select_route(snapshot, target.service, target.port, request)
-            if selection.rule is None:
-                ex.status, ex.flags, ex.reason = 404, "NR", selection.reason
-                await self._local_reply(404, "no route matched", close=has_body, head=head)
-                return not has_body and head.keep_alive
-            rule, prefix = selection.rule, selection.matched_prefix
-            ex.route = selection.route.key if selection.route is not None else "default"
-            redirect = redirect_location(rule, request, prefix, port=target.port)
-            if redirect is not None:
-                ex.status, ex.reason = redirect.status_code, f"redirect to {redirect.location}"
-                await self._local_reply(redirect.status_code, redirect.location,
-                                        close=has_body, head=head,
-                                        extra=(("location", redirect.location),))
-                return not has_body and head.keep_alive
-            request = rewrite_request(rule, request, prefix)
-            index = choose_backend(rule, self.proxy.rng.random())
-            if index is None:
-                ex.status, ex.flags = 500, "-"
-                ex.reason = f"every backend of route {ex.route} has weight 0"
-                await self._local_reply(500, "no backend has weight", close=has_body, head=head)
-                return not has_body and head.keep_alive
-            backend: BackendRef | None = rule.backend_refs[index]
-        else:
-            backend = None
-        cluster, pool = self.proxy.cluster_for_target(snapshot, target, backend)
-        policy = to_runtime_retry(retry_policy(rule))
-        request_timeout, per_try = timeouts(rule)
+    async def _handle(self, head: RequestHead, ex: Exchange) -> bool:
+        target = self.down.target
+        headers, ex.traceparent = with_traceparent(
+            tuple((n.lower(), v) for n, v in head.headers))
+        host = next((v for n, v in headers if n == "host"), target.authority)
+        request = Request(head.method, head.target, _strip_port(host), headers)
+        plan = decide(self.proxy, self.down, request, ex)
+        if isinstance(plan, LocalReply):
+            return await self._reply(plan, head, ex)
+        cluster = plan.cluster
         if not cluster.breaker.try_acquire_request():
-            self._overflow(ex, cluster.key.service, "requests (http2MaxRequests)")
-            await self._local_reply(503, "upstream overflow (circuit breaker)", close=has_body,
-                                    head=head)
-            return not has_body and head.keep_alive
+            self.metrics.overflows.labels(destination_service=cluster.key.service,
+                                          limit="requests").inc()
+            return await self._reply(LocalReply(503, "upstream overflow (circuit breaker)",
+                                                "UO", "circuit breaker: requests "
+                                                "(http2MaxRequests)"), head, ex)
         try:
-            if request_timeout is None:
-                return await self._forward(head, request, rule, cluster, pool, policy, per_try,
-                                           ex)
+            if plan.request_timeout is None:
+                return await self._forward(head, plan, ex)
             try:
-                async with asyncio.timeout(request_timeout):
-                    return await self._forward(head, request, rule, cluster, pool, policy,
-                                               per_try, ex, deadline=True)
+                async with asyncio.timeout(plan.request_timeout):
+                    return await self._forward(head, plan, ex)
             except TimeoutError:
-                ex.flags = "UT"
-                ex.reason = f"route timeout {request_timeout:g}s"
                 if ex.status:  # the response had started: all we can do is cut it
+                    ex.flags = "UT"
                     raise _ClientGone("route timeout during the response") from None
-                ex.status = 504
-                await self._local_reply(504, "upstream request timeout", close=True, head=head)
-                return False
+                return await self._reply(LocalReply(
+                    504, "upstream request timeout", "UT",
+                    f"route timeout {plan.request_timeout:g}s"), head, ex, close=True)
+        except _Overflowed as exc:
+            return await self._reply(exc.reply, head, ex, close=True)
         finally:
             cluster.breaker.release_request()
-
-    def _overflow(self, ex: _Exchange, service: str, limit: str) -> None:
-        ex.status, ex.flags, ex.reason = 503, "UO", f"circuit breaker: {limit}"
-        self.metrics.overflows.labels(destination_service=service, limit=limit).inc()
 
     async def _read_body(self, head: RequestHead) -> tuple[bytes | None, bool]:
         """The whole body if it fits the replay buffer (replayable), else None: stream it."""
         if head.body.framing is Framing.NONE:
             return b"", True
-        limit = self.proxy.settings.replay_buffer
-        if head.body.framing is Framing.LENGTH and head.body.length > limit:
-            return None, False
-        if head.body.framing is Framing.CHUNKED:
-            return None, False  # unknown size: stream it (Envoy buffers up to its limit)
+        if head.body.framing is not Framing.LENGTH or \
+                head.body.length > self.proxy.settings.replay_buffer:
+            return None, False  # unknown or large: stream it, no retry
+        if head.expect_continue:
+            # We read the body before choosing where it goes: ask for it ourselves.
+            await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
         parts: list[bytes] = []
         while True:
             event = await self._next()
@@ -266,138 +195,51 @@ class Http1Session:
             elif isinstance(event, MessageEnd):
                 return b"".join(parts), True
 
-    async def _forward(self, head: RequestHead, request: Request, rule: RouteRule | None,
-                       cluster: object, pool: Http1Pool, policy: RetryPolicy,
-                       per_try: float | None, ex: _Exchange, *, deadline: bool = False) -> bool:
-        from nodeproxy.waypoint.cluster import Cluster
-
-        assert isinstance(cluster, Cluster)
-        if head.expect_continue and head.body.framing is Framing.LENGTH \
-                and head.body.length <= self.proxy.settings.replay_buffer:
-            # We read the body before choosing where it goes: ask for it ourselves.
-            await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+    async def _forward(self, head: RequestHead, plan: Forward, ex: Exchange) -> bool:
+        pool = self.proxy.http1_pool(plan.cluster)
         body, replayable = await self._read_body(head)
-        if body is not None:
-            ex.request_bytes = len(body)
+        request = plan.request
         headers = strip_hop_by_hop(request.headers)
         if body is not None:
+            ex.request_bytes = len(body)
             headers = tuple((n, v) for n, v in headers if n != "expect")
+            kind = BodyKind.of_length(len(body)) if head.body.framing is not Framing.NONE \
+                else BodyKind.NONE
+        else:
+            kind = head.body
         upgrade = _upgrade_token(head)
-        body_kind = head.body if body is None else (
-            BodyKind.of_length(len(body)) if body or head.body.framing is not Framing.NONE
-            else BodyKind.NONE)
-        out_head = encode_request_head(request.method, request.path, headers, body_kind,
+        out_head = encode_request_head(request.method, request.path, headers, kind,
                                        upgrade=upgrade)
-        tried: set[str] = set()
-        retries = 0
-        retry_held = False
-        service = cluster.key.service
-        try:
-            while True:
-                endpoint = cluster.pick(tried)
-                if endpoint is None:
-                    ex.status, ex.flags = 503, "UH"
-                    ex.reason = f"no healthy endpoint in {cluster.key}"
-                    await self._local_reply(503, "no healthy upstream", close=True, head=head)
-                    return False
-                tried.add(endpoint.address)
-                ex.attempts += 1
-                ex.upstream = endpoint.address
-                ex.destination = endpoint.workload
-                cluster.started(endpoint.address)
-                conn: Http1Connection | None = None
-                outcome: Outcome
-                try:
-                    try:
-                        conn = await pool.acquire(endpoint, _tunnel_headers(self.down))
-                    except Overflow as exc:
-                        self._overflow(ex, service, exc.limit)
-                        await self._local_reply(503, "upstream overflow (circuit breaker)",
-                                                close=True, head=head)
-                        return False
-                    except (NodeproxyError, OSError) as exc:
-                        outcome, ex.reason = Outcome("connect_failure"), str(exc)
-                        cluster.record(endpoint.address, "connect_failure")
-                    else:
-                        result = await self._try(conn, out_head, body, head, per_try, ex)
-                        if isinstance(result, ResponseHead):
-                            grpc = _grpc_status(result.headers)
-                            outcome = Outcome.response(result.status, grpc)
-                        else:
-                            outcome = result
-                        if not isinstance(result, ResponseHead) or (
-                                result.status >= 500 and _would_retry(
-                                    policy, outcome, retries, replayable, cluster)):
-                            # A failed try, or a 5xx we will retry: this connection is done.
-                            failure = result.status if isinstance(result, ResponseHead) \
-                                else outcome.kind
-                            self._eject_note(cluster, endpoint.address, failure, service)
-                            pool.release(conn, reuse=False)
-                            conn = None
-                        else:
-                            self._eject_note(cluster, endpoint.address, result.status, service)
-                            owned, conn = conn, None
-                            return await self._respond(result, owned, pool, head, rule, ex,
-                                                       upgrade is not None)
-                finally:
-                    cluster.finished(endpoint.address)
-                    if conn is not None:
-                        pool.release(conn, reuse=False)
-                if retry_held:
-                    cluster.breaker.release_retry()
-                    retry_held = False
-                budget = cluster.breaker.try_acquire_retry()
-                decision = should_retry(policy, outcome, retries, replayable=replayable,
-                                        budget_ok=budget)
-                if not decision.retry:
-                    if budget:
-                        cluster.breaker.release_retry()
-                    return await self._give_up(outcome, decision.response_flag, ex, head)
-                retry_held = True
-                retries += 1
-                self.metrics.retries.labels(destination_service=service,
-                                            reason=outcome.kind if outcome.kind != "response"
-                                            else str(outcome.status)).inc()
-                await asyncio.sleep(backoff(retries - 1, policy, self.proxy.rng.random()))
-        finally:
-            if retry_held:
-                cluster.breaker.release_retry()
+        per_try = plan.per_try_timeout
 
-    def _eject_note(self, cluster: object, address: str, result: int | str,
-                    service: str) -> None:
-        from nodeproxy.waypoint.cluster import Cluster
+        async def try_once(endpoint: Endpoint) -> tuple[Http1Connection, ResponseHead] | Outcome:
+            try:
+                conn = await pool.acquire(endpoint, tunnel_headers(self.down))
+            except Overflow as exc:
+                self.metrics.overflows.labels(destination_service=plan.cluster.key.service,
+                                              limit=exc.limit).inc()
+                raise _Overflowed(LocalReply(503, "upstream overflow (circuit breaker)", "UO",
+                                             f"circuit breaker: {exc.limit}")) from None
+            except (NodeproxyError, OSError) as exc:
+                ex.reason = str(exc)
+                return Outcome("connect_failure")
+            result = await self._try(conn, out_head, body, head, per_try, ex)
+            if isinstance(result, Outcome):
+                pool.release(conn, reuse=False)
+                return result
+            return conn, result
 
-        assert isinstance(cluster, Cluster)
-        reason = cluster.record(address, result)
-        if reason is not None:
-            self.metrics.ejections.labels(destination_service=service, reason=str(reason)).inc()
-            log.info("endpoint %s of %s ejected (%s)", address, cluster.key, reason,
-                     extra=_EXTRA)
-
-    async def _give_up(self, outcome: Outcome, flag: str | None, ex: _Exchange,
-                       head: RequestHead) -> bool:
-        """No (more) retries: answer for the last failed try."""
-        if outcome.kind == "response":
-            # Only reached for a retried-then-exhausted 5xx: the last response was consumed.
-            ex.status, ex.flags = outcome.status or 503, flag or "URX"
-            await self._local_reply(ex.status, "upstream failed after retries", close=True,
-                                    head=head)
-            return False
-        if outcome.kind == "per_try_timeout":
-            ex.status, ex.flags = 504, "UT"
-            await self._local_reply(504, "upstream request timeout", close=True, head=head)
-            return False
-        ex.status = 503
-        ex.flags = {"connect_failure": "UF", "refused_stream": "UF"}.get(outcome.kind, "UC")
-        if flag == "URX" and ex.attempts > 1:
-            ex.flags = "URX," + ex.flags
-        await self._local_reply(503, "upstream connect error or disconnect/reset before "
-                                     "headers", close=True, head=head)
-        return False
+        done = await run_tries(self.proxy, plan, ex, replayable=replayable, try_once=try_once,
+                               status_of=lambda r: (r[1].status, _grpc_status(r[1].headers)),
+                               discard=lambda r: pool.release(r[0], reuse=False))
+        if not isinstance(done, Answered):
+            return await self._reply(done.reply, head, ex, close=True)
+        conn, resp = done.response
+        return await self._respond(resp, conn, pool, head, plan, ex, upgrade is not None)
 
     async def _try(self, conn: Http1Connection, out_head: bytes, body: bytes | None,
                    head: RequestHead, per_try: float | None,
-                   ex: _Exchange) -> ResponseHead | Outcome:
+                   ex: Exchange) -> ResponseHead | Outcome:
         """Send the request on ``conn`` and read the response head."""
         try:
             if per_try is None:
@@ -412,15 +254,16 @@ class Http1Session:
             return Outcome("reset")
 
     async def _send_and_head(self, conn: Http1Connection, out_head: bytes, body: bytes | None,
-                             head: RequestHead, ex: _Exchange) -> ResponseHead | Outcome:
+                             head: RequestHead, ex: Exchange) -> ResponseHead | Outcome:
         conn.reader.expect_response(head.method)
-        if body is not None:
-            await conn.write(out_head + body if len(body) < 65536 else out_head)
-            if len(body) >= 65536:
-                await conn.write(body)
-        else:
+        if body is None:
             await conn.write(out_head)
             await self._stream_request_body(conn, head, ex)
+        elif len(body) <= _INLINE_BODY:
+            await conn.write(out_head + body)
+        else:
+            await conn.write(out_head)
+            await conn.write(body)
         while True:
             event = await conn.next_event()
             if event is None:
@@ -434,8 +277,10 @@ class Http1Session:
                 return event
 
     async def _stream_request_body(self, conn: Http1Connection, head: RequestHead,
-                                   ex: _Exchange) -> None:
+                                   ex: Exchange) -> None:
         chunked = head.body.framing is Framing.CHUNKED
+        if head.upgrade:
+            return  # the bytes after an upgrade head travel only once the upstream agreed
         while True:
             event = await self._next()
             if event is None or isinstance(event, ProtocolError):
@@ -446,23 +291,18 @@ class Http1Session:
             elif isinstance(event, MessageEnd):
                 await conn.write(encode_end(chunked, event.trailers))
                 return
-            elif isinstance(event, Upgraded):
-                return
 
     async def _respond(self, resp: ResponseHead, conn: Http1Connection, pool: Http1Pool,
-                       head: RequestHead, rule: RouteRule | None, ex: _Exchange,
-                       upgrading: bool) -> bool:
+                       head: RequestHead, plan: Forward, ex: Exchange, upgrading: bool) -> bool:
         """Stream the response to the client; returns whether the downstream stays open."""
         ex.status = resp.status
-        if ex.attempts > 1 and resp.status >= 500:
-            ex.flags = "URX"  # retries used up: this is the last try's answer
         grpc = _grpc_status(resp.headers)
         ex.grpc_status = str(grpc) if grpc is not None else ""
         reuse = False
         try:
             headers = strip_hop_by_hop(tuple((n.lower(), v) for n, v in resp.headers))
-            if rule is not None:
-                headers = response_headers(rule, headers)
+            if plan.rule is not None:
+                headers = response_headers(plan.rule, headers)
             if upgrading and resp.status == 101:
                 await self._send(encode_response_head(
                     101, resp.reason or "Switching Protocols", headers, BodyKind.NONE,
@@ -470,18 +310,18 @@ class Http1Session:
                 await self._splice(conn)
                 return False
             keep = head.keep_alive and not upgrading
-            chunked_out = head.version == "1.1" and resp.body.framing in (
-                Framing.CHUNKED, Framing.UNTIL_CLOSE)
             out_kind = resp.body
             if resp.body.framing is Framing.UNTIL_CLOSE and head.version == "1.1":
                 out_kind = BodyKind.CHUNKED
+            chunked_out = out_kind.framing is Framing.CHUNKED
             await self._send(encode_response_head(
                 resp.status, resp.reason or REASONS.get(resp.status, ""), headers, out_kind,
                 request_method=head.method, request_version=head.version, keep_alive=keep))
+            keep = keep and out_kind.framing is not Framing.UNTIL_CLOSE
             if head.method == "HEAD" or resp.status in (204, 304) or \
                     resp.body.framing is Framing.NONE:
                 reuse = True
-                return keep and out_kind.framing is not Framing.UNTIL_CLOSE
+                return keep
             while True:
                 event = await conn.next_event()
                 if event is None or isinstance(event, ProtocolError):
@@ -491,12 +331,11 @@ class Http1Session:
                     await self._send(encode_body(event.data, chunked_out))
                 elif isinstance(event, MessageEnd):
                     await self._send(encode_end(chunked_out, event.trailers))
-                    if event.trailers:
-                        grpc = _grpc_status(event.trailers)
-                        if grpc is not None:
-                            ex.grpc_status = str(grpc)
+                    trailer_grpc = _grpc_status(event.trailers)
+                    if trailer_grpc is not None:
+                        ex.grpc_status = str(trailer_grpc)
                     reuse = True
-                    return keep and out_kind.framing is not Framing.UNTIL_CLOSE
+                    return keep
         except (StreamResetError, Http1Error) as exc:
             raise _ClientGone(str(exc)) from exc
         finally:
@@ -513,57 +352,6 @@ class Http1Session:
             await conn.write(rest)
         await relay(self.down.stream, conn.tunnel.stream,
                     idle_timeout=self.proxy.settings.idle_timeout)
-
-    # -- accounting ---------------------------------------------------------------------------
-    def _record(self, ex: _Exchange, started: float) -> None:
-        down = self.down
-        src = down.source
-        service = down.target.service
-        dst = down.target.workload
-        if ex.destination is not None:
-            dst = ex.destination
-        grpc = ex.grpc_status
-        protocol = "grpc" if any(n.lower() == "content-type" and v.startswith("application/grpc")
-                                 for n, v in ex.head.headers) else "http"
-        rec = RequestRecord(
-            conn_id=down.conn_id,
-            source_workload=src.name if src else "unknown",
-            source_namespace=src.namespace if src else down.peer.namespace,
-            source_principal=str(down.peer),
-            source_app=src.canonical_name if src else "unknown",
-            source_version=src.canonical_revision if src else "unknown",
-            destination_workload=dst.name if dst else "unknown",
-            destination_namespace=dst.namespace if dst else (
-                service.namespace if service else "unknown"),
-            destination_principal=str(dst.identity) if dst else "unknown",
-            destination_app=dst.canonical_name if dst else "unknown",
-            destination_version=dst.canonical_revision if dst else "unknown",
-            destination_service=service.hostname if service else "unknown",
-            destination_service_name=service.name if service else "unknown",
-            destination_service_namespace=service.namespace if service else "unknown",
-            request_protocol=protocol,
-            method=ex.head.method,
-            path=ex.head.target,
-            authority=down.target.authority,
-            response_code=ex.status,
-            grpc_status=grpc,
-            response_flags=ex.flags,
-            route=ex.route,
-            upstream=ex.upstream,
-            attempts=ex.attempts,
-            request_bytes=ex.request_bytes,
-            response_bytes=ex.response_bytes,
-            duration_ms=round((time.monotonic() - started) * 1000, 3),
-            traceparent=ex.traceparent,
-            reason=ex.reason,
-        )
-        self.metrics.request_done(rec)
-
-
-def _would_retry(policy: RetryPolicy, outcome: Outcome, retries: int, replayable: bool,
-                 cluster: object) -> bool:
-    # The same decision as the retry loop's, without taking a retry slot yet.
-    return should_retry(policy, outcome, retries, replayable=replayable, budget_ok=True).retry
 
 
 def _grpc_status(headers: tuple[tuple[str, str], ...]) -> int | None:
@@ -591,6 +379,3 @@ def _strip_port(host: str) -> str:
     if host.count(":") == 1:
         return host.partition(":")[0]
     return host
-
-
-__all__ = ["Http1Session", "ProxyError"]

@@ -109,18 +109,24 @@ class WaypointProxy:
         backend = BackendRef(service=key.service, port=key.port, subset=key.subset)
         return [endpoint_for(w, service, key.port) for w in backend_endpoints(snapshot, backend)]
 
-    def cluster(self, snapshot: Snapshot, key: ClusterKey) -> tuple[Cluster, Http1Pool]:
+    def cluster(self, snapshot: Snapshot, key: ClusterKey) -> Cluster:
         cluster = self.clusters.get(key)
         if cluster is None:
             service = "" if key.service.startswith("pod:") else key.service
             cluster = Cluster(key, traffic_policy(snapshot, service), rng=self.rng)
             cluster.update(cluster.policy, self._endpoints(snapshot, key) or [])
             self.clusters[key] = cluster
-            self.pools[key] = Http1Pool(cluster, self.upstreams, self.settings.http1)
-        return cluster, self.pools[key]
+        return cluster
+
+    def http1_pool(self, cluster: Cluster) -> Http1Pool:
+        pool = self.pools.get(cluster.key)
+        if pool is None:
+            pool = self.pools[cluster.key] = Http1Pool(cluster, self.upstreams,
+                                                       self.settings.http1)
+        return pool
 
     def cluster_for_target(self, snapshot: Snapshot, target: Target,
-                           backend: BackendRef | None) -> tuple[Cluster, Http1Pool]:
+                           backend: BackendRef | None) -> Cluster:
         if backend is not None:
             return self.cluster(snapshot, ClusterKey(backend.service, backend.port,
                                                      tuple(sorted(backend.subset))))
@@ -232,7 +238,7 @@ class WaypointProxy:
         backend = None
         if down.target.service is not None:
             backend = BackendRef(service=down.target.service.key, port=down.target.port)
-        cluster, _pool = self.cluster_for_target(down.snapshot, down.target, backend)
+        cluster = self.cluster_for_target(down.snapshot, down.target, backend)
         endpoint = cluster.pick(set())
         if endpoint is None:
             self.metrics.tcp_connections.labels(destination_service=service,
@@ -250,7 +256,7 @@ class WaypointProxy:
         flags = "-"
         try:
             try:
-                up = await self.upstreams.open(endpoint, _tunnel_headers(down))
+                up = await self.upstreams.open(endpoint, tunnel_headers(down))
             except (NodeproxyError, OSError) as exc:
                 cluster.record(endpoint.address, "connect_failure")
                 flags = "UF"
@@ -274,7 +280,7 @@ class WaypointProxy:
                                                 response_flags=flags).inc()
 
 
-def _tunnel_headers(down: Downstream) -> list[tuple[str, str]]:
+def tunnel_headers(down: Downstream) -> list[tuple[str, str]]:
     """HBONE request headers towards the endpoint: the original client is forwarded (the
     destination agent trusts ``forwarded`` only from waypoints), a fresh traceparent."""
     trace = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"

@@ -1,0 +1,273 @@
+"""What every L7 request goes through, whatever its protocol (HTTP/1.1 or HTTP/2):
+authorization, route selection, redirect, rewrite, backend choice (:func:`decide`), then
+tries against endpoints with retries, back-off, outlier detection and the circuit breaker's
+retry budget (:func:`run_tries`).  The protocol modules only move bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from nodeproxy.waypoint.cluster import Cluster
+from nodeproxy.waypoint.proxy import Downstream, WaypointProxy
+from nodeproxy.waypoint.retry import Outcome, RetryPolicy, backoff, should_retry
+from nodeproxy.waypoint.telemetry import RequestRecord
+from nodeproxy.waypoint.upstream import Endpoint
+from ztunnel_cfg.authz import RequestInfo, authorize_request
+from ztunnel_cfg.l7 import (
+    Request,
+    choose_backend,
+    redirect_location,
+    retry_policy,
+    rewrite_request,
+    select_route,
+    timeouts,
+)
+from ztunnel_cfg.l7 import RetryPolicy as ConfigRetry
+from ztunnel_cfg.model import BackendRef, RouteRule, Workload
+
+log = logging.getLogger("nodeproxy.waypoint")
+_EXTRA = {"component": "waypoint"}
+R = TypeVar("R")
+
+
+def to_runtime_retry(policy: ConfigRetry) -> RetryPolicy:
+    return RetryPolicy(attempts=policy.attempts, retry_on=policy.retry_on, codes=policy.codes,
+                       backoff_base=policy.backoff_base, backoff_max=policy.backoff_max,
+                       per_try_timeout=policy.per_try_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """The waypoint answers itself (deny, no route, redirect, overflow ...)."""
+
+    status: int
+    text: str
+    flags: str = "-"
+    reason: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send ``request`` (rewritten) to ``cluster`` with this retry policy and timeouts."""
+
+    request: Request
+    rule: RouteRule | None
+    cluster: Cluster
+    policy: RetryPolicy
+    request_timeout: float | None
+    per_try_timeout: float | None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request accumulated, for the access log and metrics."""
+
+    method: str
+    path: str
+    protocol: str  # "http" | "grpc"
+    route: str = "-"
+    flags: str = "-"
+    status: int = 0
+    grpc_status: str = ""
+    upstream: str = ""
+    attempts: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    destination: Workload | None = None
+    reason: str = ""
+    traceparent: str = ""
+
+
+def with_traceparent(headers: tuple[tuple[str, str], ...]) -> tuple[
+        tuple[tuple[str, str], ...], str]:
+    """Headers carrying a W3C traceparent (kept when the client sent one, else started)."""
+    for name, value in headers:
+        if name == "traceparent":
+            return headers, value
+    trace = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+    return (*headers, ("traceparent", trace)), trace
+
+
+def decide(proxy: WaypointProxy, down: Downstream, request: Request, ex: Exchange
+           ) -> LocalReply | Forward:
+    """Policy and routing for one request (pure decisions; the cluster is looked up)."""
+    target = down.target
+    snapshot = down.snapshot
+    ip = target.authority.rpartition(":")[0].strip("[]")
+    decision = authorize_request(snapshot, down.waypoint, target.service, RequestInfo(
+        down.peer, down.peer_ip, ip, target.port, request.method, request.path_only,
+        request.host, request.headers))
+    if not decision.allowed:
+        return LocalReply(403, "RBAC: access denied", "DENY", decision.reason)
+    rule: RouteRule | None = None
+    backend: BackendRef | None = None
+    if target.service is not None:
+        selection = select_route(snapshot, target.service, target.port, request)
+        if selection.rule is None:
+            return LocalReply(404, "no route matched", "NR", selection.reason)
+        rule, prefix = selection.rule, selection.matched_prefix
+        ex.route = selection.route.key if selection.route is not None else "default"
+        redirect = redirect_location(rule, request, prefix, port=target.port)
+        if redirect is not None:
+            return LocalReply(redirect.status_code, redirect.location, "-",
+                              f"redirect to {redirect.location}",
+                              (("location", redirect.location),))
+        request = rewrite_request(rule, request, prefix)
+        index = choose_backend(rule, proxy.rng.random())
+        if index is None:
+            return LocalReply(500, "no backend has weight", "-",
+                              f"every backend of route {ex.route} has weight 0")
+        backend = rule.backend_refs[index]
+    cluster = proxy.cluster_for_target(snapshot, target, backend)
+    request_timeout, per_try = timeouts(rule)
+    return Forward(request, rule, cluster, to_runtime_retry(retry_policy(rule)),
+                   request_timeout, per_try)
+
+
+@dataclass(frozen=True, slots=True)
+class Answered(Generic[R]):
+    """A try that got a response the caller will stream (``response``), from ``endpoint``."""
+
+    endpoint: Endpoint
+    response: R
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """Every try failed (or the failure is not retriable): answer with ``reply``."""
+
+    reply: LocalReply
+
+
+# One try: a response to stream (R), or how it failed.  ``discard`` is called for a response
+# that will be retried instead of streamed (the caller frees its connection).
+TryOnce = Callable[[Endpoint], Awaitable["R | Outcome"]]
+
+
+async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *, replayable: bool,
+                    try_once: Callable[[Endpoint], Awaitable[R | Outcome]],
+                    status_of: Callable[[R], tuple[int, int | None]],
+                    discard: Callable[[R], None]) -> Answered[R] | GaveUp:
+    """Try endpoints of ``fwd.cluster`` until a response is worth streaming, retrying what
+    the policy allows (Envoy semantics: previous hosts avoided, jittered back-off, the
+    breaker's retry budget, outlier detection fed with every result)."""
+    cluster = fwd.cluster
+    metrics = proxy.metrics
+    service = cluster.key.service
+    tried: set[str] = set()
+    retries = 0
+    holding_retry = False
+    try:
+        while True:
+            endpoint = cluster.pick(tried)
+            if endpoint is None:
+                return GaveUp(LocalReply(503, "no healthy upstream", "UH",
+                                         f"no healthy endpoint in {cluster.key}"))
+            tried.add(endpoint.address)
+            ex.attempts += 1
+            ex.upstream = endpoint.address
+            ex.destination = endpoint.workload
+            cluster.started(endpoint.address)
+            try:
+                result = await try_once(endpoint)
+            finally:
+                cluster.finished(endpoint.address)
+            if isinstance(result, Outcome):
+                outcome = result
+                _note(proxy, cluster, endpoint.address,
+                      "connect_failure" if outcome.kind == "connect_failure" else outcome.kind)
+            else:
+                status, grpc = status_of(result)
+                outcome = Outcome.response(status, grpc)
+                _note(proxy, cluster, endpoint.address, status)
+                if not should_retry(fwd.policy, outcome, retries, replayable=replayable,
+                                    budget_ok=True).retry:
+                    if ex.attempts > 1 and status >= 500:
+                        ex.flags = "URX"  # retries used up: the last try's answer
+                    return Answered(endpoint, result)
+                discard(result)
+            if holding_retry:
+                cluster.breaker.release_retry()
+                holding_retry = False
+            budget = cluster.breaker.try_acquire_retry()
+            decision = should_retry(fwd.policy, outcome, retries, replayable=replayable,
+                                    budget_ok=budget)
+            if not decision.retry:
+                if budget:
+                    cluster.breaker.release_retry()
+                return GaveUp(_failure_reply(outcome, decision.response_flag, ex))
+            holding_retry = True
+            retries += 1
+            metrics.retries.labels(destination_service=service, reason=(
+                outcome.kind if outcome.kind != "response" else str(outcome.status))).inc()
+            await asyncio.sleep(backoff(retries - 1, fwd.policy, proxy.rng.random()))
+    finally:
+        if holding_retry:
+            cluster.breaker.release_retry()
+
+
+def _note(proxy: WaypointProxy, cluster: Cluster, address: str, result: int | str) -> None:
+    reason = cluster.record(address, result)
+    if reason is not None:
+        proxy.metrics.ejections.labels(destination_service=cluster.key.service,
+                                       reason=str(reason)).inc()
+        log.info("endpoint %s of %s ejected (%s)", address, cluster.key, reason, extra=_EXTRA)
+
+
+def _failure_reply(outcome: Outcome, flag: str | None, ex: Exchange) -> LocalReply:
+    why = ex.reason or outcome.describe()
+    if outcome.kind == "response":  # a retried 5xx whose retry the breaker then refused
+        return LocalReply(outcome.status or 503, "upstream failed", flag or "URX", why)
+    if outcome.kind == "per_try_timeout":
+        return LocalReply(504, "upstream request timeout", "UT", why)
+    flags = {"connect_failure": "UF", "refused_stream": "UF"}.get(outcome.kind, "UC")
+    if flag == "URX" and ex.attempts > 1:
+        flags = "URX," + flags
+    return LocalReply(503, "upstream connect error or disconnect/reset before headers", flags,
+                      why)
+
+
+def record(proxy: WaypointProxy, down: Downstream, ex: Exchange, started: float) -> None:
+    src = down.source
+    service = down.target.service
+    dst = ex.destination or down.target.workload
+    proxy.metrics.request_done(RequestRecord(
+        conn_id=down.conn_id,
+        source_workload=src.name if src else "unknown",
+        source_namespace=src.namespace if src else down.peer.namespace,
+        source_principal=str(down.peer),
+        source_app=src.canonical_name if src else "unknown",
+        source_version=src.canonical_revision if src else "unknown",
+        destination_workload=dst.name if dst else "unknown",
+        destination_namespace=dst.namespace if dst else (
+            service.namespace if service else "unknown"),
+        destination_principal=str(dst.identity) if dst else "unknown",
+        destination_app=dst.canonical_name if dst else "unknown",
+        destination_version=dst.canonical_revision if dst else "unknown",
+        destination_service=service.hostname if service else "unknown",
+        destination_service_name=service.name if service else "unknown",
+        destination_service_namespace=service.namespace if service else "unknown",
+        request_protocol=ex.protocol,
+        method=ex.method,
+        path=ex.path,
+        authority=down.target.authority,
+        response_code=ex.status,
+        grpc_status=ex.grpc_status,
+        response_flags=ex.flags,
+        route=ex.route,
+        upstream=ex.upstream,
+        attempts=ex.attempts,
+        request_bytes=ex.request_bytes,
+        response_bytes=ex.response_bytes,
+        duration_ms=round((time.monotonic() - started) * 1000, 3),
+        traceparent=ex.traceparent,
+        reason=ex.reason,
+    ))
