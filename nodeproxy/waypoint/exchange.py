@@ -152,7 +152,8 @@ class GaveUp:
 TryOnce = Callable[[Endpoint], Awaitable["R | Outcome"]]
 
 
-async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *, replayable: bool,
+async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *,
+                    replayable: Callable[[], bool],
                     try_once: Callable[[Endpoint], Awaitable[R | Outcome]],
                     status_of: Callable[[R], tuple[int, int | None]],
                     discard: Callable[[R], None]) -> Answered[R] | GaveUp:
@@ -188,7 +189,7 @@ async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *, replaya
                 status, grpc = status_of(result)
                 outcome = Outcome.response(status, grpc)
                 _note(proxy, cluster, endpoint.address, status)
-                if not should_retry(fwd.policy, outcome, retries, replayable=replayable,
+                if not should_retry(fwd.policy, outcome, retries, replayable=replayable(),
                                     budget_ok=True).retry:
                     if ex.attempts > 1 and status >= 500:
                         ex.flags = "URX"  # retries used up: the last try's answer
@@ -198,7 +199,7 @@ async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *, replaya
                 cluster.breaker.release_retry()
                 holding_retry = False
             budget = cluster.breaker.try_acquire_retry()
-            decision = should_retry(fwd.policy, outcome, retries, replayable=replayable,
+            decision = should_retry(fwd.policy, outcome, retries, replayable=replayable(),
                                     budget_ok=budget)
             if not decision.retry:
                 if budget:
@@ -271,3 +272,12 @@ def record(proxy: WaypointProxy, down: Downstream, ex: Exchange, started: float)
         traceparent=ex.traceparent,
         reason=ex.reason,
     ))
+
+
+def host_without_port(host: str) -> str:
+    """``example:8080`` -> ``example``; ``[fd00::1]:80`` -> ``fd00::1``."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        return host.partition(":")[0]
+    return host

@@ -18,6 +18,7 @@ from nodeproxy.waypoint.exchange import (
     Forward,
     LocalReply,
     decide,
+    host_without_port,
     record,
     run_tries,
     with_traceparent,
@@ -146,7 +147,7 @@ class Http1Session:
         headers, ex.traceparent = with_traceparent(
             tuple((n.lower(), v) for n, v in head.headers))
         host = next((v for n, v in headers if n == "host"), target.authority)
-        request = Request(head.method, head.target, _strip_port(host), headers)
+        request = Request(head.method, head.target, host_without_port(host), headers)
         plan = decide(self.proxy, self.down, request, ex)
         if isinstance(plan, LocalReply):
             return await self._reply(plan, head, ex)
@@ -229,7 +230,8 @@ class Http1Session:
                 return result
             return conn, result
 
-        done = await run_tries(self.proxy, plan, ex, replayable=replayable, try_once=try_once,
+        done = await run_tries(self.proxy, plan, ex, replayable=lambda: replayable,
+                               try_once=try_once,
                                status_of=lambda r: (r[1].status, _grpc_status(r[1].headers)),
                                discard=lambda r: pool.release(r[0], reuse=False))
         if not isinstance(done, Answered):
@@ -372,10 +374,3 @@ def _upgrade_token(head: RequestHead) -> str | None:
             return value
     return None
 
-
-def _strip_port(host: str) -> str:
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    if host.count(":") == 1:
-        return host.partition(":")[0]
-    return host

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nodeproxy.errors import ProxyError
 from nodeproxy.hbone.glue import HboneStream, StreamResetError
@@ -33,6 +34,9 @@ from ztunnel_cfg.l7 import backend_endpoints, traffic_policy
 from ztunnel_cfg.model import BackendRef, WaypointConfig, Workload
 from ztunnel_cfg.snapshot import Snapshot
 from ztunnel_cfg.spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from nodeproxy.waypoint.http2_proxy import Http2Pool
 
 log = logging.getLogger("nodeproxy.waypoint")
 _EXTRA = {"component": "waypoint"}
@@ -82,6 +86,7 @@ class WaypointProxy:
         self._ids = 0
         self.live: dict[str, Downstream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._h2pool: Http2Pool | None = None
 
     # -- config -------------------------------------------------------------------------------
     def snapshot_changed(self, snapshot: Snapshot) -> None:
@@ -125,6 +130,13 @@ class WaypointProxy:
                                                        self.settings.http1)
         return pool
 
+    def http2_pool(self) -> Http2Pool:
+        if self._h2pool is None:
+            from nodeproxy.waypoint.http2_proxy import Http2Pool
+
+            self._h2pool = Http2Pool(self.upstreams)
+        return self._h2pool
+
     def cluster_for_target(self, snapshot: Snapshot, target: Target,
                            backend: BackendRef | None) -> Cluster:
         if backend is not None:
@@ -148,6 +160,8 @@ class WaypointProxy:
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()
+        if self._h2pool is not None:
+            await self._h2pool.aclose()
 
     # -- CONNECT ------------------------------------------------------------------------------
     def _next_id(self) -> str:
@@ -182,6 +196,10 @@ class WaypointProxy:
 
                 await Http1Session(self, down, first).run()
                 await _linger(down.stream)
+            elif detected is Detected.HTTP2:
+                from nodeproxy.waypoint.http2_proxy import Http2Session
+
+                await Http2Session(self, down, first).run()
             else:
                 await self._tcp(down, first, detected)
         except (NodeproxyError, OSError) as exc:

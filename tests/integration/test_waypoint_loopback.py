@@ -16,13 +16,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 from aiohttp import web
 
 from nodeproxy.app import AgentApp, AgentOptions
+from nodeproxy.errors import ProxyError
 from nodeproxy.identity.ca import CertificateAuthority
 from nodeproxy.identity.ca_client import LocalCaClient
 from nodeproxy.metrics import Metrics
+from nodeproxy.proxy import tunnel
 from nodeproxy.proxy.env import ProxyEnv
 from nodeproxy.waypoint.app import WaypointApp, WaypointOptions
 from nodeproxy.waypoint.http1 import MessageEnd, ResponseHead, ResponseReader
@@ -30,10 +33,15 @@ from nodeproxy.waypoint.proxy import WaypointSettings
 from nodeproxy.waypoint.telemetry import WaypointMetrics
 from tests.helpers.waiting import eventually
 from ztunnel_cfg.snapshot import Snapshot
+from ztunnel_cfg.spiffe import SpiffeId
 
 APP_PORT = 18180
 VIP = "10.96.0.10"
 FLAKY_VIP = "10.96.0.11"
+GRPC_VIP = "10.96.0.12"
+# Every connection the grpc-client pod makes goes to the gRPC service (grpcio cannot bind a
+# source port, so its original destination is keyed by the pod's listener address).
+FIXED_TARGETS = {"127.0.1.3": (GRPC_VIP, 80)}
 
 CONFIG = textwrap.dedent(f"""
     workloads:
@@ -46,7 +54,8 @@ CONFIG = textwrap.dedent(f"""
       node: node2
       canonicalRevision: v1
       services: {{"default/echo.default.svc.cluster.local": {{80: {APP_PORT}}},
-                 "default/flaky.default.svc.cluster.local": {{80: {APP_PORT + 1}}}}}
+                 "default/flaky.default.svc.cluster.local": {{80: {APP_PORT + 1}}},
+                 "default/grpc.default.svc.cluster.local": {{80: {APP_PORT + 2}}}}}
     - name: echo-v2
       namespace: default
       serviceAccount: echo
@@ -54,7 +63,10 @@ CONFIG = textwrap.dedent(f"""
       node: node2
       canonicalRevision: v2
       services: {{"default/echo.default.svc.cluster.local": {{80: {APP_PORT}}},
-                 "default/flaky.default.svc.cluster.local": {{80: {APP_PORT + 1}}}}}
+                 "default/flaky.default.svc.cluster.local": {{80: {APP_PORT + 1}}},
+                 "default/grpc.default.svc.cluster.local": {{80: {APP_PORT + 2}}}}}
+    - {{name: grpc-client, namespace: default, serviceAccount: client,
+       workloadIps: ["127.0.1.3"], node: node1}}
     - name: waypoint
       namespace: default
       serviceAccount: waypoint
@@ -71,6 +83,11 @@ CONFIG = textwrap.dedent(f"""
       namespace: default
       vips: ["/{FLAKY_VIP}"]
       ports: {{80: {APP_PORT + 1}}}
+      waypoint: {{destination: default/waypoint.default.svc.cluster.local}}
+    - name: grpc
+      namespace: default
+      vips: ["/{GRPC_VIP}"]
+      ports: {{80: {APP_PORT + 2}}}
       waypoint: {{destination: default/waypoint.default.svc.cluster.local}}
     - name: waypoint
       namespace: default
@@ -179,6 +196,40 @@ async def _backend(lab_hits: Counter[str], flaky_calls: list[str], ip: str,
     return runners
 
 
+async def _grpc_backend(ip: str, name: str) -> grpc.aio.Server:
+    """gRPC with generic handlers (raw bytes, no generated code)."""
+
+    async def say(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.send_initial_metadata((("x-served-by", name),))
+        context.set_trailing_metadata((("x-trailer", f"from-{name}"),))
+        return b"hello " + request
+
+    async def fail(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"no {request.decode()} here")
+        raise AssertionError("abort returns never")
+
+    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.sleep(5)
+        return request
+
+    async def count(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        for i in range(int(request.decode())):
+            yield f"{name}-{i}".encode()
+
+    handlers = {
+        "Say": grpc.unary_unary_rpc_method_handler(say),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo",
+                                                                          handlers),))
+    server.add_insecure_port(f"{ip}:{APP_PORT + 2}")
+    await server.start()
+    return server
+
+
 @contextlib.asynccontextmanager
 async def running_lab(tmp_path: Path) -> AsyncIterator[Lab]:
     ca_dir = tmp_path / "ca"
@@ -188,7 +239,8 @@ async def running_lab(tmp_path: Path) -> AsyncIterator[Lab]:
     targets: dict[tuple[str, int], tuple[str, int]] = {}
 
     def inject(env: ProxyEnv) -> None:
-        env.original_dst = lambda sock: targets[sock.getpeername()[:2]]
+        env.original_dst = lambda sock: targets.get(sock.getpeername()[:2]) or \
+            FIXED_TARGETS[sock.getsockname()[0]]
 
     agents: dict[str, AgentApp] = {}
     tasks = []
@@ -224,8 +276,10 @@ async def running_lab(tmp_path: Path) -> AsyncIterator[Lab]:
     tasks.append(asyncio.create_task(waypoint.run()))
     lab = Lab(agents, waypoint, targets)
     runners = []
+    grpc_servers = []
     for ip, name in (("127.0.2.1", "v1"), ("127.0.2.2", "v2")):
         runners += await _backend(lab.hits, lab.flaky_calls, ip, name)
+        grpc_servers.append(await _grpc_backend(ip, name))
     try:
         await eventually(
             lambda: all(a.agent.ready for a in agents.values()) and waypoint.ready, 30,
@@ -238,6 +292,8 @@ async def running_lab(tmp_path: Path) -> AsyncIterator[Lab]:
         await asyncio.gather(*tasks)
         for runner in runners:
             await runner.cleanup()
+        for server in grpc_servers:
+            await server.stop(None)
 
 
 @pytest.fixture
@@ -288,7 +344,75 @@ async def test_canary_split_retries_timeout_and_deny(lab: Lab) -> None:
     assert _sample(reg, "nodeproxy_waypoint_retries_total") >= 1
 
 
-async def test_direct_traffic_bypassing_the_waypoint_is_refused(lab: Lab) -> None:
-    # The client addresses the pod directly; its agent sends it through the waypoint.
+async def test_pod_ip_traffic_goes_through_the_waypoint(lab: Lab) -> None:
+    # The client addresses the pod directly; its agent still sends it through the waypoint.
     status, _h, body = await lab.request(("127.0.2.1", APP_PORT), "GET", "/direct")
-    assert status == 200 and body.startswith(b"v1")
+    assert status == 200
+    assert body.startswith(b"v1")
+    await eventually(lambda: _sample(lab.waypoint.metrics.registry, "istio_requests_total",
+                                     destination_workload="echo-v1") == 1, 5, "via waypoint")
+
+
+async def test_hbone_that_bypasses_the_waypoint_is_refused(lab: Lab) -> None:
+    # A client with a valid mesh identity tunnels straight to the pod: 401, counted.
+    client = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/client")
+    ctx = await lab.agents["node1"].contexts.client(client)
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.2.1", 15008))
+    conn = await tunnel.connect(sock, ctx, expected=(
+        SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo"),),
+        trust_domain="cluster.local", timeout=5)
+    try:
+        with pytest.raises(ProxyError) as refused:
+            await conn.open_stream(f"127.0.2.1:{APP_PORT}", [])
+        assert refused.value.status == 401
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    assert _sample(lab.agents["node2"].metrics.registry,
+                   "nodeproxy_connections_rejected_total", reason="waypoint_bypass") == 1
+    assert not lab.hits
+
+
+@pytest.fixture(scope="module")
+def _grpc_started() -> None:
+    """grpcio starts process-wide threads and descriptors on first use and keeps them: start
+    them before the test, so the hygiene check sees only what the test itself leaves."""
+
+    async def warm_up() -> None:
+        server = grpc.aio.server()
+        server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
+            await channel.close()
+        await server.stop(None)
+
+    asyncio.run(warm_up())
+
+
+@pytest.mark.usefixtures("_grpc_started")
+async def test_grpc_through_the_waypoint(lab: Lab) -> None:
+    async with grpc.aio.insecure_channel("127.0.1.3:15001") as channel:
+        say = channel.unary_unary("/echo.Echo/Say")
+        call = say(b"mesh", timeout=10)
+        assert await call == b"hello mesh"
+        trailers = dict(await call.trailing_metadata())
+        assert trailers["x-trailer"] in ("from-v1", "from-v2")
+        # A status code and message pass through as trailers.
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await channel.unary_unary("/echo.Echo/Fail")(b"cake", timeout=10)
+        assert failed.value.code() is grpc.StatusCode.NOT_FOUND
+        assert failed.value.details() == "no cake here"
+        # Server streaming.
+        got = [m async for m in channel.unary_stream("/echo.Echo/Count")(b"3", timeout=10)]
+        assert len(got) == 3
+        # The client's deadline reaches the waypoint as grpc-timeout and bounds the request.
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await channel.unary_unary("/echo.Echo/Slow")(b"x", timeout=0.5)
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    reg = lab.waypoint.metrics.registry
+    await eventually(lambda: _sample(reg, "istio_requests_total", request_protocol="grpc",
+                                     grpc_response_status="5") == 1, 5, "NOT_FOUND counted")
+    assert _sample(reg, "istio_requests_total", request_protocol="grpc",
+                   grpc_response_status="0") >= 2
