@@ -19,18 +19,10 @@ from nodeproxy.waypoint.proxy import Downstream, WaypointProxy
 from nodeproxy.waypoint.retry import Outcome, RetryPolicy, backoff, should_retry
 from nodeproxy.waypoint.telemetry import RequestRecord
 from nodeproxy.waypoint.upstream import Endpoint
-from ztunnel_cfg.authz import RequestInfo, authorize_request
-from ztunnel_cfg.l7 import (
-    Request,
-    choose_backend,
-    redirect_location,
-    retry_policy,
-    rewrite_request,
-    select_route,
-    timeouts,
-)
+from ztunnel_cfg.l7 import Request, retry_policy, timeouts
 from ztunnel_cfg.l7 import RetryPolicy as ConfigRetry
-from ztunnel_cfg.model import BackendRef, RouteRule, Workload
+from ztunnel_cfg.l7.plan import L7Reply, plan_request
+from ztunnel_cfg.model import RouteRule, Workload
 
 log = logging.getLogger("nodeproxy.waypoint")
 _EXTRA = {"component": "waypoint"}
@@ -98,37 +90,19 @@ def with_traceparent(headers: tuple[tuple[str, str], ...]) -> tuple[
 
 def decide(proxy: WaypointProxy, down: Downstream, request: Request, ex: Exchange
            ) -> LocalReply | Forward:
-    """Policy and routing for one request (pure decisions; the cluster is looked up)."""
+    """Policy and routing for one request (:func:`ztunnel_cfg.l7.plan.plan_request`, the
+    decision ``explain`` shows too), then the cluster of the chosen backend."""
     target = down.target
-    snapshot = down.snapshot
-    ip = target.authority.rpartition(":")[0].strip("[]")
-    decision = authorize_request(snapshot, down.waypoint, target.service, RequestInfo(
-        down.peer, down.peer_ip, ip, target.port, request.method, request.path_only,
-        request.host, request.headers))
-    if not decision.allowed:
-        return LocalReply(403, "RBAC: access denied", "DENY", decision.reason)
-    rule: RouteRule | None = None
-    backend: BackendRef | None = None
-    if target.service is not None:
-        selection = select_route(snapshot, target.service, target.port, request)
-        if selection.rule is None:
-            return LocalReply(404, "no route matched", "NR", selection.reason)
-        rule, prefix = selection.rule, selection.matched_prefix
-        ex.route = selection.route.key if selection.route is not None else "default"
-        redirect = redirect_location(rule, request, prefix, port=target.port)
-        if redirect is not None:
-            return LocalReply(redirect.status_code, redirect.location, "-",
-                              f"redirect to {redirect.location}",
-                              (("location", redirect.location),))
-        request = rewrite_request(rule, request, prefix)
-        index = choose_backend(rule, proxy.rng.random())
-        if index is None:
-            return LocalReply(500, "no backend has weight", "-",
-                              f"every backend of route {ex.route} has weight 0")
-        backend = rule.backend_refs[index]
-    cluster = proxy.cluster_for_target(snapshot, target, backend)
-    request_timeout, per_try = timeouts(rule)
-    return Forward(request, rule, cluster, to_runtime_retry(retry_policy(rule)),
+    plan = plan_request(down.snapshot, down.waypoint, target.service, target.port, request,
+                        source_identity=down.peer, source_ip=down.peer_ip,
+                        destination_ip=target.authority.rpartition(":")[0].strip("[]"),
+                        draw=proxy.rng.random())
+    ex.route = plan.route
+    if isinstance(plan, L7Reply):
+        return LocalReply(plan.status, plan.text, plan.flags, plan.reason, plan.headers)
+    cluster = proxy.cluster_for_target(down.snapshot, target, plan.backend)
+    request_timeout, per_try = timeouts(plan.rule)
+    return Forward(plan.request, plan.rule, cluster, to_runtime_retry(retry_policy(plan.rule)),
                    request_timeout, per_try)
 
 
