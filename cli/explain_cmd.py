@@ -6,7 +6,7 @@ import click
 
 from cli.inspect_cmd import DEFAULT_ADMIN, config_dump, snapshot_from_dump
 from cli.tables import render_data, render_table
-from ztunnel_cfg.explain import Explanation, explain
+from ztunnel_cfg.explain import Explanation, HttpQuery, L7Explanation, explain
 from ztunnel_cfg.snapshot import Snapshot, load_snapshot
 
 
@@ -46,7 +46,39 @@ def render_explanation(e: Explanation) -> str:
         if hop.allowed is False:
             lines.append(f"  counters  istio_tcp_connections_failed_total{{response_flags="
                          f"\"{hop.response_flags}\"}}")
+    if e.l7 is not None:
+        lines += ["", *render_l7(e.l7)]
     return "\n".join(lines) + "\n"
+
+
+def render_l7(l7: L7Explanation) -> list[str]:
+    lines = [f"waypoint {l7.waypoint} ({l7.waypoint_identity}): {l7.request}"]
+    lines.append(f"  L7 policy {l7.authz_reason}")
+    lines.append(f"  route     {l7.route}: {l7.selection}")
+    if l7.answer is not None:
+        lines.append(f"  answer    {l7.answer} by the waypoint (response_flags "
+                     f"\"{l7.answer_flags}\"): {l7.answer_reason}")
+        return lines
+    lines.append(f"  timeout   {l7.timeout}")
+    lines.append(f"  retry     {l7.retry}")
+    for b in l7.backends:
+        subset = f" subset {b.subset}" if b.subset else ""
+        lines.append(f"  backend   {b.service}:{b.port}{subset} weight {b.weight} "
+                     f"({b.share:.0%})")
+        for ep in b.endpoints:
+            verdict = "allowed" if ep.allowed else "DENIED"
+            lines.append(f"            {ep.workload} {ep.address}: {verdict} by its agent "
+                         f"(sees {l7.waypoint_identity}): {ep.reason}")
+        if not b.endpoints:
+            lines.append("            no healthy endpoint: 503 UH")
+    return lines
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise click.BadParameter(f"{text!r}: want NAME:VALUE", param_hint="-H")
+    return name.strip().lower(), value.strip()
 
 
 @click.command(name="explain")
@@ -58,10 +90,14 @@ def render_explanation(e: Explanation) -> str:
                    f"{DEFAULT_ADMIN}].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Read the snapshot from a config file instead of a running agent.")
+@click.option("--http", "http", nargs=2, metavar="METHOD PATH", default=None,
+              help="Also explain what the waypoint on the path does with this HTTP request.")
+@click.option("-H", "--header", "headers", multiple=True, metavar="NAME:VALUE",
+              help="A request header for --http (repeatable).")
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json", "yaml"]),
               default="table", show_default=True, help="Output format.")
 def command(source: str, target: str, admin: str | None, config_file: str | None,
-            fmt: str) -> None:
+            http: tuple[str, str] | None, headers: tuple[str, ...], fmt: str) -> None:
     """Explain the decision path of a connection from POD to IP:PORT: source resolved,
     service and endpoint chosen, waypoint or not, HBONE or passthrough, the policy and rule
     that allow or deny it, and the mTLS identities presented and expected."""
@@ -73,7 +109,14 @@ def command(source: str, target: str, admin: str | None, config_file: str | None
     else:
         addr = admin or DEFAULT_ADMIN
         snapshot = snapshot_from_dump(config_dump(addr), f"{addr}/config_dump")
-    result = explain(snapshot, source, target)
+    query = None
+    if http is not None:
+        parsed = tuple(parse_header(h) for h in headers)
+        host = next((v for n, v in parsed if n == "host"), "")
+        query = HttpQuery(http[0].upper(), http[1], parsed, host)
+    elif headers:
+        raise click.UsageError("-H needs --http METHOD PATH")
+    result = explain(snapshot, source, target, query)
     if fmt == "table":
         click.echo(render_explanation(result), nl=False)
     else:

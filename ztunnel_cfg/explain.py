@@ -22,8 +22,12 @@ from typing import Any
 
 from ztunnel_cfg.authz import ConnectionInfo, Decision, authorize
 from ztunnel_cfg.errors import NodeproxyError
-from ztunnel_cfg.hostport import HostPortError, parse_host_port
-from ztunnel_cfg.model import IPAddress, MtlsMode, Protocol, Workload
+from ztunnel_cfg.hostport import HostPortError, host_without_port, parse_host_port
+from ztunnel_cfg.l7.plan import L7Reply, plan_request
+from ztunnel_cfg.l7.policy import retry_policy, timeouts
+from ztunnel_cfg.l7.request import Request
+from ztunnel_cfg.l7.select import backend_endpoints
+from ztunnel_cfg.model import IPAddress, MtlsMode, Protocol, Service, WaypointConfig, Workload
 from ztunnel_cfg.routing import Chooser, Route, RouteKind, route
 from ztunnel_cfg.snapshot import Snapshot, to_ip
 
@@ -32,6 +36,9 @@ __all__ = [
     "ExplainError",
     "Explanation",
     "Hop",
+    "HttpQuery",
+    "L7Backend",
+    "L7Explanation",
     "Path",
     "Verdict",
     "explain",
@@ -51,7 +58,7 @@ class ExplainError(NodeproxyError):
 
 class Path(enum.Enum):
     HBONE = "HBONE"  # mTLS tunnel to the destination's 15008
-    WAYPOINT = "WAYPOINT"  # mTLS tunnel to the waypoint's pods (no waypoint proxy exists yet)
+    WAYPOINT = "WAYPOINT"  # mTLS tunnel to the waypoint, which decides L7 and forwards
     PASSTHROUGH = "PASSTHROUGH"  # captured, forwarded in plain TCP (destination not meshed)
     PLAINTEXT = "PLAINTEXT"  # not captured at the source: plaintext to the destination's 15006
     DIRECT = "DIRECT"  # neither side is handled by an agent
@@ -64,6 +71,7 @@ class Verdict(enum.Enum):
     MIXED = "allowed for some endpoints, denied for others"
     NOT_ENFORCED = "not enforced"  # no agent authorizes it (destination outside the mesh)
     NO_ENDPOINTS = "no endpoints"
+    ANSWERED = "answered by the waypoint"  # redirect, no route, no weighted backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +106,72 @@ class Hop:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpQuery:
+    """The request ``explain --http`` asks about."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...] = ()  # names lower case
+    host: str = ""  # default: the target address
+
+
+@dataclass(frozen=True, slots=True)
+class L7Endpoint:
+    workload: str
+    address: str
+    allowed: bool  # by the destination agent's L4 policy, seeing the waypoint's identity
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class L7Backend:
+    service: str
+    port: int
+    weight: int
+    share: float  # of requests matching the rule
+    subset: str
+    endpoints: tuple[L7Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class L7Explanation:
+    """What the waypoint decides for one HTTP request (the data path's own decision)."""
+
+    waypoint: str
+    waypoint_identity: str
+    request: str
+    authz_allowed: bool
+    authz_policy: str | None
+    authz_reason: str
+    route: str
+    selection: str
+    answer: int | None  # status the waypoint answers itself with, None: forwarded
+    answer_flags: str
+    answer_reason: str
+    backends: tuple[L7Backend, ...]
+    retry: str
+    timeout: str
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "waypoint": self.waypoint, "waypointIdentity": self.waypoint_identity,
+            "request": self.request,
+            "authorization": {"allowed": self.authz_allowed, "policy": self.authz_policy,
+                              "reason": self.authz_reason},
+            "route": self.route, "selection": self.selection,
+            "answer": None if self.answer is None else {
+                "status": self.answer, "responseFlags": self.answer_flags,
+                "reason": self.answer_reason},
+            "backends": [{"service": b.service, "port": b.port, "weight": b.weight,
+                          "share": b.share, "subset": b.subset,
+                          "endpoints": [{"workload": e.workload, "address": e.address,
+                                         "allowed": e.allowed, "reason": e.reason}
+                                        for e in b.endpoints]} for b in self.backends],
+            "retry": self.retry, "timeout": self.timeout,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Explanation:
     source: str
     source_ip: str
@@ -110,6 +184,7 @@ class Explanation:
     endpoints: tuple[EndpointState, ...]
     hops: tuple[Hop, ...]
     verdict: Verdict
+    l7: L7Explanation | None = None
 
     @property
     def paths(self) -> frozenset[Path]:
@@ -161,6 +236,7 @@ class Explanation:
                 for h in self.hops
             ],
             "verdict": self.verdict.value,
+            **({"waypoint": self.l7.to_document()} if self.l7 is not None else {}),
         }
 
 
@@ -278,15 +354,14 @@ def _hop_from_route(
     assert r.target_ip is not None
     via = _hostport(r.target_ip, r.tunnel_port or 0)
     if r.kind is RouteKind.WAYPOINT:
-        # Only the tunnel to the waypoint's pods exists: no waypoint proxy is implemented yet
-        # (issue 11 item 4), so no decision is attributed to it.
+        # The waypoint decides per request: see L7Explanation (explain --http).
         mode, mode_src = _mtls(snapshot, dst)
         return Hop(
             path=Path.WAYPOINT, via=via, mtls_mode=mode.value, mtls_mode_source=mode_src,
             allowed=None, policy=None, rule=None,
-            reason=f"tunnelled to waypoint {dst.key}: no waypoint proxy is implemented yet, so "
-            "nothing there applies L7 policy or routes; the destination's L4 policies would see "
-            "the waypoint's identity",
+            reason=f"tunnelled to waypoint {dst.key}, which applies L7 policy and routes per "
+            "request (pass --http METHOD PATH to see its decision); the destination agents "
+            "then see the waypoint's identity",
             response_flags="-", **base,
         )
     conn = ConnectionInfo(source.identity, src_ip, r.target_ip, r.target_port)
@@ -362,8 +437,103 @@ def _verdict(hops: Sequence[Hop]) -> Verdict:
     return Verdict.DENIED if not any(decided) else Verdict.MIXED
 
 
-def explain(snapshot: Snapshot, source_spec: str, target: str) -> Explanation:
-    """Explain a connection from ``source_spec`` to ``target`` (``IP:PORT``)."""
+def _seconds(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}s"
+
+
+def _waypoint_of(snapshot: Snapshot, workload: Workload) -> WaypointConfig | None:
+    keys = {key for key, _ports in workload.services}
+    return next((wp for wp in snapshot.config.waypoints if wp.service in keys), None)
+
+
+def explain_http(snapshot: Snapshot, source: Workload, src_ip: IPAddress, r: Route,
+                 dst_ip: IPAddress, port: int, query: HttpQuery) -> L7Explanation | None:
+    """The waypoint's decision for ``query`` (the same plan_request the waypoint runs)."""
+    wp_workload = r.destination
+    if wp_workload is None:
+        return None
+    waypoint = _waypoint_of(snapshot, wp_workload)
+    if waypoint is None:
+        return None
+    service = snapshot.service_by_vip(dst_ip, port)
+    addressed = None if service is not None else snapshot.workload_by_ip(dst_ip)
+    host = query.host or _hostport(dst_ip, port)
+    headers = query.headers
+    if all(n != "host" for n, _ in headers):
+        headers = (("host", host), *headers)
+    request = Request(query.method, query.path, host_without_port(host), headers)
+    plan = plan_request(snapshot, waypoint, service, port, request,
+                        source_identity=source.identity, source_ip=src_ip,
+                        destination_ip=dst_ip, draw=None)
+    wp_identity = wp_workload.identity
+    wp_ip = wp_workload.workload_ips[0]
+    authz = plan.authz
+    common: dict[str, Any] = {
+        "waypoint": f"{waypoint.namespace}/{waypoint.name}",
+        "waypoint_identity": str(wp_identity),
+        "request": f"{query.method} {query.path}",
+        "authz_allowed": authz.allowed if authz is not None else True,
+        "authz_policy": authz.policy if authz is not None else None,
+        "authz_reason": authz.reason if authz is not None else "",
+    }
+    if isinstance(plan, L7Reply):
+        return L7Explanation(route=plan.route, selection=plan.reason, answer=plan.status,
+                             answer_flags=plan.flags, answer_reason=plan.reason, backends=(),
+                             retry="-", timeout="-", **common)
+
+    def endpoint_rows(workloads: Sequence[Workload], svc: Service | None,
+                      svc_port: int) -> tuple[L7Endpoint, ...]:
+        rows = []
+        for w in workloads:
+            target_port = (w.target_port(svc.key, svc_port) or svc.target_port(svc_port)
+                           or svc_port) if svc is not None else svc_port
+            ip = w.workload_ips[0]
+            decision = authorize(snapshot, w, ConnectionInfo(wp_identity, wp_ip, ip,
+                                                             target_port))
+            rows.append(L7Endpoint(w.key, _hostport(ip, target_port), decision.allowed,
+                                   decision.reason))
+        return tuple(rows)
+
+    backends: list[L7Backend] = []
+    if plan.rule is None:
+        assert addressed is not None
+        backends.append(L7Backend(addressed.key, port, 1, 1.0, "",
+                                  endpoint_rows([addressed], None, port)))
+    else:
+        total = sum(b.weight for b in plan.rule.backend_refs) or 1
+        for b in plan.rule.backend_refs:
+            svc = snapshot.service_by_key(b.service)
+            backends.append(L7Backend(
+                b.service, b.port, b.weight, b.weight / total,
+                ",".join(f"{k}={v}" for k, v in b.subset),
+                endpoint_rows(backend_endpoints(snapshot, b), svc, b.port)))
+    retry = retry_policy(plan.rule)
+    request_timeout, per_try = timeouts(plan.rule)
+    on = ",".join(sorted(retry.retry_on)) or "nothing"
+    codes = f" (codes {','.join(str(c) for c in sorted(retry.codes))})" if retry.codes else ""
+    return L7Explanation(
+        route=plan.route, selection=plan.selection, answer=None, answer_flags="-",
+        answer_reason="", backends=tuple(backends),
+        retry=f"{retry.attempts} retries on {on}{codes}, back-off base "
+              f"{retry.backoff_base:g}s, per-try timeout {_seconds(per_try)}",
+        timeout=_seconds(request_timeout), **common)
+
+
+def _l7_verdict(l7: L7Explanation) -> Verdict:
+    if l7.answer is not None:
+        return Verdict.DENIED if l7.answer == 403 else Verdict.ANSWERED
+    decided = [e.allowed for b in l7.backends if b.weight for e in b.endpoints]
+    if not decided:
+        return Verdict.NO_ENDPOINTS
+    if all(decided):
+        return Verdict.ALLOWED
+    return Verdict.DENIED if not any(decided) else Verdict.MIXED
+
+
+def explain(snapshot: Snapshot, source_spec: str, target: str,
+            http: HttpQuery | None = None) -> Explanation:
+    """Explain a connection from ``source_spec`` to ``target`` (``IP:PORT``); with ``http``,
+    also what the waypoint (if one is on the path) decides for that request."""
     source, src_ip = resolve_source(snapshot, source_spec)
     dst_ip, port = parse_target(target)
     in_mesh = source is not None and source.protocol is Protocol.HBONE
@@ -371,8 +541,11 @@ def explain(snapshot: Snapshot, source_spec: str, target: str) -> Explanation:
     endpoints: tuple[EndpointState, ...] = ()
     selection = "direct address: no load balancing"
     hops: list[Hop] = []
+    l7: L7Explanation | None = None
     if source is not None and in_mesh:
         first_route = route(snapshot, source, dst_ip, port)
+        if first_route.kind is RouteKind.WAYPOINT and http is not None:
+            l7 = explain_http(snapshot, source, src_ip, first_route, dst_ip, port, http)
         if service is not None and first_route.kind in (RouteKind.HBONE, RouteKind.PASSTHROUGH):
             endpoints = _endpoint_states(snapshot, service.key)
             selection = SELECTION_RULE
@@ -407,5 +580,6 @@ def explain(snapshot: Snapshot, source_spec: str, target: str) -> Explanation:
         selection=selection,
         endpoints=endpoints,
         hops=tuple(hops),
-        verdict=_verdict(hops),
+        verdict=_l7_verdict(l7) if l7 is not None else _verdict(hops),
+        l7=l7,
     )

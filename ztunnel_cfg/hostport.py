@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["HostPortError", "parse_host_port"]
+__all__ = ["HostPortError", "host_without_port", "parse_host_port"]
 
 
 class HostPortError(ValueError):
@@ -69,3 +69,13 @@ def parse_host_port(
     if not (port_text.isascii() and port_text.isdigit()) or not low <= int(port_text) <= 65535:
         raise HostPortError(what, text, f"invalid port {port_text!r} (want {low}-65535)")
     return host, int(port_text)
+
+
+def host_without_port(host: str) -> str:
+    """An HTTP Host / :authority without its port: ``example:8080`` -> ``example``,
+    ``[fd00::1]:80`` -> ``fd00::1``; a bare IPv6 address is returned as it is."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        return host.partition(":")[0]
+    return host

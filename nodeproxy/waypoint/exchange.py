@@ -247,11 +247,3 @@ def record(proxy: WaypointProxy, down: Downstream, ex: Exchange, started: float)
         reason=ex.reason,
     ))
 
-
-def host_without_port(host: str) -> str:
-    """``example:8080`` -> ``example``; ``[fd00::1]:80`` -> ``fd00::1``."""
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    if host.count(":") == 1:
-        return host.partition(":")[0]
-    return host

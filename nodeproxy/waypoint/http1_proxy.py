@@ -18,7 +18,6 @@ from nodeproxy.waypoint.exchange import (
     Forward,
     LocalReply,
     decide,
-    host_without_port,
     record,
     run_tries,
     with_traceparent,
@@ -46,6 +45,7 @@ from nodeproxy.waypoint.retry import Outcome
 from nodeproxy.waypoint.upstream import Endpoint
 from nodeproxy.waypoint.upstream_http1 import Http1Connection, Http1Pool, Overflow
 from ztunnel_cfg.errors import NodeproxyError
+from ztunnel_cfg.hostport import host_without_port
 from ztunnel_cfg.l7 import Request, response_headers
 
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",

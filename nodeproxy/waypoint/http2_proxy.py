@@ -25,7 +25,6 @@ from nodeproxy.waypoint.exchange import (
     Forward,
     LocalReply,
     decide,
-    host_without_port,
     record,
     run_tries,
     with_traceparent,
@@ -35,6 +34,7 @@ from nodeproxy.waypoint.proxy import Downstream, WaypointProxy, tunnel_headers
 from nodeproxy.waypoint.retry import Outcome
 from nodeproxy.waypoint.upstream import Endpoint, Upstreams, UpstreamTunnel
 from ztunnel_cfg.errors import NodeproxyError
+from ztunnel_cfg.hostport import host_without_port
 from ztunnel_cfg.l7 import Request, response_headers
 
 # Envoy's HTTP -> gRPC status mapping for its own replies (grpc/common.cc httpToGrpcStatus).

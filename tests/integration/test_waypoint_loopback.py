@@ -32,6 +32,7 @@ from nodeproxy.waypoint.http1 import MessageEnd, ResponseHead, ResponseReader
 from nodeproxy.waypoint.proxy import WaypointSettings
 from nodeproxy.waypoint.telemetry import WaypointMetrics
 from tests.helpers.waiting import eventually
+from ztunnel_cfg.explain import HttpQuery, Verdict, explain
 from ztunnel_cfg.snapshot import Snapshot
 from ztunnel_cfg.spiffe import SpiffeId
 
@@ -416,3 +417,29 @@ async def test_grpc_through_the_waypoint(lab: Lab) -> None:
                                      grpc_response_status="5") == 1, 5, "NOT_FOUND counted")
     assert _sample(reg, "istio_requests_total", request_protocol="grpc",
                    grpc_response_status="0") >= 2
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/hello", 200),
+    ("GET", "/admin/users", 403),
+    ("POST", "/admin", 403),
+    ("GET", "/slow", 504),
+])
+async def test_explain_agrees_with_the_waypoint(lab: Lab, method: str, path: str,
+                                                status: int) -> None:
+    """explain --http and the running waypoint give the same answer for the same request."""
+    snapshot = lab.waypoint._current()
+    explained = explain(snapshot, "default/client", f"{VIP}:80", HttpQuery(method, path))
+    assert explained.l7 is not None
+    answered, _h, body = await lab.request((VIP, 80), method, path)
+    assert answered == status
+    if explained.l7.answer is not None:
+        assert explained.l7.answer == answered
+        assert explained.verdict is (Verdict.DENIED if status == 403 else Verdict.ANSWERED)
+    elif status == 200:
+        served = body.split()[0].decode()  # "v1" or "v2"
+        subsets = {b.subset for b in explained.l7.backends}
+        assert f"version={served}" in subsets
+        assert explained.verdict is Verdict.ALLOWED
+    else:  # the timeout the waypoint enforced is the one explain reports
+        assert explained.l7.timeout == "0.3s"

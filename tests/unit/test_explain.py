@@ -9,7 +9,14 @@ from dataclasses import dataclass
 import pytest
 
 from ztunnel_cfg.authz import ConnectionInfo, authorize
-from ztunnel_cfg.explain import ExplainError, Path, Verdict, explain, parse_target
+from ztunnel_cfg.explain import (
+    ExplainError,
+    HttpQuery,
+    Path,
+    Verdict,
+    explain,
+    parse_target,
+)
 from ztunnel_cfg.loader import load_config_text
 from ztunnel_cfg.model import Workload
 from ztunnel_cfg.routing import route
@@ -246,10 +253,120 @@ def test_document_shape(snapshot: Snapshot) -> None:
         ("HBONE", "shop/deny-default", 1, "DENY")
 
 
-def test_waypoint_hop_claims_no_decision(snapshot: Snapshot) -> None:
-    # No waypoint proxy exists yet (issue 11 item 4): explain must not say one decides.
+def test_waypoint_hop_without_http_defers_to_the_waypoint(snapshot: Snapshot) -> None:
     e = explain(snapshot, "client", "10.96.0.20:80")
+    assert e.l7 is None
     text = " ".join([e.selection, *(h.reason for h in e.hops)])
-    assert "decided by" not in text
-    assert "chooses" not in text
-    assert "no waypoint proxy is implemented yet" in text
+    assert "pass --http METHOD PATH" in text
+
+
+L7_CONFIG = textwrap.dedent("""
+    workloads:
+    - {name: client, namespace: default, serviceAccount: client, workloadIps: ["10.0.1.1"],
+       node: n1}
+    - {name: rev-1, namespace: default, serviceAccount: reviews, workloadIps: ["10.0.2.1"],
+       node: n2, canonicalRevision: v1,
+       services: {default/reviews.default.svc.cluster.local: {80: 9080}}}
+    - {name: rev-2, namespace: default, serviceAccount: reviews, workloadIps: ["10.0.2.2"],
+       node: n2, canonicalRevision: v2,
+       services: {default/reviews.default.svc.cluster.local: {80: 9080}}}
+    - {name: wp, namespace: default, serviceAccount: waypoint, workloadIps: ["10.0.2.9"],
+       node: n2, services: {default/waypoint.default.svc.cluster.local: {15008: 15008}}}
+    services:
+    - {name: reviews, namespace: default, vips: ["/10.96.0.1"], ports: {80: 9080},
+       waypoint: {destination: default/waypoint.default.svc.cluster.local}}
+    - {name: waypoint, namespace: default, vips: ["/10.96.0.9"], ports: {15008: 15008}}
+    waypoints:
+    - {name: waypoint, namespace: default, service: default/waypoint.default.svc.cluster.local}
+    routes:
+    - name: reviews
+      namespace: default
+      parentRefs: [{service: default/reviews.default.svc.cluster.local}]
+      rules:
+      - matches: [{path: {type: Exact, value: /old}}]
+        filters:
+        - {type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath,
+           replaceFullPath: /new}, statusCode: 301}}
+      - matches: [{headers: [{name: x-canary, value: "1"}]}]
+        backendRefs: [{service: default/reviews.default.svc.cluster.local, port: 80,
+                       subset: {version: v2}}]
+        timeouts: {request: 2s}
+        retry: {attempts: 3, retryOn: [5xx], perTryTimeout: 500ms}
+      - matches: [{path: {type: PathPrefix, value: /api}}]
+        backendRefs:
+        - {service: default/reviews.default.svc.cluster.local, port: 80, weight: 3,
+           subset: {version: v1}}
+        - {service: default/reviews.default.svc.cluster.local, port: 80, weight: 1,
+           subset: {version: v2}}
+    policies:
+    - name: no-delete
+      namespace: default
+      action: Deny
+      targetRefs: [{kind: Gateway, name: waypoint}]
+      rules: [[[{methods: [DELETE]}]]]
+    - name: only-waypoint-to-v2
+      namespace: default
+      scope: WorkloadSelector
+      selector: {version: v2}
+      action: Allow
+      rules: [[[{principals: ["spiffe://cluster.local/ns/default/sa/client"]}]]]
+""")
+L7_SNAPSHOT = Snapshot.build(load_config_text(L7_CONFIG, "l7.yaml"))
+
+
+@dataclass(frozen=True)
+class L7Case:
+    name: str
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    verdict: Verdict
+    answer: int | None
+    route: str
+    shares: tuple[tuple[str, float], ...] = ()  # (subset, share)
+    retry_has: str = ""
+    timeout: str = ""
+
+
+L7_CASES = [
+    L7Case("L7 deny at the waypoint", "DELETE", "/api/1", (), Verdict.DENIED, 403, "-"),
+    L7Case("redirect answered by the waypoint", "GET", "/old", (), Verdict.ANSWERED, 301,
+           "default/reviews"),
+    L7Case("no rule matches: 404", "GET", "/other", (), Verdict.ANSWERED, 404, "-"),
+    L7Case("weighted canary split", "GET", "/api/x", (), Verdict.MIXED, None,
+           "default/reviews", (("version=v1", 0.75), ("version=v2", 0.25)),
+           "2 retries on cancelled,connect-failure,refused-stream,unavailable", "none"),
+    L7Case("header match: v2 only, its retry and timeout", "GET", "/x",
+           (("x-canary", "1"),), Verdict.DENIED, None, "default/reviews",
+           (("version=v2", 1.0),), "3 retries on 5xx", "2s"),
+]
+
+
+@pytest.mark.parametrize("case", L7_CASES, ids=[c.name for c in L7_CASES])
+def test_explain_http(case: L7Case) -> None:
+    e = explain(L7_SNAPSHOT, "default/client", "10.96.0.1:80",
+                HttpQuery(case.method, case.path, case.headers))
+    assert e.l7 is not None
+    assert e.verdict is case.verdict, e.l7
+    assert e.l7.answer == case.answer
+    assert e.l7.route == case.route
+    assert tuple((b.subset, b.share) for b in e.l7.backends) == case.shares
+    assert case.retry_has in e.l7.retry
+    if case.timeout:
+        assert e.l7.timeout == case.timeout
+    assert "http" not in e.to_document()
+    assert e.to_document()["waypoint"]["request"] == \
+        f"{case.method} {case.path}"
+
+
+def test_explain_http_endpoints_see_the_waypoint_identity() -> None:
+    # v2 admits only the client's identity at L4, so traffic from the waypoint is denied.
+    e = explain(L7_SNAPSHOT, "default/client", "10.96.0.1:80", HttpQuery("GET", "/api/x"))
+    assert e.l7 is not None
+    by_subset = {b.subset: b for b in e.l7.backends}
+    (v1,) = by_subset["version=v1"].endpoints
+    (v2,) = by_subset["version=v2"].endpoints
+    assert v1.allowed
+    assert not v2.allowed
+    assert v2.address == "10.0.2.2:9080"
+    assert "only-waypoint-to-v2" in v2.reason
