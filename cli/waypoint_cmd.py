@@ -126,3 +126,54 @@ def endpoints(admin: str, fmt: str) -> None:
     click.echo(render(fmt, lambda: render_table(
         ["CLUSTER", "ENDPOINT", "WORKLOAD", "HEALTH", "EJECTED FOR", "EJECTIONS", "ACTIVE"],
         endpoint_rows(dump)), lambda: list(dump.get("clusters") or [])), nl=False)
+
+
+def route_rows(dump: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for route in dump.get("routes") or []:
+        parents = ", ".join(
+            p["service"].partition("/")[2].split(".")[0] + (f":{p['port']}" if p.get("port")
+                                                           else "")
+            for p in route.get("parentRefs", []))
+        for index, rule in enumerate(route.get("rules", [])):
+            matches = "; ".join(_match_text(m) for m in rule.get("matches") or []) or "*"
+            backends = ", ".join(
+                b["service"].partition("/")[2].split(".")[0] + f":{b['port']}"
+                + (f"[{','.join(f'{k}={v}' for k, v in b['subset'].items())}]"
+                   if b.get("subset") else "") + f" w{b.get('weight', 1)}"
+                for b in rule.get("backendRefs") or []) or "-"
+            timeouts = rule.get("timeouts") or {}
+            retry = rule.get("retry")
+            rows.append([route["namespace"], route["name"], parents, str(index), matches,
+                         backends, f"{timeouts['request']:g}s" if timeouts.get("request")
+                         else "-",
+                         f"{retry['attempts']}x" if retry else "default"])
+    return rows
+
+
+def _match_text(match: dict[str, Any]) -> str:
+    parts = []
+    if match.get("method"):
+        parts.append(match["method"])
+    path = match.get("path")
+    if path:
+        parts.append(f"{path.get('type', 'PathPrefix')} {path['value']}")
+    for h in match.get("headers") or []:
+        parts.append(f"{h['name']}={h['value']}")
+    for q in match.get("queryParams") or []:
+        parts.append(f"?{q['name']}={q['value']}")
+    return " ".join(parts) or "*"
+
+
+@click.command(name="routes")
+@admin_option
+@output_option
+def routes(admin: str, fmt: str) -> None:
+    """HTTP routes known to a running waypoint (or agent): one row per rule."""
+    dump = config_dump(admin)
+    click.echo(render(fmt, lambda: render_table(
+        ["NAMESPACE", "ROUTE", "PARENTS", "RULE", "MATCHES", "BACKENDS", "TIMEOUT", "RETRY"],
+        route_rows(dump)), lambda: list(dump.get("routes") or [])), nl=False)
+
+
+commands = [command, routes]
