@@ -21,6 +21,8 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from nodeproxy.hbone.flood import FloodLimits, WindowCounter
+
 Headers = list[tuple[str, str]]
 STREAM_WINDOW = 1 << 20  # per stream: 1 MiB in flight before the consumer must read
 CONNECTION_WINDOW = 16 << 20
@@ -90,7 +92,8 @@ class H2Stream:
 
 class H2Pipe:
     def __init__(self, io: ByteStream, *, client_side: bool,
-                 on_request: Callable[[H2Stream], Coroutine[Any, Any, None]] | None = None) -> None:
+                 on_request: Callable[[H2Stream], Coroutine[Any, Any, None]] | None = None,
+                 flood: FloodLimits | None = None) -> None:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8",
                                            validate_inbound_headers=True)
         self.io = io
@@ -109,6 +112,9 @@ class H2Pipe:
         self.closed = False
         self.goaway = False
         self.error: str | None = None
+        limits = flood or FloodLimits()
+        self._premature = WindowCounter(limits.max_premature_resets, limits.window)
+        self._control = WindowCounter(limits.max_control_frames, limits.window)
 
     async def start(self, first: bytes = b"") -> None:
         self.conn.initiate_connection()
@@ -188,6 +194,12 @@ class H2Pipe:
         with contextlib.suppress(Exception):
             await self.flush()
 
+    async def flush_final(self) -> None:
+        final = self.conn.data_to_send()
+        if final:
+            with contextlib.suppress(Exception):
+                await self.io.write(final)
+
     # -- client side --------------------------------------------------------------------------
     def open_stream(self) -> H2Stream:
         stream_id = self.conn.get_next_available_stream_id()
@@ -224,27 +236,16 @@ class H2Pipe:
                 state._fail(ErrorCodes.CONNECT_ERROR)
             self.streams.clear()
             self._window.set()
+            # A GOAWAY h2 queued (protocol error, flood) goes out before the tunnel ends.
+            await self.flush_final()
 
     def _receive(self, data: bytes) -> list[h2.events.Event]:
         try:
             return self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self.error = f"HTTP/2 protocol error: {exc}"
-            self.closed = True
-            self._spawn_final_flush()
+            self.closed = True  # run() sends the GOAWAY h2 queued, then ends
             return []
-
-    def _spawn_final_flush(self) -> None:
-        # h2 queued a GOAWAY for the protocol error: send it before the tunnel goes.
-        data = self.conn.data_to_send()
-        if data:
-            task = asyncio.get_running_loop().create_task(self._write_quietly(data))
-            self.handlers.add(task)
-            task.add_done_callback(self.handlers.discard)
-
-    async def _write_quietly(self, data: bytes) -> None:
-        with contextlib.suppress(Exception):
-            await self.io.write(data)
 
     def _dispatch(self, events: list[h2.events.Event]) -> None:
         state: H2Stream | None
@@ -305,9 +306,21 @@ class H2Pipe:
                     state._fail(event.error_code or ErrorCodes.CANCEL)
                 handler = self.handler_of.pop(event.stream_id, None)
                 if handler is not None:
-                    handler.cancel()  # the client gave up: stop its work (and its upstream)
+                    handler.cancel()
+                    # A reset before we answered costs us a request's work for free (rapid
+                    # reset, CVE-2023-44487): past the limit, the connection ends.
+                    if self._premature.hit(asyncio.get_running_loop().time()):
+                        self._calm("rapid reset: too many streams reset before their answer")
+                        return  # the client gave up: stop its work (and its upstream)
             elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 self._window.set()
+                if self._control.hit(asyncio.get_running_loop().time()):
+                    self._calm("control frame flood")
+                    return
+            elif isinstance(event, h2.events.PingReceived | h2.events.PriorityUpdated):
+                if self._control.hit(asyncio.get_running_loop().time()):
+                    self._calm("control frame flood")
+                    return
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.goaway = True
                 if event.last_stream_id is not None:
@@ -315,6 +328,15 @@ class H2Pipe:
                         if sid > event.last_stream_id:
                             self.streams.pop(sid)
                             state._fail(ErrorCodes.REFUSED_STREAM)
+
+    def _calm(self, reason: str) -> None:
+        """GOAWAY ENHANCE_YOUR_CALM and stop (as the HBONE layer answers the same floods)."""
+        self.error = reason
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, additional_data=b"calm")
+        self.closed = True  # run() sends the GOAWAY, then ends
+        for task in list(self.handlers):
+            task.cancel()
 
     def _handler_done(self, stream_id: int) -> Callable[[asyncio.Task[None]], None]:
         def done(_task: asyncio.Task[None]) -> None:

@@ -50,7 +50,8 @@ from ztunnel_cfg.l7 import Request, response_headers
 
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
            307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
-           403: "Forbidden", 404: "Not Found", 413: "Payload Too Large",
+           403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
+           413: "Payload Too Large",
            414: "URI Too Long", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout",
@@ -75,6 +76,8 @@ class Http1Session:
         self.reader = RequestReader(proxy.settings.http1)
         self.events: deque[Event] = deque(self.reader.feed(first))
         self.metrics = proxy.metrics
+        # Bytes of a first request head already arrived with the protocol sniff.
+        self._head_started = bool(first) and not self.events
 
     # -- downstream bytes ---------------------------------------------------------------------
     async def _next(self) -> Event | None:
@@ -89,9 +92,40 @@ class Http1Session:
         if data:
             await self.down.stream.write(data)
 
+    async def _next_head(self) -> Event | None:
+        """The next request's first event, bounded: ``idle_timeout`` until its first byte,
+        then ``request_header_timeout`` for the rest of its head."""
+        settings = self.proxy.settings
+        loop = asyncio.get_running_loop()
+        started = self._head_started
+        deadline = loop.time() + (settings.request_header_timeout if started
+                                  else settings.idle_timeout)
+        while not self.events:
+            if self.reader.stopped:
+                return None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(remaining):
+                data = await self.down.stream.read()
+            if data and not started:
+                started = self._head_started = True
+                deadline = loop.time() + settings.request_header_timeout
+            self.events.extend(self.reader.feed(data) if data else self.reader.feed_eof())
+        self._head_started = False  # the next head's clock starts when its first byte comes
+        return self.events.popleft()
+
     async def run(self) -> None:
         while True:
-            event = await self._next()
+            try:
+                event = await self._next_head()
+            except TimeoutError:
+                if self._head_started:  # slowloris: a head that never completes
+                    self.metrics.rejected.labels(reason="request_header_timeout").inc()
+                    await self._local_reply(LocalReply(408, "request header timeout"), None,
+                                            close=True)
+                self.down.stream.write_eof()  # else an idle keep-alive connection: just close
+                return
             if event is None:
                 self.down.stream.write_eof()
                 return

@@ -141,9 +141,13 @@ class Http2Session:
     async def run(self) -> None:
         try:
             await self.pipe.start(self.first)
-            await self.pipe.run()
+            if not self.pipe.closed:
+                await self.pipe.run()
+            else:  # the first bytes alone broke the rules: send the GOAWAY
+                await self.pipe.flush_final()
         finally:
             await self.pipe.aclose()
+        self.down.stream.write_eof()
 
     # -- one request stream --------------------------------------------------------------------
     async def _request(self, stream: H2Stream) -> None:

@@ -52,6 +52,9 @@ class WaypointSettings:
     # streamed bodies are forwarded as they come and never retried.
     replay_buffer: int = 64 * 1024
     http1: Http1Limits = field(default_factory=Http1Limits)
+    # A client that starts a request head must finish it this fast (slowloris); between
+    # requests a keep-alive connection may stay silent for idle_timeout.
+    request_header_timeout: float = 10.0
 
 
 @dataclass(slots=True)
@@ -200,6 +203,7 @@ class WaypointProxy:
                 from nodeproxy.waypoint.http2_proxy import Http2Session
 
                 await Http2Session(self, down, first).run()
+                await _linger(down.stream)
             else:
                 await self._tcp(down, first, detected)
         except (NodeproxyError, OSError) as exc:

@@ -132,6 +132,16 @@ class Lab:
     hits: Counter[str] = field(default_factory=Counter)
     flaky_calls: list[str] = field(default_factory=list)
 
+    async def open_raw(self, target: tuple[str, int]) -> tuple[
+            asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection from the client pod as if redirected to ``target``."""
+        sock = socket.socket()
+        sock.bind(("127.0.1.1", 0))
+        sock.setblocking(False)
+        self.targets[sock.getsockname()[:2]] = target
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.1.1", 15001))
+        return await asyncio.open_connection(sock=sock)
+
     async def request(self, target: tuple[str, int], method: str, path: str,
                       body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
         """One HTTP/1.1 request from the client pod as if redirected to ``target``."""
@@ -270,7 +280,8 @@ async def running_lab(tmp_path: Path) -> AsyncIterator[Lab]:
                         listen_ip="127.0.2.9", readiness_addr=("127.0.0.1", 0),
                         metrics_addr=("127.0.0.1", 0), admin_addr=("127.0.0.1", 0),
                         handle_signals=False, drain_timeout=0.5,
-                        settings=WaypointSettings(detection_timeout=0.5)),
+                        settings=WaypointSettings(detection_timeout=0.5,
+                                                  request_header_timeout=1.0)),
         LocalCaClient(CertificateAuthority.load(ca_dir), "node2", wp_snap),
         metrics=WaypointMetrics())
     wp_holder.append(waypoint)
