@@ -46,6 +46,7 @@ __all__ = [
     "RequestInfo",
     "authorize",
     "authorize_request",
+    "authorize_tcp_at_waypoint",
     "rule_matches",
 ]
 
@@ -441,6 +442,23 @@ def authorize_request(
     source = str(c.identity) if c.identity else f"plaintext request from {c.src}"
     who = f"{source} {request.method} {request.path}"
     target = f"waypoint {waypoint.key}"
+    if service is not None:
+        target = f"service {service.key} at {target}"
+    return _decide(snapshot.waypoint_policies(waypoint, service), c, target, who)
+
+
+def authorize_tcp_at_waypoint(
+    snapshot: Snapshot,
+    waypoint: WaypointConfig,
+    service: Service | None,
+    conn: ConnectionInfo,
+) -> Decision:
+    """A tunnel the waypoint proxies as TCP (no HTTP seen): the waypoint's policies with
+    their HTTP fields unchecked, fail closed exactly as at a node agent (an ALLOW match with
+    HTTP fields never matches; a DENY match's HTTP fields are ignored)."""
+    c = _conn(conn)
+    who = str(c.identity) if c.identity else f"plaintext connection from {c.src}"
+    target = f"waypoint {waypoint.key} (TCP: no HTTP to check)"
     if service is not None:
         target = f"service {service.key} at {target}"
     return _decide(snapshot.waypoint_policies(waypoint, service), c, target, who)

@@ -28,7 +28,7 @@ from nodeproxy.waypoint.target import Refusal, Target, resolve
 from nodeproxy.waypoint.telemetry import WaypointMetrics
 from nodeproxy.waypoint.upstream import Endpoint, Upstreams, endpoint_for
 from nodeproxy.waypoint.upstream_http1 import Http1Pool
-from ztunnel_cfg.authz import RequestInfo, authorize_request
+from ztunnel_cfg.authz import ConnectionInfo, authorize_tcp_at_waypoint
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.l7 import backend_endpoints, traffic_policy
 from ztunnel_cfg.model import BackendRef, WaypointConfig, Workload
@@ -240,11 +240,9 @@ class WaypointProxy:
         ignored (fail closed, as node agents do)."""
         target = down.target
         ip = target.authority.rpartition(":")[0].strip("[]")
-        decision = authorize_request(
+        decision = authorize_tcp_at_waypoint(
             down.snapshot, down.waypoint, target.service,
-            RequestInfo(down.peer, down.peer_ip, ip, target.port, method="", path="", host=""),
-            l4_only=True,
-        )
+            ConnectionInfo(down.peer, down.peer_ip, ip, target.port))
         return decision.allowed, decision.reason
 
     async def _tcp(self, down: Downstream, first: bytes, detected: Detected) -> None:

@@ -454,3 +454,36 @@ async def test_explain_agrees_with_the_waypoint(lab: Lab, method: str, path: str
         assert explained.verdict is Verdict.ALLOWED
     else:  # the timeout the waypoint enforced is the one explain reports
         assert explained.l7.timeout == "0.3s"
+
+
+async def test_non_http_is_proxied_as_tcp_with_fail_closed_policy(lab: Lab) -> None:
+    # flaky has no policy: bytes that are not HTTP pass as TCP (the app answers them).
+    reader, writer = await lab.open_raw((FLAKY_VIP, 80))
+    try:
+        writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        assert b"Received HTTPS traffic on an HTTP port" in answer  # the app saw our bytes
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    # echo has a DENY policy with HTTP fields: as TCP they cannot be checked, so it denies
+    # the whole tunnel (fail closed) instead of letting unchecked bytes through.
+    reader, writer = await lab.open_raw((VIP, 80))
+    try:
+        writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+        await writer.drain()
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(65536), 10) == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    reg = lab.waypoint.metrics.registry
+    assert _sample(reg, "nodeproxy_waypoint_tcp_connections_total",
+                   response_flags="DENY") == 1
+    await eventually(lambda: _sample(reg, "nodeproxy_waypoint_tcp_connections_total",
+                                     destination_service="flaky.default.svc.cluster.local",
+                                     response_flags="-") == 1, 5, "TCP tunnel counted")
+    assert not lab.hits
