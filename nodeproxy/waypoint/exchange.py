@@ -19,10 +19,10 @@ from nodeproxy.waypoint.proxy import Downstream, WaypointProxy
 from nodeproxy.waypoint.retry import Outcome, RetryPolicy, backoff, should_retry
 from nodeproxy.waypoint.telemetry import RequestRecord
 from nodeproxy.waypoint.upstream import Endpoint
-from ztunnel_cfg.l7 import Request, retry_policy, timeouts
+from ztunnel_cfg.l7 import Request, mirrors, retry_policy, timeouts
 from ztunnel_cfg.l7 import RetryPolicy as ConfigRetry
 from ztunnel_cfg.l7.plan import L7Reply, plan_request
-from ztunnel_cfg.model import RouteRule, Workload
+from ztunnel_cfg.model import BackendRef, RouteRule, Workload
 
 log = logging.getLogger("nodeproxy.waypoint")
 _EXTRA = {"component": "waypoint"}
@@ -247,3 +247,57 @@ def record(proxy: WaypointProxy, down: Downstream, ex: Exchange, started: float)
         reason=ex.reason,
     ))
 
+
+
+MAX_MIRRORS_IN_FLIGHT = 64  # shadow requests at once; more are dropped (and counted)
+
+
+def mirror_clusters(proxy: WaypointProxy, down: Downstream, fwd: Forward) -> list[Cluster]:
+    """Clusters that get a copy of this request (RequestMirror filters, each with its
+    percent drawn), as long as the waypoint has room for more shadow requests."""
+    if fwd.rule is None:
+        return []
+    out = []
+    for mirror in mirrors(fwd.rule):
+        if proxy.rng.random() * 100 >= mirror.percent:
+            continue
+        if len(proxy.mirror_tasks) >= MAX_MIRRORS_IN_FLIGHT:
+            proxy.metrics.mirrors.labels(result="dropped").inc()
+            continue
+        backend = BackendRef(service=mirror.backend_ref.service, port=mirror.backend_ref.port)
+        out.append(proxy.cluster_for_target(down.snapshot, down.target, backend))
+    return out
+
+
+def shadow_host(host: str) -> str:
+    """Envoy marks a mirrored request's Host/:authority with a ``-shadow`` suffix."""
+    name, sep, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+    if sep and port.isdigit():
+        return f"{name}-shadow:{port}"
+    return f"{host}-shadow"
+
+
+def spawn_mirror(proxy: WaypointProxy, cluster: Cluster,
+                 send: Callable[[Endpoint], Awaitable[None]]) -> None:
+    """Send one shadow request in the background; its response and errors are dropped."""
+
+    async def run() -> None:
+        endpoint = cluster.pick(set())
+        if endpoint is None:
+            proxy.metrics.mirrors.labels(result="no_endpoint").inc()
+            return
+        try:
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                await send(endpoint)
+        except Exception as exc:  # a shadow never affects the real request
+            proxy.metrics.mirrors.labels(result="failed").inc()
+            log.debug("mirror to %s failed: %s", endpoint.address, exc, extra=_EXTRA)
+        else:
+            proxy.metrics.mirrors.labels(result="sent").inc()
+
+    task = asyncio.get_running_loop().create_task(run())
+    proxy.mirror_tasks.add(task)
+    task.add_done_callback(proxy.mirror_tasks.discard)
+
+
+MIRROR_TIMEOUT = 30.0

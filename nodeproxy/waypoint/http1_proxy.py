@@ -12,14 +12,18 @@ from collections import deque
 
 from nodeproxy.hbone.glue import StreamResetError
 from nodeproxy.relay import relay
+from nodeproxy.waypoint.cluster import Cluster
 from nodeproxy.waypoint.exchange import (
     Answered,
     Exchange,
     Forward,
     LocalReply,
     decide,
+    mirror_clusters,
     record,
     run_tries,
+    shadow_host,
+    spawn_mirror,
     with_traceparent,
 )
 from nodeproxy.waypoint.http1 import (
@@ -246,6 +250,13 @@ class Http1Session:
         out_head = encode_request_head(request.method, request.path, headers, kind,
                                        upgrade=upgrade)
         per_try = plan.per_try_timeout
+        for mirror in mirror_clusters(self.proxy, self.down, plan):
+            if body is None or upgrade is not None:  # a streamed body cannot be copied
+                self.metrics.mirrors.labels(result="not_replayable").inc()
+                continue
+            shadow = tuple((n, shadow_host(v) if n == "host" else v) for n, v in headers)
+            self._mirror(mirror, encode_request_head(request.method, request.path, shadow,
+                                                     kind) + body, request.method)
 
         async def try_once(endpoint: Endpoint) -> tuple[Http1Connection, ResponseHead] | Outcome:
             try:
@@ -272,6 +283,27 @@ class Http1Session:
             return await self._reply(done.reply, head, ex, close=True)
         conn, resp = done.response
         return await self._respond(resp, conn, pool, head, plan, ex, upgrade is not None)
+
+    def _mirror(self, cluster: Cluster, message: bytes, method: str) -> None:
+        pool = self.proxy.http1_pool(cluster)
+
+        async def send(endpoint: Endpoint) -> None:
+            conn = await pool.acquire(endpoint, tunnel_headers(self.down))
+            reuse = False
+            try:
+                conn.reader.expect_response(method)
+                await conn.write(message)
+                while True:  # read the whole response, then drop it
+                    event = await conn.next_event()
+                    if event is None or isinstance(event, ProtocolError):
+                        return
+                    if isinstance(event, MessageEnd):
+                        reuse = True
+                        return
+            finally:
+                pool.release(conn, reuse=reuse)
+
+        spawn_mirror(self.proxy, cluster, send)
 
     async def _try(self, conn: Http1Connection, out_head: bytes, body: bytes | None,
                    head: RequestHead, per_try: float | None,

@@ -25,8 +25,11 @@ from nodeproxy.waypoint.exchange import (
     Forward,
     LocalReply,
     decide,
+    mirror_clusters,
     record,
     run_tries,
+    shadow_host,
+    spawn_mirror,
     with_traceparent,
 )
 from nodeproxy.waypoint.h2pipe import H2Pipe, H2Stream, Headers, StreamGone
@@ -233,7 +236,7 @@ class Http2Session:
         pool = self.proxy.http2_pool()
         request = plan.request
         out: Headers = [(":method", request.method), (":scheme", pseudo.get(":scheme", "http")),
-                        (":authority", pseudo.get(":authority", request.host)),
+                        (":authority", _authority(pseudo, request)),
                         (":path", request.path)]
         out += [(n, v) for n, v in request.headers
                 if n not in _CONNECTION_HEADERS or (n == "te" and v == "trailers")]
@@ -280,6 +283,7 @@ class Http2Session:
             self.proxy, plan, ex, replayable=lambda: not body.overflowed, try_once=try_once,
             status_of=lambda r: (_status(r[1].headers), _grpc(r[1].headers)),
             discard=lambda r: _cancel(r[0], r[1], self._senders.pop(r[1].id, None)))
+        self._mirrors(plan, out, body)
         if not isinstance(done, Answered):
             await self._reply(stream, done.reply, ex, grpc)
             return
@@ -293,6 +297,33 @@ class Http2Session:
                 with contextlib.suppress(BaseException):
                     await sender
             conn.pipe.forget(up.id)
+
+    def _mirrors(self, plan: Forward, out: Headers, body: _ReplayableBody) -> None:
+        """Shadow copies for RequestMirror filters: only of a body already complete within
+        the replay buffer (a stream still open, or larger, cannot be copied)."""
+        for cluster in mirror_clusters(self.proxy, self.down, plan):
+            if not body.done or body.overflowed:
+                self.proxy.metrics.mirrors.labels(result="not_replayable").inc()
+                continue
+            headers = [(n, shadow_host(v) if n == ":authority" else v) for n, v in out]
+            payload = b"".join(body.kept)
+            pool = self.proxy.http2_pool()
+
+            async def send(endpoint: Endpoint, headers: Headers = headers,
+                           payload: bytes = payload, pool: Http2Pool = pool) -> None:
+                conn = await pool.acquire(endpoint, tunnel_headers(self.down))
+                up = conn.pipe.open_stream()
+                try:
+                    await conn.pipe.send_headers(up.id, headers, end_stream=not payload)
+                    if payload:
+                        await conn.pipe.send_data(up.id, payload, end_stream=True)
+                    await up.headers_ready
+                    while await up.read():  # drop the response
+                        pass
+                finally:
+                    conn.pipe.forget(up.id)
+
+            spawn_mirror(self.proxy, cluster, send)
 
     @staticmethod
     async def _start(conn: Http2Upstream, up: H2Stream, out: Headers,
@@ -430,3 +461,11 @@ def _grpc(headers: Headers) -> int | None:
                 return None
     return None
 
+
+
+def _authority(pseudo: dict[str, str], request: Request) -> str:
+    """The client's :authority, unless a URLRewrite changed the host."""
+    original = pseudo.get(":authority", "")
+    if original and host_without_port(original) == request.host:
+        return original
+    return request.host

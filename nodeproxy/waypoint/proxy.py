@@ -90,6 +90,7 @@ class WaypointProxy:
         self.live: dict[str, Downstream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._h2pool: Http2Pool | None = None
+        self.mirror_tasks: set[asyncio.Task[None]] = set()
 
     # -- config -------------------------------------------------------------------------------
     def snapshot_changed(self, snapshot: Snapshot) -> None:
@@ -157,9 +158,9 @@ class WaypointProxy:
                  **d.live} for d in self.live.values()]
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self.mirror_tasks]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self.mirror_tasks, return_exceptions=True)
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()

@@ -95,6 +95,9 @@ class WaypointMetrics:
         self.overflows = Counter("nodeproxy_waypoint_overflow_total",
                                  "Requests refused by a circuit breaker (503 UO)",
                                  ("destination_service", "limit"), registry=r)
+        self.mirrors = Counter("nodeproxy_waypoint_mirrored_requests_total",
+                               "Shadow copies of requests (RequestMirror), by result",
+                               ("result",), registry=r)
         self.tcp_connections = Counter("nodeproxy_waypoint_tcp_connections_total",
                                        "Tunnels proxied as TCP (no HTTP detected)",
                                        ("destination_service", "response_flags"), registry=r)

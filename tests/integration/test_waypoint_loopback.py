@@ -101,6 +101,13 @@ CONFIG = textwrap.dedent(f"""
       namespace: default
       parentRefs: [{{service: default/echo.default.svc.cluster.local}}]
       rules:
+      - matches: [{{path: {{type: PathPrefix, value: /mirrored}}}}]
+        filters:
+        - type: RequestMirror
+          requestMirror: {{backendRef: {{service: default/flaky.default.svc.cluster.local,
+                                        port: 80}}}}
+        backendRefs: [{{service: default/echo.default.svc.cluster.local, port: 80,
+                        subset: {{version: v1}}}}]
       - matches: [{{path: {{type: PathPrefix, value: /slow}}}}]
         backendRefs: [{{service: default/echo.default.svc.cluster.local, port: 80}}]
         timeouts: {{request: 300ms}}
@@ -193,7 +200,7 @@ async def _backend(lab_hits: Counter[str], flaky_calls: list[str], ip: str,
     async def flaky(request: web.Request) -> web.Response:
         flaky_count[0] += 1
         failed = flaky_count[0] % 2 == 1  # every other call fails
-        flaky_calls.append(f"{name}:{'503' if failed else '200'}")
+        flaky_calls.append(f"{name}:{'503' if failed else '200'}:{request.host}")
         return web.Response(status=503 if failed else 200, text=name)
 
     runners = []
@@ -335,7 +342,7 @@ async def test_canary_split_retries_timeout_and_deny(lab: Lab) -> None:
     for _ in range(10):
         status, _h, _b = await lab.request((FLAKY_VIP, 80), "GET", "/")
         assert status == 200
-    assert any(c.endswith(":503") for c in lab.flaky_calls)
+    assert any(":503:" in c for c in lab.flaky_calls)
 
     # Route timeout: 504 with flag UT.
     status, _h, _b = await lab.request((VIP, 80), "GET", "/slow")
@@ -487,3 +494,16 @@ async def test_non_http_is_proxied_as_tcp_with_fail_closed_policy(lab: Lab) -> N
                                      destination_service="flaky.default.svc.cluster.local",
                                      response_flags="-") == 1, 5, "TCP tunnel counted")
     assert not lab.hits
+
+
+async def test_request_mirror_sends_a_shadow_copy(lab: Lab) -> None:
+    status, _h, body = await lab.request((VIP, 80), "POST", "/mirrored", b"payload")
+    assert status == 200
+    assert body.startswith(b"v1 POST /mirrored")
+    # The copy reaches the mirror's backend (flaky) with Envoy's -shadow host; its answer
+    # (503 or 200) is dropped.
+    await eventually(lambda: len(lab.flaky_calls) == 1, 5, "shadow request arrived")
+    assert lab.flaky_calls[0].endswith(":echo-shadow")
+    await eventually(lambda: _sample(lab.waypoint.metrics.registry,
+                                     "nodeproxy_waypoint_mirrored_requests_total",
+                                     result="sent") == 1, 5, "mirror counted")
