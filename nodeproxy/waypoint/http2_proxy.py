@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from h2.errors import ErrorCodes
 
+from nodeproxy.waypoint.breaker import connection_exhausted
 from nodeproxy.waypoint.exchange import (
     Answered,
     Exchange,
@@ -65,6 +66,7 @@ class Http2Upstream:
         self.tunnel = tunnel
         self.pipe = H2Pipe(tunnel.stream, client_side=True)
         self.reader: asyncio.Task[None] | None = None
+        self.requests = 0  # streams opened (maxRequestsPerConnection retires the connection)
 
     async def start(self) -> None:
         await self.pipe.start()
@@ -76,9 +78,13 @@ class Http2Upstream:
         finally:
             self.tunnel.close()
 
-    @property
-    def usable(self) -> bool:
-        return not self.pipe.closed and not self.pipe.goaway and self.pipe.capacity > 0
+    def usable(self, max_requests: int) -> bool:
+        return not self.pipe.closed and not self.pipe.goaway and self.pipe.capacity > 0 \
+            and not connection_exhausted(self.requests, max_requests)
+
+    def open_stream(self) -> H2Stream:
+        self.requests += 1
+        return self.pipe.open_stream()
 
     async def aclose(self) -> None:
         self.pipe.closed = True
@@ -97,15 +103,21 @@ class Http2Pool:
         self.conns: dict[str, list[Http2Upstream]] = {}
         self._opening: dict[str, asyncio.Future[Http2Upstream]] = {}
 
-    async def acquire(self, endpoint: Endpoint, headers: Sequence[tuple[str, str]]
-                      ) -> Http2Upstream:
+    async def acquire(self, endpoint: Endpoint, headers: Sequence[tuple[str, str]],
+                      max_requests: int = 0) -> Http2Upstream:
+        """A connection with a free stream; ``max_requests`` (0: unlimited) retires
+        connections that carried that many requests (they finish what they carry)."""
         while True:
             conns = self.conns.get(endpoint.address, [])
             for conn in list(conns):
                 if conn.pipe.closed:
                     conns.remove(conn)
-                elif conn.usable:
+                elif conn.usable(max_requests):
                     return conn
+                elif connection_exhausted(conn.requests, max_requests) \
+                        and not conn.pipe.streams:
+                    conns.remove(conn)  # retired and idle: close it
+                    await conn.aclose()
             pending = self._opening.get(endpoint.address)
             if pending is not None:
                 await asyncio.shield(pending)
@@ -245,11 +257,12 @@ class Http2Session:
 
         async def try_once(endpoint: Endpoint) -> tuple[Http2Upstream, H2Stream] | Outcome:
             try:
-                conn = await pool.acquire(endpoint, tunnel_headers(self.down))
+                conn = await pool.acquire(endpoint, tunnel_headers(self.down),
+                                          plan.cluster.max_requests_per_connection)
             except (NodeproxyError, OSError) as exc:
                 ex.reason = str(exc)
                 return Outcome("connect_failure")
-            up = conn.pipe.open_stream()
+            up = conn.open_stream()
             sender: asyncio.Task[None] | None = None
             try:
                 if per_try is None:
@@ -310,9 +323,10 @@ class Http2Session:
             pool = self.proxy.http2_pool()
 
             async def send(endpoint: Endpoint, headers: Headers = headers,
-                           payload: bytes = payload, pool: Http2Pool = pool) -> None:
-                conn = await pool.acquire(endpoint, tunnel_headers(self.down))
-                up = conn.pipe.open_stream()
+                           payload: bytes = payload, pool: Http2Pool = pool,
+                           limit: int = cluster.max_requests_per_connection) -> None:
+                conn = await pool.acquire(endpoint, tunnel_headers(self.down), limit)
+                up = conn.open_stream()
                 try:
                     await conn.pipe.send_headers(up.id, headers, end_stream=not payload)
                     if payload:
