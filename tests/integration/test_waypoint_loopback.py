@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import sys
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 from aiohttp import web
 
@@ -36,6 +37,7 @@ from ztunnel_cfg.explain import HttpQuery, Verdict, explain
 from ztunnel_cfg.snapshot import Snapshot
 from ztunnel_cfg.spiffe import SpiffeId
 
+REPO = Path(__file__).resolve().parents[2]
 APP_PORT = 18180
 VIP = "10.96.0.10"
 FLAKY_VIP = "10.96.0.11"
@@ -214,38 +216,15 @@ async def _backend(lab_hits: Counter[str], flaky_calls: list[str], ip: str,
     return runners
 
 
-async def _grpc_backend(ip: str, name: str) -> grpc.aio.Server:
-    """gRPC with generic handlers (raw bytes, no generated code)."""
-
-    async def say(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await context.send_initial_metadata((("x-served-by", name),))
-        context.set_trailing_metadata((("x-trailer", f"from-{name}"),))
-        return b"hello " + request
-
-    async def fail(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"no {request.decode()} here")
-        raise AssertionError("abort returns never")
-
-    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await asyncio.sleep(5)
-        return request
-
-    async def count(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        for i in range(int(request.decode())):
-            yield f"{name}-{i}".encode()
-
-    handlers = {
-        "Say": grpc.unary_unary_rpc_method_handler(say),
-        "Fail": grpc.unary_unary_rpc_method_handler(fail),
-        "Slow": grpc.unary_unary_rpc_method_handler(slow),
-        "Count": grpc.unary_stream_rpc_method_handler(count),
-    }
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo",
-                                                                          handlers),))
-    server.add_insecure_port(f"{ip}:{APP_PORT + 2}")
-    await server.start()
-    return server
+async def _grpc_backend(ip: str, name: str) -> asyncio.subprocess.Process:
+    """A grpcio server in its own process (tests/helpers/grpc_app.py)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.helpers.grpc_app", "server", ip, str(APP_PORT + 2), name,
+        stdout=asyncio.subprocess.PIPE, cwd=str(REPO))
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert line.strip() == b"ready", line
+    return proc
 
 
 @contextlib.asynccontextmanager
@@ -312,7 +291,8 @@ async def running_lab(tmp_path: Path) -> AsyncIterator[Lab]:
         for runner in runners:
             await runner.cleanup()
         for server in grpc_servers:
-            await server.stop(None)
+            server.terminate()
+            await server.wait()
 
 
 @pytest.fixture
@@ -394,42 +374,20 @@ async def test_hbone_that_bypasses_the_waypoint_is_refused(lab: Lab) -> None:
     assert not lab.hits
 
 
-@pytest.fixture(scope="module")
-def _grpc_started() -> None:
-    """grpcio starts process-wide threads and descriptors on first use and keeps them: start
-    them before the test, so the hygiene check sees only what the test itself leaves."""
-
-    async def warm_up() -> None:
-        server = grpc.aio.server()
-        server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
-            await channel.close()
-        await server.stop(None)
-
-    asyncio.run(warm_up())
-
-
-@pytest.mark.usefixtures("_grpc_started")
 async def test_grpc_through_the_waypoint(lab: Lab) -> None:
-    async with grpc.aio.insecure_channel("127.0.1.3:15001") as channel:
-        say = channel.unary_unary("/echo.Echo/Say")
-        call = say(b"mesh", timeout=10)
-        assert await call == b"hello mesh"
-        trailers = dict(await call.trailing_metadata())
-        assert trailers["x-trailer"] in ("from-v1", "from-v2")
-        # A status code and message pass through as trailers.
-        with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await channel.unary_unary("/echo.Echo/Fail")(b"cake", timeout=10)
-        assert failed.value.code() is grpc.StatusCode.NOT_FOUND
-        assert failed.value.details() == "no cake here"
-        # Server streaming.
-        got = [m async for m in channel.unary_stream("/echo.Echo/Count")(b"3", timeout=10)]
-        assert len(got) == 3
-        # The client's deadline reaches the waypoint as grpc-timeout and bounds the request.
-        with pytest.raises(grpc.aio.AioRpcError) as late:
-            await channel.unary_unary("/echo.Echo/Slow")(b"x", timeout=0.5)
-        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    # A grpcio client in its own process, in the grpc-client pod (127.0.1.3).
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.helpers.grpc_app", "client", "127.0.1.3:15001",
+        stdout=asyncio.subprocess.PIPE, cwd=str(REPO))
+    out, _err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    got = json.loads(out)
+    assert got["say"] == "hello mesh"
+    assert got["served_by"] in ("v1", "v2")
+    assert got["trailer"] == f"from-{got['served_by']}"  # trailers pass through
+    assert got["fail"] == ["NOT_FOUND", "no cake here"]  # status and message too
+    assert len(got["count"]) == 3  # server streaming
+    assert got["slow"] == "DEADLINE_EXCEEDED"  # the client's deadline, via grpc-timeout
     reg = lab.waypoint.metrics.registry
     await eventually(lambda: _sample(reg, "istio_requests_total", request_protocol="grpc",
                                      grpc_response_status="5") == 1, 5, "NOT_FOUND counted")
