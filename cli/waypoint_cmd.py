@@ -53,6 +53,10 @@ def command() -> None:
               default=_SETTINGS.detection_timeout, show_default=True,
               help="seconds to wait for a tunnel's first bytes before treating it as TCP "
                    "(server-first protocols)")
+@click.option("--request-header-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=_SETTINGS.request_header_timeout, show_default=True,
+              help="seconds a client has to finish a request head once it started one "
+                   "(slowloris); then 408 and close")
 @click.option("--replay-buffer", type=click.IntRange(min=0), default=_SETTINGS.replay_buffer,
               show_default=True,
               help="request bodies up to this many bytes are held so they can be retried; "
@@ -66,7 +70,8 @@ def command() -> None:
 def run(config_path: str, name: str, node: str | None, workload: str | None, listen_ip: str,
         hbone_port: int, readiness_addr: str, metrics_addr: str, admin_addr: str,
         drain_timeout: float, idle_timeout: float, connect_timeout: float,
-        detection_timeout: float, replay_buffer: int, max_connections: int,
+        detection_timeout: float, request_header_timeout: float, replay_buffer: int,
+        max_connections: int,
         max_pending_handshakes: int, handshake_timeout: float, **identity_kwargs: Any) -> None:
     """Run one waypoint proxy (a mesh workload of its own, HBONE on :15008)."""
     identity = IdentitySource.pop(identity_kwargs)
@@ -82,6 +87,7 @@ def run(config_path: str, name: str, node: str | None, workload: str | None, lis
                       handshake_timeout=handshake_timeout),
         settings=WaypointSettings(connect_timeout=connect_timeout, idle_timeout=idle_timeout,
                                   detection_timeout=detection_timeout,
+                                  request_header_timeout=request_header_timeout,
                                   replay_buffer=replay_buffer),
         max_connections=max_connections,
     )
