@@ -1,12 +1,13 @@
 """Pure config/state model for nodeproxy: no asyncio, no sockets, no other project imports."""
 
-from ztunnel_cfg.authz import ConnectionInfo, Decision, authorize
+from ztunnel_cfg.authz import ConnectionInfo, Decision, RequestInfo, authorize, authorize_request
 from ztunnel_cfg.errors import ConfigError, ConfigIssue, NodeproxyError, SpiffeIdError
 from ztunnel_cfg.issuance import IssuanceDecision, may_issue
 from ztunnel_cfg.loader import load_config_file, load_config_text
 from ztunnel_cfg.model import (
     Action,
     Config,
+    HttpRoute,
     Match,
     MtlsMode,
     PeerAuthentication,
@@ -14,6 +15,9 @@ from ztunnel_cfg.model import (
     Protocol,
     Scope,
     Service,
+    TargetRef,
+    TrafficPolicyConfig,
+    WaypointConfig,
     WaypointRef,
     Workload,
 )
@@ -30,6 +34,7 @@ __all__ = [
     "ConfigIssue",
     "ConnectionInfo",
     "Decision",
+    "HttpRoute",
     "IssuanceDecision",
     "Match",
     "MtlsMode",
@@ -39,6 +44,7 @@ __all__ = [
     "Policy",
     "Protocol",
     "ReloadState",
+    "RequestInfo",
     "Route",
     "RouteKind",
     "Scope",
@@ -46,9 +52,13 @@ __all__ = [
     "Snapshot",
     "SpiffeId",
     "SpiffeIdError",
+    "TargetRef",
+    "TrafficPolicyConfig",
+    "WaypointConfig",
     "WaypointRef",
     "Workload",
     "authorize",
+    "authorize_request",
     "load_config_file",
     "load_config_text",
     "load_snapshot",

@@ -1401,18 +1401,19 @@ class HttpPathModifier(Doc):
             if self.type is PathModifierType.REPLACE_FULL_PATH
             else "replacePrefixMatch"
         )
-        for key, value in (
-            ("replaceFullPath", self.replace_full_path),
-            ("replacePrefixMatch", self.replace_prefix_match),
-        ):
-            if key == wanted and value is None:
-                raise invalid(f"type {self.type.value} needs {key!r}", key)
+        values = {
+            "replaceFullPath": self.replace_full_path,
+            "replacePrefixMatch": self.replace_prefix_match,
+        }
+        for key, value in values.items():
             if key != wanted and value is not None:
                 raise invalid(
                     f"{key!r} does not go with type {self.type.value} (set {wanted!r} instead, "
                     f"or change the type)",
                     key,
                 )
+        if values[wanted] is None:
+            raise invalid(f"type {self.type.value} needs {wanted!r}", wanted)
         return self
 
     @property
