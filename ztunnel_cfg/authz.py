@@ -21,6 +21,7 @@ always satisfy a ``not`` one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -375,16 +376,26 @@ def _rule_http_fields(rule: Rule) -> tuple[str, ...]:
 _NODE_AGENT = "a node agent cannot check"
 
 
-def _decide(policies: tuple[Policy, ...], c: _Conn, target: str, who: str) -> Decision:
+def _who(c: _Conn) -> str:
+    kind = "connection" if c.http is None else "request"
+    source = str(c.identity) if c.identity else f"plaintext {kind} from {c.src}"
+    return source if c.http is None else f"{source} {c.http.method} {c.http.path}"
+
+
+def _decide(
+    snapshot: Snapshot, policies: tuple[Policy, ...], c: _Conn, target: Callable[[], str]
+) -> Decision:
     """DENY policies first (any match denies), then: no ALLOW policy -> allowed, else one of
-    their rules must match."""
+    their rules must match.  Texts are built only for the outcome (``target`` is lazy)."""
     for policy in policies:
         if policy.action is Action.DENY:
             hit = _first_match(policy, c)
             if hit is not None:
                 index, why = hit
                 reason = f"denied by policy {policy.key} rule {index}: {why}"
-                ignored = _rule_http_fields(policy.rules[index]) if c.http is None else ()
+                ignored: tuple[str, ...] = ()
+                if c.http is None and snapshot.has_http_fields(policy):
+                    ignored = _rule_http_fields(policy.rules[index])
                 if ignored:
                     reason += (
                         f"; policy {policy.key} has HTTP fields that {_NODE_AGENT}: "
@@ -394,7 +405,7 @@ def _decide(policies: tuple[Policy, ...], c: _Conn, target: str, who: str) -> De
                 return Decision(False, policy.key, index, reason)
     allows = [p for p in policies if p.action is Action.ALLOW]
     if not allows:
-        return Decision(True, None, None, f"allowed: no ALLOW policy applies to {target}")
+        return Decision(True, None, None, f"allowed: no ALLOW policy applies to {target()}")
     for policy in allows:
         hit = _first_match(policy, c)
         if hit is not None:
@@ -404,8 +415,8 @@ def _decide(policies: tuple[Policy, ...], c: _Conn, target: str, who: str) -> De
             )
     names = ", ".join(p.key for p in allows)
     reason = (
-        f"denied: {who} matches no rule of the ALLOW "
-        f"polic{'ies' if len(allows) > 1 else 'y'} applying to {target} ({names})"
+        f"denied: {_who(c)} matches no rule of the ALLOW "
+        f"polic{'ies' if len(allows) > 1 else 'y'} applying to {target()} ({names})"
     )
     if c.http is None:
         unchecked = [(p.key, p.http_fields()) for p in allows]
@@ -422,9 +433,13 @@ def _decide(policies: tuple[Policy, ...], c: _Conn, target: str, who: str) -> De
 
 def authorize(snapshot: Snapshot, destination: Workload, conn: ConnectionInfo) -> Decision:
     """May ``conn`` reach ``destination``?  Pure; see the module docstring for semantics."""
-    c = _conn(conn)
-    who = str(c.identity) if c.identity else f"plaintext connection from {c.src}"
-    return _decide(snapshot.policies_for(destination), c, f"workload {destination.key}", who)
+    policies = snapshot.policies_for(destination)
+    return _decide(snapshot, policies, _conn(conn), lambda: f"workload {destination.key}")
+
+
+def _at(waypoint: WaypointConfig, service: Service | None, note: str) -> str:
+    target = f"waypoint {waypoint.key}{note}"
+    return target if service is None else f"service {service.key} at {target}"
 
 
 def authorize_request(
@@ -438,13 +453,8 @@ def authorize_request(
     The policies are those whose targetRefs name the waypoint (kind Gateway) or the service
     (kind Service); semantics as :func:`authorize`, with the HTTP fields checked.
     """
-    c = _conn(request)
-    source = str(c.identity) if c.identity else f"plaintext request from {c.src}"
-    who = f"{source} {request.method} {request.path}"
-    target = f"waypoint {waypoint.key}"
-    if service is not None:
-        target = f"service {service.key} at {target}"
-    return _decide(snapshot.waypoint_policies(waypoint, service), c, target, who)
+    policies = snapshot.waypoint_policies(waypoint, service)
+    return _decide(snapshot, policies, _conn(request), lambda: _at(waypoint, service, ""))
 
 
 def authorize_tcp_at_waypoint(
@@ -456,9 +466,7 @@ def authorize_tcp_at_waypoint(
     """A tunnel the waypoint proxies as TCP (no HTTP seen): the waypoint's policies with
     their HTTP fields unchecked, fail closed exactly as at a node agent (an ALLOW match with
     HTTP fields never matches; a DENY match's HTTP fields are ignored)."""
-    c = _conn(conn)
-    who = str(c.identity) if c.identity else f"plaintext connection from {c.src}"
-    target = f"waypoint {waypoint.key} (TCP: no HTTP to check)"
-    if service is not None:
-        target = f"service {service.key} at {target}"
-    return _decide(snapshot.waypoint_policies(waypoint, service), c, target, who)
+    policies = snapshot.waypoint_policies(waypoint, service)
+    return _decide(
+        snapshot, policies, _conn(conn), lambda: _at(waypoint, service, " (TCP: no HTTP to check)")
+    )

@@ -93,6 +93,7 @@ class Snapshot:
         field(repr=False)
     )
     _traffic: MappingProxyType[str, TrafficPolicyConfig] = field(repr=False)
+    _http_policies: frozenset[int] = field(repr=False)  # ids of policies with HTTP fields
 
     @classmethod
     def build(cls, config: Config) -> Snapshot:
@@ -212,6 +213,7 @@ class Snapshot:
             _routes=_frozen(build_route_table(config.routes)),
             _subsets=_frozen(subsets),
             _traffic=_frozen(traffic),
+            _http_policies=frozenset(id(p) for p in config.policies if p.http_fields()),
         )
 
     # --- lookups ---------------------------------------------------------------------------
@@ -313,6 +315,12 @@ class Snapshot:
         if found is not None:
             return found
         return _in_subset(self._healthy.get(service_key, ()), subset)
+
+    def has_http_fields(self, policy: Policy) -> bool:
+        """Whether a policy of this snapshot has HTTP fields (precomputed; others: walked)."""
+        if self._policy_order.get(id(policy)) is not None:
+            return id(policy) in self._http_policies
+        return bool(policy.http_fields())
 
     def traffic_policy_config(self, service_key: str) -> TrafficPolicyConfig | None:
         return self._traffic.get(service_key)
