@@ -3,11 +3,17 @@
 Units and tmpfiles are ours and are replaced on every install (that is how an upgrade ships
 new hardening); the env files are the operator's config and are never overwritten without
 ``--force``.  Nothing is enabled or started: that stays an explicit ``systemctl`` step.
+
+The waypoint unit is a template, ``nodeproxy-waypoint@.service``, always installed; each
+``--waypoint NS/NAME`` also writes that waypoint's env file.  The instance name is NS/NAME
+escaped as ``systemd-escape`` does (:func:`waypoint_instance`), so the unit's ``%I`` gives the
+waypoint's name back and ``%i`` names its env file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+
+from ztunnel_cfg.model import NAME_PATTERN
 
 DEFAULT_BIN = "/opt/nodeproxy/venv/bin/nodeproxy"
 DEFAULT_AGENT_ARGS = (
@@ -25,6 +33,17 @@ DEFAULT_AGENT_ARGS = (
 DEFAULT_CA_ARGS = (
     "--dir /var/lib/nodeproxy/ca --config /etc/nodeproxy/config.yaml --listen 0.0.0.0:15012"
 )
+# The unit adds --name, the node credentials and --state-dir.  Readiness, metrics and admin
+# are the agent's ports + 100: the agent on the same host already holds 15020/15021 on every
+# address and 127.0.0.1:15000.  A second waypoint on one host needs ports of its own.
+DEFAULT_WAYPOINT_ARGS = (
+    "--config /etc/nodeproxy/config.yaml --ca-address https://CA-HOST:15012 "
+    "--listen-ip WAYPOINT-IP --readiness-addr 0.0.0.0:15121 --metrics-addr 0.0.0.0:15120 "
+    "--admin-addr 127.0.0.1:15100"
+)
+WAYPOINT_TEMPLATE = "nodeproxy-waypoint@.service"
+# A waypoint's NS/NAME, each half as the config's loader accepts it under `waypoints:`.
+_WAYPOINT_NAME = re.compile(NAME_PATTERN.strip("^$") + "/" + NAME_PATTERN.strip("^$"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,15 +52,40 @@ class Item:
     target: str  # path below --root
     mode: int
     config: bool  # operator-owned: kept unless --force
+    waypoint: str | None = None  # NS/NAME whose env file this is
 
 
 ITEMS = (
     Item("nodeproxy.service", "etc/systemd/system/nodeproxy.service", 0o644, False),
     Item("nodeproxy-ca.service", "etc/systemd/system/nodeproxy-ca.service", 0o644, False),
+    Item(WAYPOINT_TEMPLATE, f"etc/systemd/system/{WAYPOINT_TEMPLATE}", 0o644, False),
     Item("nodeproxy.tmpfiles", "etc/tmpfiles.d/nodeproxy.conf", 0o644, False),
     Item(None, "etc/nodeproxy/agent.env", 0o640, True),
     Item(None, "etc/nodeproxy/ca.env", 0o640, True),
 )
+
+
+def waypoint_instance(waypoint: str) -> str:
+    """The unit instance name for waypoint NS/NAME, escaped exactly as ``systemd-escape NS/NAME``
+    would: "/" becomes "-", and a "-" of the names becomes ``\\x2d`` (so "%I" is unambiguous)."""
+    if not _WAYPOINT_NAME.fullmatch(waypoint):
+        raise click.BadParameter(
+            f"{waypoint!r} is not NAMESPACE/NAME of a waypoint (lowercase letters, digits, "
+            "'-' and '.', as under 'waypoints:' in the config)", param_hint="--waypoint")
+    # Both halves start with a letter or digit, so no leading "." needs escaping either.
+    return waypoint.replace("-", "\\x2d").replace("/", "-")
+
+
+def waypoint_unit(waypoint: str) -> str:
+    """``nodeproxy-waypoint@<instance>.service``: what ``systemctl enable`` takes."""
+    return WAYPOINT_TEMPLATE.replace("@", f"@{waypoint_instance(waypoint)}")
+
+
+def plan(waypoints: tuple[str, ...]) -> tuple[Item, ...]:
+    """Every file one install lays down: the fixed items, then one env file per waypoint."""
+    envs = tuple(Item(None, f"etc/nodeproxy/waypoint-{waypoint_instance(w)}.env", 0o640, True, w)
+                 for w in dict.fromkeys(waypoints))
+    return ITEMS + envs
 
 
 def unit_source_dir() -> Path:
@@ -65,7 +109,15 @@ def _env_line(name: str, value: str, what: str) -> str:
     return f'{name}="{value}"\n'
 
 
-def render(item: Item, src: Path, binary: str, agent_args: str, ca_args: str) -> str:
+def render(item: Item, src: Path, binary: str, agent_args: str, ca_args: str,
+           waypoint_args: str = DEFAULT_WAYPOINT_ARGS) -> str:
+    if item.waypoint is not None:
+        note = ("# CA-HOST and WAYPOINT-IP are placeholders: replace them before starting it.\n"
+                if waypoint_args == DEFAULT_WAYPOINT_ARGS else "")
+        return (f"# nodeproxy waypoint {item.waypoint} ({waypoint_unit(item.waypoint)}): "
+                "arguments besides\n# --name and the node credentials, which the unit sets "
+                "(see `nodeproxy waypoint run --help`).\n" + note
+                + _env_line("NODEPROXY_WAYPOINT_ARGS", waypoint_args, "--waypoint-args"))
     if item.target.endswith("agent.env"):
         note = ("# NODE and CA-HOST are placeholders: replace them before starting the agent.\n"
                 if agent_args == DEFAULT_AGENT_ARGS else "")
@@ -112,23 +164,29 @@ def _activate(log: list[str]) -> None:
               help="NODEPROXY_RUN_ARGS for /etc/nodeproxy/agent.env")
 @click.option("--ca-args", default=DEFAULT_CA_ARGS, show_default=True,
               help="NODEPROXY_CA_ARGS for /etc/nodeproxy/ca.env")
+@click.option("--waypoint", "waypoints", multiple=True, metavar="NS/NAME",
+              help="also write /etc/nodeproxy/waypoint-<instance>.env for this waypoint "
+                   "(repeatable); the waypoint unit template is installed either way")
+@click.option("--waypoint-args", default=DEFAULT_WAYPOINT_ARGS, show_default=True,
+              help="NODEPROXY_WAYPOINT_ARGS for each --waypoint's env file")
 @click.option("--bin", "binary", default=DEFAULT_BIN, show_default=True,
               help="path of the nodeproxy executable written into ExecStart=")
 @click.option("--force", is_flag=True, help="also replace existing /etc/nodeproxy/*.env")
 @click.option("--no-activate", is_flag=True,
               help="with --root /: skip systemd-tmpfiles --create and systemctl daemon-reload")
-def command(systemd: bool, root: str, agent_args: str, ca_args: str, binary: str,
-            force: bool, no_activate: bool) -> None:
+def command(systemd: bool, root: str, agent_args: str, ca_args: str, waypoints: tuple[str, ...],
+            waypoint_args: str, binary: str, force: bool, no_activate: bool) -> None:
     """Install nodeproxy's systemd units and config templates (nothing is started)."""
+    items = plan(waypoints)  # validates every --waypoint before anything is written
     src = unit_source_dir()
     base = Path(root)
     log: list[str] = []
-    for item in ITEMS:
+    for item in items:
         target = base / item.target
         if item.config and target.exists() and not force:
             log.append(f"kept     {target} (exists; --force replaces it)")
             continue
-        text = render(item, src, binary, agent_args, ca_args)
+        text = render(item, src, binary, agent_args, ca_args, waypoint_args)
         _write(target, text, item.mode)
         log.append(f"wrote    {target}")
     if base.resolve() == Path("/") and not no_activate:
@@ -137,3 +195,7 @@ def command(systemd: bool, root: str, agent_args: str, ca_args: str, binary: str
         click.echo(line)
     click.echo("next: edit /etc/nodeproxy/agent.env, then "
                "`systemctl enable --now nodeproxy` (and nodeproxy-ca on the CA host)")
+    for waypoint in dict.fromkeys(waypoints):
+        click.echo(f"      waypoint {waypoint}: edit /etc/nodeproxy/waypoint-"
+                   f"{waypoint_instance(waypoint)}.env, then "
+                   f"`systemctl enable --now '{waypoint_unit(waypoint)}'`")
