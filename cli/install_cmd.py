@@ -33,14 +33,22 @@ DEFAULT_AGENT_ARGS = (
 DEFAULT_CA_ARGS = (
     "--dir /var/lib/nodeproxy/ca --config /etc/nodeproxy/config.yaml --listen 0.0.0.0:15012"
 )
-# The unit adds --name, the node credentials and --state-dir.  Readiness, metrics and admin
-# are the agent's ports + 100: the agent on the same host already holds 15020/15021 on every
-# address and 127.0.0.1:15000.  A second waypoint on one host needs ports of its own.
-DEFAULT_WAYPOINT_ARGS = (
-    "--config /etc/nodeproxy/config.yaml --ca-address https://CA-HOST:15012 "
-    "--listen-ip WAYPOINT-IP --readiness-addr 0.0.0.0:15121 --metrics-addr 0.0.0.0:15120 "
-    "--admin-addr 127.0.0.1:15100"
-)
+
+
+def default_waypoint_args(index: int) -> str:
+    """NODEPROXY_WAYPOINT_ARGS for the index-th waypoint of one host (0 = the usual only one).
+
+    The unit adds --name, the node credentials and --state-dir.  Readiness, metrics and admin
+    are the agent's ports + 100 x (index + 1): the agent on the same host already holds
+    15020/15021 on every address and 127.0.0.1:15000, and each waypoint needs its own.
+    """
+    step = 100 * (index + 1)
+    return ("--config /etc/nodeproxy/config.yaml --ca-address https://CA-HOST:15012 "
+            f"--listen-ip WAYPOINT-IP --readiness-addr 0.0.0.0:{15021 + step} "
+            f"--metrics-addr 0.0.0.0:{15020 + step} --admin-addr 127.0.0.1:{15000 + step}")
+
+
+DEFAULT_WAYPOINT_ARGS = default_waypoint_args(0)
 WAYPOINT_TEMPLATE = "nodeproxy-waypoint@.service"
 # A waypoint's NS/NAME, each half as the config's loader accepts it under `waypoints:`.
 _WAYPOINT_NAME = re.compile(NAME_PATTERN.strip("^$") + "/" + NAME_PATTERN.strip("^$"))
@@ -52,7 +60,8 @@ class Item:
     target: str  # path below --root
     mode: int
     config: bool  # operator-owned: kept unless --force
-    waypoint: str | None = None  # NS/NAME whose env file this is
+    waypoint: str | None = None  # NS/NAME whose env file this is ...
+    waypoint_args: str | None = None  # ... and its NODEPROXY_WAYPOINT_ARGS
 
 
 ITEMS = (
@@ -81,10 +90,13 @@ def waypoint_unit(waypoint: str) -> str:
     return WAYPOINT_TEMPLATE.replace("@", f"@{waypoint_instance(waypoint)}")
 
 
-def plan(waypoints: tuple[str, ...]) -> tuple[Item, ...]:
-    """Every file one install lays down: the fixed items, then one env file per waypoint."""
-    envs = tuple(Item(None, f"etc/nodeproxy/waypoint-{waypoint_instance(w)}.env", 0o640, True, w)
-                 for w in dict.fromkeys(waypoints))
+def plan(waypoints: tuple[str, ...], waypoint_args: str | None = None) -> tuple[Item, ...]:
+    """Every file one install lays down: the fixed items, then one env file per waypoint, with
+    ``waypoint_args`` or else defaults whose ports differ from one waypoint to the next."""
+    envs = tuple(
+        Item(None, f"etc/nodeproxy/waypoint-{waypoint_instance(w)}.env", 0o640, True, w,
+             waypoint_args if waypoint_args is not None else default_waypoint_args(index))
+        for index, w in enumerate(dict.fromkeys(waypoints)))
     return ITEMS + envs
 
 
@@ -109,15 +121,15 @@ def _env_line(name: str, value: str, what: str) -> str:
     return f'{name}="{value}"\n'
 
 
-def render(item: Item, src: Path, binary: str, agent_args: str, ca_args: str,
-           waypoint_args: str = DEFAULT_WAYPOINT_ARGS) -> str:
+def render(item: Item, src: Path, binary: str, agent_args: str, ca_args: str) -> str:
     if item.waypoint is not None:
+        assert item.waypoint_args is not None
         note = ("# CA-HOST and WAYPOINT-IP are placeholders: replace them before starting it.\n"
-                if waypoint_args == DEFAULT_WAYPOINT_ARGS else "")
+                if "WAYPOINT-IP" in item.waypoint_args else "")
         return (f"# nodeproxy waypoint {item.waypoint} ({waypoint_unit(item.waypoint)}): "
                 "arguments besides\n# --name and the node credentials, which the unit sets "
                 "(see `nodeproxy waypoint run --help`).\n" + note
-                + _env_line("NODEPROXY_WAYPOINT_ARGS", waypoint_args, "--waypoint-args"))
+                + _env_line("NODEPROXY_WAYPOINT_ARGS", item.waypoint_args, "--waypoint-args"))
     if item.target.endswith("agent.env"):
         note = ("# NODE and CA-HOST are placeholders: replace them before starting the agent.\n"
                 if agent_args == DEFAULT_AGENT_ARGS else "")
@@ -167,17 +179,19 @@ def _activate(log: list[str]) -> None:
 @click.option("--waypoint", "waypoints", multiple=True, metavar="NS/NAME",
               help="also write /etc/nodeproxy/waypoint-<instance>.env for this waypoint "
                    "(repeatable); the waypoint unit template is installed either way")
-@click.option("--waypoint-args", default=DEFAULT_WAYPOINT_ARGS, show_default=True,
-              help="NODEPROXY_WAYPOINT_ARGS for each --waypoint's env file")
+@click.option("--waypoint-args", default=None,
+              help="NODEPROXY_WAYPOINT_ARGS for each --waypoint's env file  [default: "
+                   f"{DEFAULT_WAYPOINT_ARGS}; each further --waypoint gets the readiness, "
+                   "metrics and admin ports + 100]")
 @click.option("--bin", "binary", default=DEFAULT_BIN, show_default=True,
               help="path of the nodeproxy executable written into ExecStart=")
 @click.option("--force", is_flag=True, help="also replace existing /etc/nodeproxy/*.env")
 @click.option("--no-activate", is_flag=True,
               help="with --root /: skip systemd-tmpfiles --create and systemctl daemon-reload")
 def command(systemd: bool, root: str, agent_args: str, ca_args: str, waypoints: tuple[str, ...],
-            waypoint_args: str, binary: str, force: bool, no_activate: bool) -> None:
+            waypoint_args: str | None, binary: str, force: bool, no_activate: bool) -> None:
     """Install nodeproxy's systemd units and config templates (nothing is started)."""
-    items = plan(waypoints)  # validates every --waypoint before anything is written
+    items = plan(waypoints, waypoint_args)  # checks every --waypoint before writing anything
     src = unit_source_dir()
     base = Path(root)
     log: list[str] = []
@@ -186,7 +200,7 @@ def command(systemd: bool, root: str, agent_args: str, ca_args: str, waypoints: 
         if item.config and target.exists() and not force:
             log.append(f"kept     {target} (exists; --force replaces it)")
             continue
-        text = render(item, src, binary, agent_args, ca_args, waypoint_args)
+        text = render(item, src, binary, agent_args, ca_args)
         _write(target, text, item.mode)
         log.append(f"wrote    {target}")
     if base.resolve() == Path("/") and not no_activate:

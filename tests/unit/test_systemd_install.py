@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -117,6 +118,32 @@ def test_default_waypoint_args_say_what_to_replace(tmp_path: Path) -> None:
     assert "placeholders" in text
     assert _env(tmp_path / "etc/nodeproxy/waypoint-default-waypoint.env")[
         "NODEPROXY_WAYPOINT_ARGS"] == DEFAULT_WAYPOINT_ARGS
+
+
+def _bound_ports(command_path: tuple[str, ...], args: list[str]) -> set[int]:
+    """The node ports a command would bind, parsed by the real command from its arguments."""
+    command: click.Command = cli
+    for name in command_path:
+        assert isinstance(command, click.Group)
+        command = command.commands[name]
+    with command.make_context(command_path[-1], args) as ctx:
+        return {int(ctx.params[k].rsplit(":", 1)[1])
+                for k in ("readiness_addr", "metrics_addr", "admin_addr")}
+
+
+def test_several_waypoints_get_ports_of_their_own(tmp_path: Path) -> None:
+    # One host: the agent plus three waypoints from the defaults, no port bound twice.
+    _install(tmp_path, "--waypoint", "default/waypoint", "--waypoint", "shop/waypoint",
+             "--waypoint", "shop/waypoint", "--waypoint", "team-a/wp")  # duplicate: once
+    envs = sorted((tmp_path / "etc/nodeproxy").glob("waypoint-*.env"))
+    assert len(envs) == 3
+    taken = _bound_ports(("run",), ["--config", "c.yaml", "--node", "n1"])
+    for env in envs:
+        ports = _bound_ports(("waypoint", "run"), [
+            "--name", "ns/wp", *_env(env)["NODEPROXY_WAYPOINT_ARGS"].split()])
+        assert not ports & taken, env.name
+        taken |= ports
+    assert len(taken) == 4 * 3
 
 
 def test_install_converges(tmp_path: Path) -> None:
