@@ -223,6 +223,7 @@ def test_waypoint_hardened_like_the_agent(key: str) -> None:
     ("ProtectControlGroups", "yes"), ("RestrictNamespaces", "yes"), ("PrivateDevices", "yes"),
     ("PrivateMounts", "yes"), ("SystemCallFilter", "@system-service"),
     ("SystemCallArchitectures", "native"), ("ProtectProc", "invisible"), ("UMask", "0077"),
+    ("MemoryDenyWriteExecute", "yes"),
 ])
 def test_waypoint_has_the_hardening_the_agent_cannot_have(key: str, value: str) -> None:
     assert _parse(WAYPOINT)[f"Service.{key}"] == [value]
