@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +34,15 @@ from meshlab.topology import (
     NodePlan,
     PodPlan,
     render_stages,
+)
+from meshlab.web import (
+    CurlResult,
+    HttpApp,
+    HttpReply,
+    curl_argv,
+    fetch_argv,
+    parse_curl_results,
+    parse_http_reply,
 )
 
 _IP_TIMEOUT = 30.0
@@ -303,6 +313,11 @@ class Cluster:
         if record is not None:
             argv += ["--record", record]
         proc = self.popen(netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._await_listening(proc, netns, port, timeout)
+        return proc
+
+    def _await_listening(self, proc: subprocess.Popen[str], netns: str, port: int,
+                         timeout: float) -> None:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
         line = proc.stdout.readline() if ready else ""
@@ -313,7 +328,46 @@ class Cluster:
                 f"app server in {netns} on port {port} did not start: {err.strip()[-500:]}",
                 hint="is the port already taken in that namespace?",
             )
-        return proc
+
+    def serve_http(
+        self, netns: str, port: int, *, tag: str | None = None, record: str | Path,
+        fail_percent: int = 0, fail_status: int = 503, delay_ms: int = 0,
+        timeout: float = 10.0,
+    ) -> HttpApp:
+        """Start the HTTP app (``meshlab.apps http``) inside ``netns`` and wait until it
+        listens.  Its behaviour can be changed later (:meth:`HttpApp.set`)."""
+        tag = tag or netns
+        argv = [sys.executable, "-m", "meshlab.apps", "http", "--port", str(port), "--tag", tag,
+                "--fail-percent", str(fail_percent), "--fail-status", str(fail_status),
+                "--delay-ms", str(delay_ms), "--record", str(record)]
+        proc = self.popen(netns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+        self._await_listening(proc, netns, port, timeout)
+        return HttpApp(proc, pod=netns, port=port, tag=tag, record=Path(record))
+
+    def curl(
+        self, netns: str, urls: Sequence[str], *, parallel: int = 0, method: str = "GET",
+        headers: Sequence[str] = (), max_time: float = 10.0,
+    ) -> list[CurlResult]:
+        """Run curl inside ``netns``: one result per transfer (in completion order when
+        ``parallel``).  Bodies are discarded; see :meth:`fetch` for one full reply."""
+        argv = curl_argv(urls, parallel=parallel, method=method, headers=headers,
+                         max_time=max_time)
+        out = self.exec(netns, argv, timeout=max_time * max(len(urls), 1) + 30)
+        results = parse_curl_results(out.stdout)
+        if not results:
+            raise LabError(f"curl in {netns} printed no result (exit {out.returncode}): "
+                           f"{out.stderr.strip()[-500:]}")
+        return results
+
+    def fetch(
+        self, netns: str, url: str, *, method: str = "GET", headers: Sequence[str] = (),
+        max_time: float = 10.0,
+    ) -> HttpReply:
+        """One request with curl inside ``netns``; the whole reply (head and body)."""
+        argv = fetch_argv(url, method=method, headers=headers, max_time=max_time)
+        out = self.exec(netns, argv, text=False, timeout=max_time + 30)
+        return parse_http_reply(out.stdout)
 
     def connect(
         self, netns: str, target: str, text: str = "hello", *, count: int = 1,

@@ -3,7 +3,9 @@
 Pure: takes a :class:`ClusterPlan` plus the roles of its pods and returns a dict; dump it
 with :func:`dump_config`.  Mesh pods get ``protocol: HBONE`` and their ``netns`` path (the
 agent of their node enrolls them); pods outside the mesh get ``protocol: TCP`` and no
-``netns``, so no agent ever captures their traffic.
+``netns``, so no agent ever captures their traffic.  A :class:`WaypointDef` makes a pod the
+waypoint proxy of the services that name it (``ServiceDef.waypoint``); agents do not capture
+waypoint pods, the waypoint process speaks HBONE itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class PodRole:
     service_account: str = "default"
     mesh: bool = True
     name: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)  # e.g. {"version": "v2"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +40,48 @@ class ServiceDef:
     endpoints: Sequence[str]
     namespace: str = "default"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    waypoint: WaypointDef | None = None  # traffic to this service goes through it
 
     @property
     def hostname(self) -> str:
         return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+    @property
+    def key(self) -> str:
+        """How routes, traffic policies and workloads refer to it: ``ns/hostname``."""
+        return f"{self.namespace}/{self.hostname}"
+
+
+@dataclass(frozen=True, slots=True)
+class WaypointDef:
+    """A waypoint proxy: its own service (HBONE port 15008, VIP ``vip``) whose one endpoint
+    is the pod ``pod`` (short or workload name) that runs ``nodeproxy waypoint run``."""
+
+    name: str
+    vip: str
+    pod: str
+    namespace: str = "default"
+
+    @property
+    def service(self) -> ServiceDef:
+        return ServiceDef(self.name, self.vip, {HBONE_PORT: HBONE_PORT}, [self.pod],
+                          self.namespace)
+
+    @property
+    def key(self) -> str:
+        """``--name`` of ``nodeproxy waypoint run``."""
+        return f"{self.namespace}/{self.name}"
+
+    def ref(self) -> dict[str, str]:
+        """The ``waypoint:`` value of a service or workload that uses it."""
+        return {"destination": self.service.key}
+
+    def entry(self) -> dict[str, str]:
+        """Its item under ``waypoints:``."""
+        return {"name": self.name, "namespace": self.namespace, "service": self.service.key}
+
+
+HBONE_PORT = 15008
 
 
 def workload_name(pod: PodPlan, role: PodRole) -> str:
@@ -55,10 +96,12 @@ def render_config(
     *,
     cluster: str = "cluster1",
     extra: Mapping[str, Any] | None = None,
+    waypoints: Sequence[WaypointDef] = (),
 ) -> dict[str, Any]:
     """The config document for ``plan``.  ``roles`` is keyed by pod short name; pods not
-    listed are mesh pods in ``default`` with service account ``default``.  ``extra``
-    top-level keys (e.g. ``peerAuthentication``) are copied in as given."""
+    listed are mesh pods in ``default`` with service account ``default``.  Each waypoint
+    adds its service and its ``waypoints:`` entry.  ``extra`` top-level keys (e.g.
+    ``peerAuthentication``, ``routes``, ``trafficPolicies``) are copied in as given."""
     roles = dict(roles or {})
     unknown = sorted(set(roles) - {p.name for p in plan.pods})
     if unknown:
@@ -71,7 +114,7 @@ def render_config(
 
     memberships: dict[str, dict[str, dict[int, int]]] = {}
     rendered_services = []
-    for svc in services:
+    for svc in [*services, *(w.service for w in waypoints)]:
         key = f"{svc.namespace}/{svc.hostname}"
         for ep in svc.endpoints:
             if ep not in by_name:
@@ -83,6 +126,7 @@ def render_config(
             "hostname": svc.hostname,
             "vips": [f"/{svc.vip}"],
             "ports": dict(svc.ports),
+            **({"waypoint": svc.waypoint.ref()} if svc.waypoint is not None else {}),
             **svc.extra,
         })
 
@@ -99,6 +143,8 @@ def render_config(
             "node": pod.node,
             "protocol": "HBONE" if role.mesh else "TCP",
         }
+        if role.labels:
+            wl["labels"] = dict(role.labels)
         if role.mesh:
             wl["netns"] = pod.netns_path
         if pod.name in memberships:
@@ -110,6 +156,8 @@ def render_config(
         "services": rendered_services,
         "policies": [dict(p) for p in policies],
     }
+    if waypoints:
+        doc["waypoints"] = [w.entry() for w in waypoints]
     doc.update(extra or {})
     return doc
 

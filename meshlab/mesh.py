@@ -1,7 +1,11 @@
-"""Run a real mesh on a lab cluster: a CA service in the fabric netns and one agent per node.
+"""Run a real mesh on a lab cluster: a CA service in the fabric netns, one agent per node, and
+waypoint proxies in pods.
 
 Used by ``nodeproxy demo`` and by the netns test suite.  Every process is started through the
 cluster (so ``Cluster.destroy`` ends it even after a crash) and logs to a file in ``workdir``.
+A waypoint runs inside its pod's netns (the pod is the waypoint workload, which agents do not
+capture) with the credentials of that pod's node: the CA service issues the waypoint's
+certificate to that node only (node-restricted issuance).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Mesh:
         self.ca_dir = workdir / "ca"
         self.ca_ip = cluster.plan.fabric_ip
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.waypoints: dict[str, subprocess.Popen[bytes]] = {}  # by pod short name
         self.ca_proc: subprocess.Popen[bytes] | None = None
         self._workers: dict[str, NetnsWorker] = {}
 
@@ -115,17 +120,101 @@ class Mesh:
             proc.kill()
             return proc.wait()
 
+    # -- waypoints ------------------------------------------------------------------------
+    def start_waypoint(self, pod: str, name: str, *extra: str) -> subprocess.Popen[bytes]:
+        """Start ``nodeproxy waypoint run`` for the waypoint ``name`` (``ns/name`` under
+        ``waypoints:``) inside ``pod``'s netns, listening on the pod's IP.  Returns at once;
+        see :meth:`wait_waypoint_ready`."""
+        plan = self.cluster.pod(pod)
+        if plan.name in self.waypoints and self.waypoints[plan.name].poll() is None:
+            raise LabError(f"a waypoint already runs in {plan.name}",
+                           hint="stop it first (stop_waypoint)")
+        log = open(self.waypoint_log_path(plan.name), "ab")  # noqa: SIM115 - owned by the process
+        try:
+            proc = self.cluster.popen(
+                plan.name,
+                [*NODEPROXY, "--log-level", self.log_level, "--log-format", self.log_format,
+                 "waypoint", "run", "--config", str(self.config_path), "--name", name,
+                 "--node", plan.node, "--listen-ip", plan.ip,
+                 "--ca-address", f"https://{self.ca_ip}:{CA_PORT}",
+                 "--node-cert", str(self.workdir / f"{plan.node}-cert.pem"),
+                 "--node-key", str(self.workdir / f"{plan.node}-key.pem"),
+                 "--ca-bundle", str(self.workdir / "bundle.pem"),
+                 "--drain-timeout", "1", *extra],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()  # the child has its own copy
+        self.waypoints[plan.name] = proc
+        return proc
+
+    def wait_waypoint_ready(self, pod: str, timeout: float = 30.0) -> None:
+        """Until the waypoint in ``pod`` answers 200 on :15021/healthz/ready inside the pod's
+        netns; fails at once if it exited, with its log."""
+        short = self.cluster.pod(pod).name
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.waypoints.get(short)
+            if proc is None:
+                raise LabError(f"no waypoint was started in {short}")
+            if proc.poll() is not None:
+                raise LabError(f"waypoint in {short} exited with {proc.returncode}:\n"
+                               + self.waypoint_log_tail(short))
+            status, body = self.http(short, 15021, "/healthz/ready", timeout=1.0)
+            if status == 200:
+                return
+            if time.monotonic() > deadline:
+                detail = self.http(short, 15000, "/healthz/ready", timeout=1.0)
+                raise LabError(f"waypoint in {short} not ready after {timeout:.0f} s: "
+                               f"{status} {body.strip()[:200]} (admin: {detail})\n"
+                               + self.waypoint_log_tail(short))
+            time.sleep(0.1)
+
+    def stop_waypoint(self, pod: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        short = self.cluster.pod(pod).name
+        proc = self.waypoints.pop(short)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def waypoint_log_path(self, pod: str) -> Path:
+        return self.workdir / f"waypoint-{self.cluster.pod(pod).name}.log"
+
+    def waypoint_log_tail(self, pod: str, lines: int = 30) -> str:
+        path = self.waypoint_log_path(pod)
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return f"--- {path.name} ---\n" + "\n".join(text.splitlines()[-lines:])
+
     # -- observation ----------------------------------------------------------------------
-    def _worker(self, netns: str) -> NetnsWorker:
+    def _netns_path(self, netns: str) -> str:
+        """The path of a netns given as "fabric", a node name or a pod name."""
         plan = self.cluster.plan
-        path = plan.fabric_netns_path if netns == "fabric" else self.cluster.node(netns).netns_path
+        if netns == "fabric":
+            return plan.fabric_netns_path
+        if any(netns in (p.name, p.netns) for p in plan.pods):
+            return self.cluster.pod(netns).netns_path
+        return self.cluster.node(netns).netns_path
+
+    def _worker(self, netns: str) -> NetnsWorker:
+        path = self._netns_path(netns)
         if path not in self._workers:
             self._workers[path] = NetnsWorker(path)
         return self._workers[path]
 
+    def release(self, netns: str) -> None:
+        """Close this process's helper thread in ``netns`` (a thread inside a namespace
+        keeps it alive: release a pod before removing it)."""
+        worker = self._workers.pop(self._netns_path(netns), None)
+        if worker is not None:
+            worker.close()
+
     def http(self, node: str, port: int, path: str, method: str = "GET",
              timeout: float = 5.0) -> tuple[int, str]:
-        """An HTTP request to 127.0.0.1:PORT inside the node's netns."""
+        """An HTTP request to 127.0.0.1:PORT inside a node's (or a pod's) netns."""
         url = f"http://127.0.0.1:{port}{path}"
 
         def fetch() -> tuple[int, str]:
@@ -164,12 +253,14 @@ class Mesh:
                 time.sleep(0.1)
 
     def metrics(self, node: str) -> str:
+        """``/metrics`` of the agent of ``node``, or of the waypoint in a pod."""
         status, body = self.http(node, 15020, "/metrics")
         if status != 200:
             raise LabError(f"metrics of {node}: HTTP {status} {body[:200]}")
         return body
 
     def config_dump(self, node: str) -> dict[str, Any]:
+        """``/config_dump`` of the agent of ``node``, or of the waypoint in a pod."""
         status, body = self.http(node, 15000, "/config_dump")
         if status != 200:
             raise LabError(f"config_dump of {node}: HTTP {status} {body[:200]}")
@@ -208,6 +299,9 @@ class Mesh:
         self._workers.clear()
 
     def stop(self) -> None:
+        for pod in list(self.waypoints):
+            with contextlib.suppress(Exception):
+                self.stop_waypoint(pod)
         for node in list(self.agents):
             with contextlib.suppress(Exception):
                 self.stop_agent(node)
