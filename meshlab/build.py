@@ -33,7 +33,10 @@ from meshlab.topology import (
     LabError,
     NodePlan,
     PodPlan,
+    plan_more_pods,
+    render_pod_stages,
     render_stages,
+    without_pods,
 )
 from meshlab.web import (
     CurlResult,
@@ -238,6 +241,36 @@ class Cluster:
             cluster.destroy()
             raise
         return cluster
+
+    # -- growing and shrinking a running cluster -------------------------------------------
+
+    def add_pods(self, node: str, count: int = 1) -> tuple[PodPlan, ...]:
+        """Add ``count`` pods to ``node`` (next free indices, e.g. n2p4) and return them;
+        on failure whatever was created of them is removed again.  :meth:`destroy` and
+        :func:`sweep` remove them like the others (same prefix, same naming)."""
+        plan, added = plan_more_pods(self.plan, node, count)
+        taken = [p.netns for p in added if p.netns in set(list_netns())]
+        if taken:
+            raise LabError(f"network namespaces already exist: {', '.join(taken)}",
+                           hint=f"a leftover of an earlier run? try sweep({self.prefix!r})")
+        try:
+            stages = render_pod_stages(plan, added)
+            _run_batches(stages[0])
+            write_sysctls([(p.netns_path, _POD_SYSCTLS) for p in added])
+            for stage in stages[1:]:
+                _run_batches(stage)
+        except BaseException:
+            remove_netns([p.netns for p in added if p.netns in set(list_netns())])
+            raise
+        self.plan = plan
+        return added
+
+    def remove_pods(self, names: Sequence[str]) -> None:
+        """Remove pods (and whatever still runs inside them) from the running cluster; their
+        node-side veths and routes go with their namespaces."""
+        pods = [self.plan.pod(n) for n in names]
+        remove_netns([p.netns for p in pods])
+        self.plan = without_pods(self.plan, [p.name for p in pods])
 
     # -- lookup ---------------------------------------------------------------------------
 

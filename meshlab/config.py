@@ -18,6 +18,8 @@ import yaml
 
 from meshlab.topology import ClusterPlan, LabError, PodPlan
 
+HBONE_PORT = 15008
+
 
 @dataclass(frozen=True, slots=True)
 class PodRole:
@@ -80,8 +82,6 @@ class WaypointDef:
         """Its item under ``waypoints:``."""
         return {"name": self.name, "namespace": self.namespace, "service": self.service.key}
 
-
-HBONE_PORT = 15008
 
 
 def workload_name(pod: PodPlan, role: PodRole) -> str:
@@ -160,6 +160,17 @@ def render_config(
         doc["waypoints"] = [w.entry() for w in waypoints]
     doc.update(extra or {})
     return doc
+
+
+def captured_workloads(doc: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Per node, the uids an agent enrolls for ``doc`` (a rendered document): workloads with
+    a ``netns``, except waypoints (endpoints of a service named under ``waypoints:``)."""
+    waypoint_services = {w["service"] for w in doc.get("waypoints") or []}
+    out: dict[str, list[str]] = {}
+    for wl in doc.get("workloads") or []:
+        if "netns" in wl and not waypoint_services & set(wl.get("services") or {}):
+            out.setdefault(str(wl["node"]), []).append(str(wl["uid"]))
+    return {node: sorted(uids) for node, uids in out.items()}
 
 
 def dump_config(doc: Mapping[str, Any]) -> str:

@@ -69,6 +69,56 @@ class Mesh:
         if proc.returncode != 0:
             raise LabError(f"nodeproxy {' '.join(args[:2])} failed: {proc.stderr.strip()}")
 
+    def reload_counts(self, node: str) -> tuple[int, int]:
+        """(ok, failed) config reloads of the agent of ``node`` (or of a pod's waypoint)."""
+        reloads = self.config_dump(node).get("configReloads", {})
+        return int(reloads.get("ok", 0)), int(reloads.get("failed", 0))
+
+    def apply_config(self, doc: Mapping[str, Any], *, also: tuple[str, ...] = (),
+                     timeout: float = 10.0) -> None:
+        """Write ``doc`` and wait until every agent (and the waypoints in the pods listed in
+        ``also``) has loaded it; a rejection fails at once with the log."""
+        watchers = (*(n.name for n in self.cluster.nodes), *also)
+        before = {w: self.reload_counts(w) for w in watchers}
+        self.write_config(doc)
+        deadline = time.monotonic() + timeout
+        pending = set(watchers)
+        while pending:
+            for who in list(pending):
+                ok, failed = self.reload_counts(who)
+                if failed > before[who][1]:
+                    raise LabError(f"{who} rejected the new config:\n{self._tail_of(who)}")
+                if ok > before[who][0]:
+                    pending.discard(who)
+            if pending and time.monotonic() > deadline:
+                raise LabError(f"config not loaded after {timeout:g} s by "
+                               f"{', '.join(sorted(pending))}:\n"
+                               + "\n".join(self._tail_of(w) for w in sorted(pending)))
+            if pending:
+                time.sleep(0.05)
+
+    def enrolled(self, node: str) -> list[str]:
+        return sorted(self.config_dump(node).get("enrolled", []))
+
+    def wait_enrolled(self, want: Mapping[str, list[str]], timeout: float = 30.0) -> None:
+        """Until each node's agent has enrolled exactly the uids in ``want`` (see
+        ``meshlab.config.captured_workloads``); enrolment follows a reload asynchronously."""
+        nodes = [n.name for n in self.cluster.nodes]
+        deadline = time.monotonic() + timeout
+        while True:
+            got = {n: self.enrolled(n) for n in nodes}
+            if all(got[n] == sorted(want.get(n, [])) for n in nodes):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"enrolled {got}, want {dict(want)} after {timeout:g} s:\n"
+                               + "\n".join(self.log_tail(n) for n in nodes))
+            time.sleep(0.05)
+
+    def _tail_of(self, who: str) -> str:
+        if any(who == n.name for n in self.cluster.nodes):
+            return self.log_tail(who)
+        return self.waypoint_log_tail(who)
+
     def start(self, doc: Mapping[str, Any], *, wait: float = 30.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_config(doc)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from ztunnel_cfg.errors import NodeproxyError
 
@@ -142,6 +143,22 @@ def _check(spec: ClusterSpec) -> None:
         )
 
 
+def _pod_plan(prefix: str, node: NodePlan, j: int) -> PodPlan:
+    short = f"n{node.index}p{j}"
+    return PodPlan(
+        index=j,
+        name=short,
+        netns=f"{prefix}{short}",
+        netns_path=os.path.join(NETNS_DIR, f"{prefix}{short}"),
+        node=node.name,
+        node_netns=node.netns,
+        ip=f"{POD_NET}.{node.index}.{j + 1}",
+        gateway=node.pod_gateway,
+        iface="eth0",
+        node_iface=f"p{j}",
+    )
+
+
 def plan_cluster(spec: ClusterSpec) -> ClusterPlan:
     """Names and addresses for ``spec``; pure and deterministic."""
     _check(spec)
@@ -150,7 +167,6 @@ def plan_cluster(spec: ClusterSpec) -> ClusterPlan:
     nodes: list[NodePlan] = []
     pods: list[PodPlan] = []
     for i in range(1, spec.nodes + 1):
-        gateway = f"{POD_NET}.{i}.1"
         node = NodePlan(
             index=i,
             name=f"node{i}",
@@ -160,25 +176,10 @@ def plan_cluster(spec: ClusterSpec) -> ClusterPlan:
             uplink=UPLINK,
             fabric_port=f"n{i}",
             pod_cidr=f"{POD_NET}.{i}.0/24",
-            pod_gateway=gateway,
+            pod_gateway=f"{POD_NET}.{i}.1",
         )
         nodes.append(node)
-        for j in range(1, spec.pods_per_node + 1):
-            short = f"n{i}p{j}"
-            pods.append(
-                PodPlan(
-                    index=j,
-                    name=short,
-                    netns=f"{p}{short}",
-                    netns_path=os.path.join(NETNS_DIR, f"{p}{short}"),
-                    node=node.name,
-                    node_netns=node.netns,
-                    ip=f"{POD_NET}.{i}.{j + 1}",
-                    gateway=gateway,
-                    iface="eth0",
-                    node_iface=f"p{j}",
-                )
-            )
+        pods += [_pod_plan(p, node, j) for j in range(1, spec.pods_per_node + 1)]
     return ClusterPlan(
         spec=spec,
         fabric_netns=fabric,
@@ -191,12 +192,55 @@ def plan_cluster(spec: ClusterSpec) -> ClusterPlan:
     )
 
 
+def plan_more_pods(plan: ClusterPlan, node: str, count: int
+                   ) -> tuple[ClusterPlan, tuple[PodPlan, ...]]:
+    """``plan`` with ``count`` more pods on ``node`` (the next free indices: a cluster can
+    grow while it runs, e.g. for an act of the demo), and those pods."""
+    where = plan.node(node)
+    taken = {p.index for p in plan.pods_on(where.name)}
+    free = [j for j in range(1, MAX_PODS_PER_NODE + 1) if j not in taken][:count]
+    if count < 1 or len(free) < count:
+        raise LabError(f"cannot add {count} pod(s) to {where.name}: it has {len(taken)} of "
+                       f"{MAX_PODS_PER_NODE}", hint="add fewer pods, or spread them over nodes")
+    added = tuple(_pod_plan(plan.prefix, where, j) for j in free)
+    return replace(plan, pods=plan.pods + added), added
+
+
+def without_pods(plan: ClusterPlan, names: Sequence[str]) -> ClusterPlan:
+    """``plan`` without the pods named (short or netns names)."""
+    gone = {plan.pod(n).name for n in names}
+    return replace(plan, pods=tuple(p for p in plan.pods if p.name not in gone))
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """``ip -batch`` lines to run in one namespace (``netns=None``: the caller's own)."""
 
     netns: str | None
     lines: tuple[str, ...]
+
+
+def _node_side(node: NodePlan, pod: PodPlan) -> list[str]:
+    """In the node's netns: the veth to the pod (its peer moved into the pod's netns)."""
+    return [
+        f"link add {pod.node_iface} type veth peer name {pod.iface} netns {pod.netns}",
+        f"addr add {node.pod_gateway}/32 dev {pod.node_iface}",
+        f"link set {pod.node_iface} up",
+        f"route add {pod.ip}/32 dev {pod.node_iface} src {node.pod_gateway}",
+    ]
+
+
+def _pod_side(pod: PodPlan) -> Batch:
+    return Batch(
+        pod.netns,
+        (
+            "link set lo up",
+            f"addr add {pod.ip}/32 dev {pod.iface}",
+            f"link set {pod.iface} up",
+            f"route add {pod.gateway}/32 dev {pod.iface} scope link",
+            f"route add default via {pod.gateway} dev {pod.iface} src {pod.ip}",
+        ),
+    )
 
 
 def render_stages(plan: ClusterPlan) -> tuple[tuple[Batch, ...], ...]:
@@ -229,24 +273,8 @@ def render_stages(plan: ClusterPlan) -> tuple[tuple[Batch, ...], ...]:
             f"link set {n.uplink} up",
         ]
         for pod in plan.pods_on(n.name):
-            lines += [
-                f"link add {pod.node_iface} type veth peer name {pod.iface} netns {pod.netns}",
-                f"addr add {n.pod_gateway}/32 dev {pod.node_iface}",
-                f"link set {pod.node_iface} up",
-                f"route add {pod.ip}/32 dev {pod.node_iface} src {n.pod_gateway}",
-            ]
-            pod_batches.append(
-                Batch(
-                    pod.netns,
-                    (
-                        "link set lo up",
-                        f"addr add {pod.ip}/32 dev {pod.iface}",
-                        f"link set {pod.iface} up",
-                        f"route add {pod.gateway}/32 dev {pod.iface} scope link",
-                        f"route add default via {pod.gateway} dev {pod.iface} src {pod.ip}",
-                    ),
-                )
-            )
+            lines += _node_side(n, pod)
+            pod_batches.append(_pod_side(pod))
         lines += [
             f"route add {other.pod_cidr} via {other.ip} dev {n.uplink}"
             for other in plan.nodes
@@ -258,6 +286,20 @@ def render_stages(plan: ClusterPlan) -> tuple[tuple[Batch, ...], ...]:
         (Batch(plan.fabric_netns, tuple(fab)),),
         tuple(node_batches),
         tuple(pod_batches),
+    )
+
+
+def render_pod_stages(plan: ClusterPlan, pods: Sequence[PodPlan]
+                      ) -> tuple[tuple[Batch, ...], ...]:
+    """The ``ip -batch`` work to add ``pods`` to the running cluster of ``plan``: their
+    namespaces, then each node's side, then each pod's side."""
+    nodes = [n for n in plan.nodes if any(p.node == n.name for p in pods)]
+    return (
+        (Batch(None, tuple(f"netns add {p.netns}" for p in pods)),),
+        tuple(Batch(n.netns, tuple(line for p in pods if p.node == n.name
+                                   for line in _node_side(n, p)))
+              for n in nodes),
+        tuple(_pod_side(p) for p in pods),
     )
 
 

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from meshlab.build import Cluster, is_lab_netns, list_netns, sweep
 from meshlab.config import render_config
+from meshlab.demo.l7 import L7Observations, L7Scenario, build_l7_scenario, check_l7, render_l7
 from meshlab.demo.observe import (
     Connection,
     LogTail,
@@ -46,6 +47,9 @@ from meshlab.demo.scenario import (
 )
 from meshlab.topology import ClusterSpec, plan_cluster, random_prefix
 
+if TYPE_CHECKING:
+    from meshlab.mesh import Mesh
+
 
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
@@ -56,6 +60,8 @@ class DemoOptions:
     prefix: str | None = None
     workdir_root: str | None = None  # default: the system temp dir
     scenario: Scenario | None = None  # default: build_scenario(nodes)
+    l7: L7Scenario | None = None  # default: build_l7_scenario()
+    l7_act: bool = True  # the L7 act (a waypoint joins the mesh) after the L4 one
 
 
 @dataclass(slots=True)
@@ -65,6 +71,7 @@ class DemoResult:
     workdir: Path
     problems: list[str] = field(default_factory=list)
     observations: Observations | None = None
+    l7: L7Observations | None = None
     seconds: float = 0.0
 
 
@@ -72,15 +79,16 @@ class Progress:
     """``[1/6] building namespaces ... ok (0.1 s)`` lines."""
 
     def __init__(self, out: TextIO, total: int, style: Style,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tag: str = "") -> None:
         self.out, self.total, self.st, self.clock = out, total, style, clock
+        self.tag = tag  # e.g. "L7 ": "[L7 1/3] ..." for the steps of an act
         self.n = 0
         self.timings: list[tuple[str, float]] = []
 
     @contextlib.contextmanager
     def step(self, text: str, label: str) -> Iterator[None]:
         self.n += 1
-        self.out.write(f"[{self.n}/{self.total}] {text} ... ")
+        self.out.write(f"[{self.tag}{self.n}/{self.total}] {text} ... ")
         self.out.flush()
         started = self.clock()
         try:
@@ -182,6 +190,14 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             result.observations, result.problems = obs, problems
             result.exit_code = 1 if problems else 0
             out.write(render_report(obs, problems, color=options.color))
+            if options.l7_act:
+                l7 = options.l7 or build_l7_scenario()
+                l7_obs = _l7_act(cluster, mesh, scenario, l7, workdir, out, st)
+                l7_problems = check_l7(l7, l7_obs)
+                out.write(render_l7(l7, l7_obs, l7_problems, color=options.color))
+                result.l7 = l7_obs
+                result.problems = problems + [f"L7 act: {p}" for p in l7_problems]
+                result.exit_code = 1 if result.problems else 0
             keep = options.keep
     finally:
         with _uninterruptible():
@@ -209,6 +225,32 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             out.write(st.dim(f"total {result.seconds:.1f} s") + "\n")
             out.flush()
     return result
+
+
+def _l7_act(cluster: Cluster, mesh: Mesh, scenario: Scenario, l7: L7Scenario, workdir: Path,
+            out: TextIO, st: Style) -> L7Observations:
+    """Add the waypoint and its backends to the running mesh, send the act's requests, and
+    remove the act again (also on failure), so that the cluster is the L4 act's after it."""
+    from meshlab.demo.l7_run import L7Act  # agent-side helpers, only when running
+
+    progress = Progress(out, 3, st, tag="L7 ")
+    act = L7Act(cluster, mesh, scenario, l7, workdir)
+    started = time.monotonic()
+    names = ", ".join(role.name or "?" for _node, role in l7.pods)
+    try:
+        out.write("\n")
+        with progress.step(f"adding {len(l7.pods)} pods ({names}) and "
+                           f"{len(l7.services)} services to the running mesh, starting the "
+                           f"waypoint and {len(l7.apps)} HTTP apps", "l7-setup"):
+            act.add()
+        with progress.step(f"sending {l7.request_count} HTTP requests from {l7.client} "
+                           "through the waypoint (curl)", "l7-traffic"):
+            obs = act.drive(started)
+    finally:
+        with progress.step("removing the act: waypoint stopped, config back, its pods "
+                           "deleted", "l7-teardown"):
+            act.remove()
+    return obs
 
 
 def _drive(

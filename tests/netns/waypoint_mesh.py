@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meshlab import Cluster, ClusterSpec, PodRole, ServiceDef, plan_cluster, random_prefix
-from meshlab.config import WaypointDef, render_config
+from meshlab.config import WaypointDef, captured_workloads, render_config
 from meshlab.mesh import Mesh
 from meshlab.web import CurlResult, HttpApp, HttpReply
-from tests.netns.mesh_fixtures import destroy_cluster, metric_value, poll
+from tests.netns.mesh_fixtures import destroy_cluster, metric_value
 
 CLIENT, APP_V1, APP_V2, WAYPOINT_POD = "n1p1", "n1p2", "n2p2", "n2p1"
 LEGACY, LEGACY_SAME_NODE = "n1p3", "n2p3"
@@ -174,20 +174,6 @@ class WaypointLab:
                           self.mesh.waypoint_log_tail(WAYPOINT_POD, 12)])
 
 
-def wait_enrolled(lab: WaypointLab, doc: Mapping[str, Any], timeout: float = 30.0) -> None:
-    """Every captured pod enrolled by its node's agent (the waypoint pod is not captured)."""
-    want = {n.name: sorted(w["uid"] for w in doc["workloads"]
-                           if w["node"] == n.name and "netns" in w
-                           and w["name"] != ROLES[WAYPOINT_POD].name)
-            for n in lab.cluster.nodes}
-
-    def enrolled() -> dict[str, list[str]]:
-        return {n: sorted(lab.mesh.config_dump(n).get("enrolled", [])) for n in want}
-
-    poll(lambda: enrolled() == want, timeout,
-         lambda: f"enrolled {enrolled()}, want {want}\n{lab.logs()}")
-
-
 @contextlib.contextmanager
 def waypoint_lab(workdir: Path) -> Iterator[WaypointLab]:
     """The cluster, the CA service, both agents and the waypoint, ready; torn down on exit
@@ -201,7 +187,7 @@ def waypoint_lab(workdir: Path) -> Iterator[WaypointLab]:
         mesh.start(doc)
         mesh.start_waypoint(WAYPOINT_POD, WAYPOINT.key)
         mesh.wait_waypoint_ready(WAYPOINT_POD)
-        wait_enrolled(lab, doc)
+        mesh.wait_enrolled(captured_workloads(doc))
         yield lab
     finally:
         try:
