@@ -170,6 +170,12 @@ class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 512
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away (a proxy's timeout, a circuit breaker) is routine here.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 def _control(behaviour: HttpBehaviour) -> None:
     """Apply JSON settings lines from stdin; acknowledge each on stdout."""

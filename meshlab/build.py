@@ -358,7 +358,8 @@ class Cluster:
             proc.kill()
             _, err = proc.communicate()
             raise LabError(
-                f"app server in {netns} on port {port} did not start: {err.strip()[-500:]}",
+                f"app server in {netns} on port {port} did not start: "
+                f"{(err or '').strip()[-500:]}",
                 hint="is the port already taken in that namespace?",
             )
 
@@ -373,9 +374,16 @@ class Cluster:
         argv = [sys.executable, "-m", "meshlab.apps", "http", "--port", str(port), "--tag", tag,
                 "--fail-percent", str(fail_percent), "--fail-status", str(fail_status),
                 "--delay-ms", str(delay_ms), "--record", str(record)]
-        proc = self.popen(netns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-        self._await_listening(proc, netns, port, timeout)
+        # stderr to a file: a pipe nobody reads could fill up and stall the app.
+        errors = Path(f"{record}.stderr")
+        with open(errors, "ab") as err:
+            proc = self.popen(netns, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=err, text=True)
+        try:
+            self._await_listening(proc, netns, port, timeout)
+        except LabError as exc:
+            raise LabError(f"{exc.message} {errors.read_text(errors='replace').strip()[-500:]}",
+                           hint=exc.hint) from None
         return HttpApp(proc, pod=netns, port=port, tag=tag, record=Path(record))
 
     def curl(

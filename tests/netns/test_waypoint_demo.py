@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -202,3 +208,38 @@ def test_demo_l7_act_fails_loudly_when_the_waypoint_misbehaves(tmp_path: Path) -
     assert "[L7 3/3] removing the act: waypoint stopped, config back, its pods deleted ... ok" \
         in text
     assert "waypoint-n2p5.log" in kept, f"logs are kept after a failure: {kept}"
+
+
+@pytest.mark.privileged
+def test_demo_interrupted_in_the_l7_act_tears_everything_down(tmp_path: Path) -> None:
+    """Ctrl-C while the waypoint serves: exit 130, no namespace and no process left."""
+    prefix = random_prefix(DEMO_STEM)
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "demo", "--prefix", prefix,
+                             "--no-color"], env={**os.environ, "TMPDIR": str(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = ""
+    try:
+        deadline = time.monotonic() + 90
+        while "[L7 2/3]" not in seen:  # the waypoint is up and requests are under way
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 4096).decode()
+                assert chunk, f"demo exited early: {seen}"
+                seen += chunk
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        left = [n for n in list_netns() if is_lab_netns(n, prefix)]
+        teardown_leftovers(prefix, str(tmp_path))
+    out = seen + rest
+    assert proc.returncode == 130, out
+    assert "tearing everything down ... ok" in out
+    assert not left, f"the demo left namespaces behind: {left}"
+    pids = subprocess.run(["pgrep", "-f", prefix], capture_output=True, text=True,
+                          check=False).stdout.split()
+    assert not pids, f"processes of the demo still run: {pids}"

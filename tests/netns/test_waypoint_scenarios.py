@@ -134,7 +134,7 @@ def test_slow_backend_hits_the_route_timeout(lab: WaypointLab) -> None:
 
 # -- 4. circuit breaker ------------------------------------------------------------------------
 
-POOL_DELAY_MS = 1000
+POOL_DELAY_MS = 1500
 CONCURRENT = 6
 
 
