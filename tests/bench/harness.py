@@ -1,18 +1,27 @@
 """The benchmark's moving parts: lab cluster, certificates, servers, proxies, measurements.
 
-Topology (docs/bench.md): a lab cluster of 2 nodes x 1 pod.  Pod A (``n1p1`` on node1) is the
-client side, pod B (``n2p1`` on node2) the server side.  Servers (iperf3, the tcpload echo
-server) run in B for the whole run; each case only changes what sits in between:
+Topology (docs/bench.md): a lab cluster of 2 nodes x 2 pods.  Pod A (``n1p1`` on node1) is the
+client side, pod B (``n2p1`` on node2) the server side, pod W (``n2p2`` on node2) the waypoint
+(L7 cases); ``n1p2`` stays idle and out of the mesh.  Servers (iperf3, the tcpload echo
+server, the HTTP/1.1 and h2c servers) run in B for the whole run; each case only changes what
+sits in between:
 
-- direct:    client in A -> B_ip:port.
-- haproxy:   client in A -> 127.0.0.1 (haproxy A) =TLS 1.3 + client cert=> B_ip (haproxy B,
-             verify required) -> 127.0.0.1:port in B.  Like a sidecar pair.
-- nodeproxy: client in A -> B_ip:port, captured by REDIRECT in A's netns -> agent node1
-             =HBONE=> B_ip:15008 (agent node2) -> B_ip:port.
+- direct:         client in A -> B_ip:port.
+- haproxy:        client in A -> 127.0.0.1 (haproxy A) =TLS 1.3 + client cert=> B_ip (haproxy
+                  B, verify required) -> 127.0.0.1:port in B.  Like a sidecar pair.
+- nodeproxy:      client in A -> B_ip:port, captured by REDIRECT in A's netns -> agent node1
+                  =HBONE=> B_ip:15008 (agent node2) -> B_ip:port.
+- haproxy-http1:  wrk in A -> haproxy A (``mode http``) =TLS, client cert=> haproxy B
+                  (``mode http``, verify required) -> HTTP/1.1 server in B.
+- l4-http1:       wrk in A -> service VIP:80, agents only (like nodeproxy) -> HTTP/1.1 server.
+- waypoint-http1: wrk in A -> service VIP:80 -> agent node1 =HBONE=> waypoint in W (L7) =HBONE
+                  (its own identity)=> agent node2 -> HTTP/1.1 server in B.
+- waypoint-http2: the same with h2load (h2c, prior knowledge) -> VIP:81 -> h2c server in B.
 
 CPU pinning: everything on the client side (client programs, haproxy A, agent node1) runs on
-CPU 0 and everything on the server side (servers, haproxy B, agent node2) on CPU 1, so each
-proxy competes with exactly the application it serves, like a sidecar or a node agent would.
+CPU 0 and everything on the server side (servers, haproxy B, agent node2, the waypoint) on
+CPU 1, so each proxy competes with exactly the application it serves, like a sidecar or a node
+agent would (the waypoint is the server's: it runs on the server's node).
 """
 
 from __future__ import annotations
@@ -27,26 +36,52 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from linuxns import setns
-from meshlab import Cluster, ClusterSpec, PodRole, dump_config, plan_cluster, render_config
+from meshlab import (
+    Cluster,
+    ClusterPlan,
+    ClusterSpec,
+    PodRole,
+    ServiceDef,
+    dump_config,
+    plan_cluster,
+    render_config,
+)
 from meshlab.build import write_sysctls
+from tests.bench import httpload
+from tests.bench.errors import BenchError
+from tests.bench.httpload import HttpLoad
+
+__all__ = ["BenchError"]  # the package's error family lives in errors.py; harness re-exports
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 TCPLOAD = str(Path(__file__).with_name("tcpload.py"))
+HTTPSERVER = str(Path(__file__).with_name("httpserver.py"))
 IPERF_PORT = 5201
 ECHO_PORT = 8080
+HTTP1_PORT = 8081  # HTTP/1.1 keep-alive server in pod B
+H2_PORT = 8082  # h2c (prior knowledge) server in pod B
 # haproxy ports: A's plaintext frontends on 127.0.0.1, B's TLS frontends on B's pod IP.
-HAPROXY_A = {IPERF_PORT: 25201, ECHO_PORT: 28080}
-HAPROXY_B = {IPERF_PORT: 26201, ECHO_PORT: 26080}
+HAPROXY_A = {IPERF_PORT: 25201, ECHO_PORT: 28080, HTTP1_PORT: 28081}
+HAPROXY_B = {IPERF_PORT: 26201, ECHO_PORT: 26080, HTTP1_PORT: 26081}
 CLIENT_SA = "bench-client"
 SERVER_SA = "bench-server"
+WAYPOINT_SA = "bench-waypoint"
+# The L7 cases address a service (as applications do in a mesh): VIP:80 is the HTTP/1.1
+# server, VIP:81 the h2c server.  Only the waypoint config names a waypoint for it.
+HTTP_SERVICE = "bench-http"
+HTTP_VIP = "10.96.0.20"
+HTTP_SERVICE_PORTS = {80: HTTP1_PORT, 81: H2_PORT}
+WAYPOINT_NAME = "bench-waypoint"
+WAYPOINT_VIP = "10.96.0.99"
+CLIENT_POD, SERVER_POD, WAYPOINT_POD, IDLE_POD = "n1p1", "n2p1", "n2p2", "n1p2"
 # Pod sysctls: the connections/s test opens tens of thousands of short connections; reuse
 # TIME_WAIT ports for new outgoing connections and widen the ephemeral range so no case runs
 # out of source ports (the same settings apply to every case).
@@ -54,10 +89,6 @@ POD_SYSCTLS = (
     ("net/ipv4/tcp_tw_reuse", "1"),
     ("net/ipv4/ip_local_port_range", "20000\t60999"),
 )
-
-
-class BenchError(Exception):
-    """A case could not be set up or measured; the message says what to check."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +99,25 @@ class Params:
     rr_count: int
     rr_warmup: int
     cps_seconds: float
+    http_seconds: int  # each HTTP load: the saturating run and the paced run
+    http_warmup_seconds: int = 1  # untimed, paced: opens pools and connections first
     cps_workers: int = 4
     size: int = 100
     client_cpu: int = 0
     server_cpu: int = 1
+    http_body: int = 1024
+    http_connections: int = 16  # wrk -c; also the paced run's (Istio's benchmark uses 16)
+    h2_clients: int = 4  # h2load -c
+    h2_streams: int = 10  # h2load -m: concurrent streams per connection
+    paced_rate: int = 1000  # requests/s of the fixed-rate run
 
     @classmethod
-    def for_mode(cls, quick: bool) -> Params:
+    def for_mode(cls, quick: bool, http_seconds: int | None = None) -> Params:
         if quick:
             return cls(quick=True, iperf_seconds=2, iperf_omit=0, rr_count=1000, rr_warmup=100,
-                       cps_seconds=1.5)
+                       cps_seconds=1.5, http_seconds=http_seconds or 2)
         return cls(quick=False, iperf_seconds=5, iperf_omit=1, rr_count=2000, rr_warmup=200,
-                   cps_seconds=3.0)
+                   cps_seconds=3.0, http_seconds=http_seconds or 5)
 
 
 def log(msg: str) -> None:
@@ -111,8 +149,8 @@ def http_get(netns_path: str, url: str, timeout: float = 2.0) -> tuple[int, str]
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 return resp.status, resp.read().decode(errors="replace")
-        except urllib.error.HTTPError as exc:
-            return exc.code, ""
+        except urllib.error.HTTPError as exc:  # readiness says why in the body
+            return exc.code, exc.read().decode(errors="replace")
     return in_netns(netns_path, get)
 
 
@@ -126,6 +164,24 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mib(status_text: str) -> float | None:
+    """VmRSS of a ``/proc/<pid>/status`` text, in MiB (None for a zombie or kernel thread)."""
+    for line in status_text.splitlines():
+        if line.startswith("VmRSS:"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                return int(parts[1]) / 1024
+    return None
+
+
+def proc_rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return rss_mib(fh.read())
+    except OSError:
+        return None
+
+
 def tool_versions() -> dict[str, str]:
     def first_line(argv: list[str]) -> str:
         try:
@@ -137,6 +193,8 @@ def tool_versions() -> dict[str, str]:
     return {
         "haproxy": first_line(["haproxy", "-v"]),
         "iperf3": first_line(["iperf3", "--version"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "h2load": first_line(["h2load", "--version"]),
         "kernel": os.uname().release,
         "python": sys.version.split()[0],
         "cpus": str(os.cpu_count()),
@@ -144,17 +202,137 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def missing_tools() -> list[str]:
-    return [t for t in ("ip", "taskset", "haproxy", "iperf3") if shutil.which(t) is None]
+def missing_tools(http_cases: bool = True) -> list[str]:
+    """Tools the selected cases need that are not on PATH (``make deps`` installs them)."""
+    needed = ["ip", "taskset", "haproxy", "iperf3"] + (["wrk", "h2load"] if http_cases else [])
+    return [t for t in needed if shutil.which(t) is None]
+
+
+# -- config (pure) ----------------------------------------------------------------------------
+
+
+def bench_config(plan: ClusterPlan, *, waypoint: bool) -> dict[str, Any]:
+    """The agents' (and the waypoint's) config for ``plan``.  Both variants declare the HTTP
+    service with the same VIP and ports, so l4-http1 and waypoint-http1 differ only in the
+    waypoint; the pod-IP cases (nodeproxy) use the variant without one, since a service's
+    waypoint also takes traffic addressed to its pods."""
+    roles = {CLIENT_POD: PodRole(service_account=CLIENT_SA),
+             SERVER_POD: PodRole(service_account=SERVER_SA),
+             # Out of the mesh without a waypoint: an agent would enroll it and leave its
+             # capture rules behind (fail closed), which would later catch the waypoint's
+             # own connections to the endpoints.
+             WAYPOINT_POD: PodRole(service_account=WAYPOINT_SA, name=WAYPOINT_NAME,
+                                   mesh=waypoint),
+             IDLE_POD: PodRole(mesh=False)}
+    waypoint_service = f"default/{WAYPOINT_NAME}.default.svc.cluster.local"
+    services = [ServiceDef(HTTP_SERVICE, HTTP_VIP, HTTP_SERVICE_PORTS, [SERVER_POD],
+                           extra={"waypoint": {"destination": waypoint_service}}
+                           if waypoint else {})]
+    extra: dict[str, Any] = {}
+    if waypoint:
+        services.append(ServiceDef(WAYPOINT_NAME, WAYPOINT_VIP, {15008: 15008},
+                                   [WAYPOINT_POD]))
+        extra["waypoints"] = [{"name": WAYPOINT_NAME, "namespace": "default",
+                               "service": waypoint_service}]
+    return render_config(plan, roles, services, extra=extra)
+
+
+def exited_message(name: str, returncode: int | None, log_path: Path, log_tail: str) -> str:
+    return (f"{name} exited with code {returncode} (log {log_path}): "
+            f"{log_tail or '(empty log)'}")
+
+
+def not_ready_message(name: str, timeout: float, last: str, log_path: Path,
+                      log_tail: str) -> str:
+    return (f"{name} not ready after {timeout:.0f}s ({last or 'no answer'}); log {log_path}: "
+            f"{log_tail or '(empty log)'}")
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` in a Prometheus text exposition whose labels include
+    ``labels`` (exact values)."""
+    total = 0.0
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name):]
+        if rest[:1] not in ("{", " "):
+            continue  # a longer metric name with this prefix
+        series, _, value = line.rpartition(" ")
+        if all(w in series for w in wanted):
+            total += float(value)
+    return total
+
+
+# -- processes and measurements ---------------------------------------------------------------
 
 
 @dataclass
 class Proxy:
-    """A proxy process of one case, with its side (for CPU accounting)."""
+    """A proxy process of one case, with its side (pinning) and role (CPU accounting: the
+    agents and haproxy count as their side, the waypoint as ``waypoint``)."""
 
     side: str  # "client" | "server"
     proc: subprocess.Popen[Any]
     log_path: Path
+    role: str = ""
+    description: str = ""
+
+    @property
+    def account(self) -> str:
+        return self.role or self.side
+
+    @property
+    def name(self) -> str:
+        return self.description or self.log_path.stem
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the proxies used while one client program ran."""
+
+    wall: float
+    cpu_seconds: Mapping[str, float]  # per account
+    rss_peak_mib: Mapping[str, float]  # per account, sampled every 100 ms
+
+    def cpu_percent(self) -> dict[str, float]:
+        return {k: round(100 * v / self.wall, 1) for k, v in self.cpu_seconds.items()}
+
+
+class RssSampler:
+    """Samples the proxies' RSS from /proc in a thread while a measurement runs; keeps the
+    peak per account."""
+
+    def __init__(self, proxies: list[Proxy], interval: float = 0.1) -> None:
+        self.proxies = list(proxies)
+        self.interval = interval
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+
+    def _sample(self) -> None:
+        per_account: dict[str, float] = {}
+        for p in self.proxies:
+            rss = proc_rss_mib(p.proc.pid)
+            if rss is not None:
+                per_account[p.account] = per_account.get(p.account, 0.0) + rss
+        for account, rss in per_account.items():
+            self.peak[account] = max(self.peak.get(account, 0.0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
 
 
 @dataclass
@@ -168,6 +346,7 @@ class Bench:
     profile_dir: Path | None = None  # set: profile the agents in extra, unmeasured passes
     py_spy: str = "py-spy"
     servers: list[subprocess.Popen[Any]] = field(default_factory=list)
+    waypoint_extra_args: tuple[str, ...] = ()  # appended to `waypoint run` (fault injection)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -175,16 +354,21 @@ class Bench:
     @contextmanager
     def create(cls, params: Params, workdir: Path, prefix: str) -> Iterator[Bench]:
         """Build the cluster; tear everything down on exit, also on error or Ctrl-C."""
-        plan = plan_cluster(ClusterSpec(prefix, nodes=2, pods_per_node=1))
-        log(f"building lab cluster {prefix} (2 nodes x 1 pod)")
+        plan = plan_cluster(ClusterSpec(prefix, nodes=2, pods_per_node=2))
+        log(f"building lab cluster {prefix} (2 nodes x 2 pods)")
         cluster = Cluster.create(plan)
         try:
-            bench = cls(params, workdir, cluster, cluster.pod("n1p1"), cluster.pod("n2p1"))
+            bench = cls(params, workdir, cluster, cluster.pod(CLIENT_POD),
+                        cluster.pod(SERVER_POD))
             write_sysctls([(p.netns_path, POD_SYSCTLS) for p in plan.pods])
             yield bench
         finally:
             log(f"tearing down {prefix} (processes and namespaces)")
             cluster.destroy()
+
+    @property
+    def waypoint_pod(self) -> Any:
+        return self.cluster.pod(WAYPOINT_POD)
 
     def pinned(self, side: str, argv: list[str]) -> list[str]:
         cpu = self.params.client_cpu if side == "client" else self.params.server_cpu
@@ -231,7 +415,12 @@ class Bench:
             b, self.pinned("server", [sys.executable, TCPLOAD, "server", "--port",
                                       str(ECHO_PORT)]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in (IPERF_PORT, ECHO_PORT):
+        self.servers.append(self.cluster.popen(
+            b, self.pinned("server", [sys.executable, HTTPSERVER, "--http1-port",
+                                      str(HTTP1_PORT), "--h2-port", str(H2_PORT), "--size",
+                                      str(self.params.http_body)]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in (IPERF_PORT, ECHO_PORT, HTTP1_PORT, H2_PORT):
             self.wait_port(self.server.netns_path, "127.0.0.1", port,
                            f"server on port {port} in pod B")
 
@@ -252,7 +441,8 @@ class Bench:
 
     # -- proxies ----------------------------------------------------------------------------
 
-    def start_proxy(self, side: str, netns: str, argv: list[str], name: str) -> Proxy:
+    def start_proxy(self, side: str, netns: str, argv: list[str], name: str, *,
+                    role: str = "", description: str = "") -> Proxy:
         log_path = self.workdir / f"{name}.log"
         fh = open(log_path, "wb")  # noqa: SIM115 - the child owns it; closed below
         try:
@@ -260,15 +450,15 @@ class Bench:
                                       stderr=subprocess.STDOUT, cwd=str(REPO))
         finally:
             fh.close()
-        proxy = Proxy(side, proc, log_path)
+        proxy = Proxy(side, proc, log_path, role, description)
         self.proxies.append(proxy)
         return proxy
 
     def check_proxies(self) -> None:
         for p in self.proxies:
             if p.proc.poll() is not None:
-                raise BenchError(f"{p.log_path.stem} exited with {p.proc.returncode}: "
-                                 f"{tail(p.log_path)}")
+                raise BenchError(exited_message(p.name, p.proc.returncode, p.log_path,
+                                                tail(p.log_path)))
 
     def stop_proxies(self, grace: float = 3.0) -> None:
         for p in self.proxies:
@@ -285,18 +475,25 @@ class Bench:
     def proxy_cpu(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for p in self.proxies:
-            out[p.side] = out.get(p.side, 0.0) + proc_cpu_seconds(p.proc.pid)
+            out[p.account] = out.get(p.account, 0.0) + proc_cpu_seconds(p.proc.pid)
         return out
 
-    def haproxy_setup(self, pki: dict[str, Path]) -> None:
+    def haproxy_setup(self, pki: dict[str, Path], mode: str = "tcp") -> None:
+        """haproxy A (client side) and B (server side).  ``mode tcp``: the iperf3 and echo
+        ports (the L4 case); ``mode http``: the HTTP/1.1 port, parsed and forwarded as HTTP on
+        both sides with keep-alive to the client, between the two haproxys and to the server
+        (haproxy-http1)."""
         b_ip = self.server.ip
+        ports = (IPERF_PORT, ECHO_PORT) if mode == "tcp" else (HTTP1_PORT,)
         common = ["global", "    nbthread 1", "    maxconn 4000",
                   "    ssl-default-bind-options ssl-min-ver TLSv1.3",
                   "    ssl-default-server-options ssl-min-ver TLSv1.3",
-                  "defaults", "    mode tcp", "    timeout connect 5s",
+                  "defaults", f"    mode {mode}", "    timeout connect 5s",
                   "    timeout client 60s", "    timeout server 60s", ""]
+        if mode == "http":
+            common[-1:] = ["    option http-keep-alive", "    http-reuse safe", ""]
         a_cfg, b_cfg = list(common), list(common)
-        for port in (IPERF_PORT, ECHO_PORT):
+        for port in ports:
             a_cfg += [f"listen out_{port}", f"    bind 127.0.0.1:{HAPROXY_A[port]}",
                       f"    server b {b_ip}:{HAPROXY_B[port]} ssl crt {pki['client']} "
                       f"ca-file {pki['bundle']} verify required", ""]
@@ -305,57 +502,81 @@ class Bench:
                       f"ca-file {pki['bundle']} verify required",
                       f"    server app 127.0.0.1:{port}", ""]
         for side, pod, cfg in (("server", self.server, b_cfg), ("client", self.client, a_cfg)):
-            path = self.workdir / f"haproxy-{side}.cfg"
+            path = self.workdir / f"haproxy-{mode}-{side}.cfg"
             path.write_text("\n".join(cfg))
             check = subprocess.run(["haproxy", "-c", "-q", "-f", str(path)],
                                    capture_output=True, text=True, check=False)
             if check.returncode != 0:
                 raise BenchError(f"haproxy rejected {path}: {check.stderr.strip()[-400:]}")
             self.start_proxy(side, pod.name, ["haproxy", "-db", "-f", str(path)],
-                             f"haproxy-{side}")
-        self.wait_port(self.server.netns_path, b_ip, HAPROXY_B[ECHO_PORT], "haproxy B")
-        self.wait_port(self.client.netns_path, "127.0.0.1", HAPROXY_A[ECHO_PORT], "haproxy A")
+                             f"haproxy-{mode}-{side}")
+        self.wait_port(self.server.netns_path, b_ip, HAPROXY_B[ports[-1]], "haproxy B")
+        self.wait_port(self.client.netns_path, "127.0.0.1", HAPROXY_A[ports[-1]], "haproxy A")
         self.check_proxies()
 
-    def nodeproxy_setup(self, pki: dict[str, Path]) -> None:
-        roles = {self.client.name: PodRole(service_account=CLIENT_SA),
-                 self.server.name: PodRole(service_account=SERVER_SA)}
-        cfg = self.workdir / "cluster.yaml"
-        cfg.write_text(dump_config(render_config(self.cluster.plan, roles)))
+    def write_config(self, waypoint: bool) -> Path:
+        cfg = self.workdir / ("cluster-waypoint.yaml" if waypoint else "cluster.yaml")
+        cfg.write_text(dump_config(bench_config(self.cluster.plan, waypoint=waypoint)))
+        return cfg
+
+    def nodeproxy_setup(self, pki: dict[str, Path], waypoint: bool = False) -> Path:
+        """The two agents and, with ``waypoint``, the waypoint in pod W (server side: CPU 1).
+        Returns the config file they run with."""
+        cfg = self.write_config(waypoint)
         for side, node in (("server", "node2"), ("client", "node1")):
             self.start_proxy(side, node, [
                 self.nodeproxy_bin(), "run", "--config", str(cfg), "--node", node,
                 "--dev-ca-dir", str(pki["ca_dir"]), "--redirect", "iptables",
                 "--readiness-addr", "127.0.0.1:15021", "--metrics-addr", "127.0.0.1:15020",
                 "--admin-addr", "127.0.0.1:15000", "--drain-timeout", "1",
-            ], f"agent-{node}")
+            ], f"agent-{node}", description=f"agent on {node}")
+        if waypoint:
+            pod = self.waypoint_pod
+            # Like the agents: the dev CA signs in-process, restricted to the node's
+            # workloads (the waypoint workload is on node2).
+            self.start_proxy("server", pod.name, [
+                self.nodeproxy_bin(), "waypoint", "run", "--config", str(cfg),
+                "--name", f"default/{WAYPOINT_NAME}", "--node", pod.node,
+                "--listen-ip", pod.ip, "--dev-ca-dir", str(pki["ca_dir"]),
+                "--readiness-addr", "127.0.0.1:15021", "--metrics-addr", "127.0.0.1:15020",
+                "--admin-addr", "127.0.0.1:15000", "--drain-timeout", "1",
+                *self.waypoint_extra_args,
+            ], "waypoint", role="waypoint", description=f"waypoint (pod {pod.name})")
         for node in ("node1", "node2"):
-            self.wait_ready(node)
+            self.wait_ready(f"agent on {node}", self.cluster.node(node).netns_path)
+        if waypoint:
+            self.wait_ready(f"waypoint (pod {WAYPOINT_POD})", self.waypoint_pod.netns_path)
+        return cfg
 
-    def wait_ready(self, node: str, timeout: float = 20.0) -> None:
-        path = self.cluster.node(node).netns_path
+    def wait_ready(self, name: str, netns_path: str, timeout: float = 20.0) -> None:
+        """Poll ``/healthz/ready`` on 127.0.0.1:15021 in ``netns_path``; a proxy that exits
+        meanwhile, or never gets ready, fails with its log file named."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
             self.check_proxies()
             try:
-                status, _ = http_get(path, "http://127.0.0.1:15021/healthz/ready")
+                status, body = http_get(netns_path, "http://127.0.0.1:15021/healthz/ready")
                 if status == 200:
                     return
-                last = f"HTTP {status}"
+                last = f"HTTP {status} {body.strip()[:200]}".strip()
             except OSError as exc:
                 last = str(exc)
             time.sleep(0.1)
-        raise BenchError(f"agent on {node} not ready after {timeout:.0f}s ({last})")
+        proxy = next((p for p in self.proxies if p.name == name), None)
+        log_path = proxy.log_path if proxy else self.workdir
+        raise BenchError(not_ready_message(name, timeout, last, log_path, tail(log_path)))
+
+    def metrics_text(self, netns_path: str, what: str) -> str:
+        status, text = http_get(netns_path, "http://127.0.0.1:15020/metrics")
+        if status != 200:
+            raise BenchError(f"metrics of {what} answered HTTP {status}")
+        return text
 
     def mesh_connections(self, node: str) -> float:
         """Sum of istio_tcp_connections_opened_total on ``node``: proves traffic was captured."""
-        status, text = http_get(self.cluster.node(node).netns_path,
-                                "http://127.0.0.1:15020/metrics")
-        if status != 200:
-            raise BenchError(f"metrics of {node} answered HTTP {status}")
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("istio_tcp_connections_opened_total"))
+        return metric_sum(self.metrics_text(self.cluster.node(node).netns_path, node),
+                          "istio_tcp_connections_opened_total")
 
     # -- measurements -----------------------------------------------------------------------
 
@@ -365,20 +586,30 @@ class Bench:
             return "127.0.0.1", HAPROXY_A[IPERF_PORT], HAPROXY_A[ECHO_PORT]
         return self.server.ip, IPERF_PORT, ECHO_PORT
 
-    def measure(self, what: str, argv: list[str], timeout: float) -> tuple[dict[str, Any],
-                                                                           dict[str, float]]:
-        """Run one client program in A; returns its JSON and the proxies' CPU % meanwhile."""
+    def run_client(self, what: str, argv: list[str], timeout: float,
+                   env: Mapping[str, str] | None = None
+                   ) -> tuple[subprocess.CompletedProcess[str], Usage]:
+        """Run one client program in A (pinned to the client CPU) and account the proxies'
+        CPU and RSS meanwhile."""
         self.check_proxies()
         before, t0 = self.proxy_cpu(), time.monotonic()
         try:
-            out = self.cluster.exec(self.client.name, self.pinned("client", argv),
-                                    timeout=timeout)
+            with RssSampler(self.proxies) as rss:
+                out = self.cluster.exec(self.client.name, self.pinned("client", argv),
+                                        timeout=timeout,
+                                        env=None if env is None else {**os.environ, **env})
         except subprocess.TimeoutExpired:
             raise BenchError(f"{what} did not finish within {timeout:.0f}s") from None
         wall = time.monotonic() - t0
         after = self.proxy_cpu()
-        cpu = {side: round(100 * (after[side] - before.get(side, 0.0)) / wall, 1)
-               for side in after}
+        usage = Usage(wall, {k: after[k] - before.get(k, 0.0) for k in after}, dict(rss.peak))
+        self.check_proxies()
+        return out, usage
+
+    def measure(self, what: str, argv: list[str], timeout: float) -> tuple[dict[str, Any],
+                                                                           dict[str, float]]:
+        """Run one client program in A; returns its JSON and the proxies' CPU % meanwhile."""
+        out, usage = self.run_client(what, argv, timeout)
         try:
             doc = json.loads(out.stdout)
         except json.JSONDecodeError:
@@ -386,8 +617,7 @@ class Bench:
                              f"{out.stderr.strip()[-400:] or out.stdout[-400:]}") from None
         if out.returncode != 0 or doc.get("error"):
             raise BenchError(f"{what} failed: {doc.get('error') or out.stderr.strip()[-400:]}")
-        self.check_proxies()
-        return doc, cpu
+        return doc, usage.cpu_percent()
 
     def iperf(self, case: str, streams: int) -> tuple[dict[str, Any], dict[str, float]]:
         host, port, _ = self.targets(case)
@@ -423,6 +653,161 @@ class Bench:
             sys.executable, TCPLOAD, "cps", "--connect", f"{host}:{port}", "--size", str(p.size),
             "--seconds", str(p.cps_seconds), "--workers", str(p.cps_workers)],
             timeout=p.cps_seconds + 30)
+
+    # -- HTTP measurements (L7 cases) -------------------------------------------------------
+
+    def http_url(self, case: str) -> str:
+        if case == "haproxy-http1":
+            return f"http://127.0.0.1:{HAPROXY_A[HTTP1_PORT]}/"
+        port = next(sp for sp, tp in HTTP_SERVICE_PORTS.items()
+                    if tp == (H2_PORT if case.endswith("http2") else HTTP1_PORT))
+        return f"http://{HTTP_VIP}:{port}/"
+
+    def wrk(self, what: str, url: str, seconds: int, rate: int = 0) -> tuple[HttpLoad, Usage]:
+        """wrk -t1 -c<http_connections>; ``rate`` > 0 paces it (wrk_bench.lua)."""
+        argv = httpload.wrk_argv(url, self.params.http_connections, seconds)
+        out, usage = self.run_client(what, argv, timeout=seconds + 30,
+                                     env={"WRK_RATE": str(rate)})
+        if out.returncode != 0:
+            raise BenchError(f"{what}: wrk exited with {out.returncode}: "
+                             f"{(out.stderr or out.stdout).strip()[-400:]}")
+        load = httpload.parse_wrk(out.stdout)
+        problems = httpload.load_problems(load, what, self.params.http_body)
+        if problems:
+            raise BenchError("; ".join(problems))
+        return load, usage
+
+    def h2load(self, what: str, url: str) -> tuple[HttpLoad, Usage]:
+        p = self.params
+        log_file = self.workdir / "h2load-requests.log"
+        log_file.unlink(missing_ok=True)
+        argv = httpload.h2load_argv(url, p.h2_clients, p.h2_streams, p.http_seconds,
+                                    p.http_warmup_seconds, log_file)
+        out, usage = self.run_client(what, argv,
+                                     timeout=p.http_seconds + p.http_warmup_seconds + 30)
+        if out.returncode != 0:
+            raise BenchError(f"{what}: h2load exited with {out.returncode}: "
+                             f"{(out.stderr or out.stdout).strip()[-400:]}")
+        try:
+            log_text = log_file.read_text()
+        except OSError as exc:
+            raise BenchError(f"{what}: h2load wrote no --log-file {log_file}: {exc}") from None
+        load = httpload.parse_h2load(out.stdout, log_text)
+        problems = httpload.load_problems(load, what, p.http_body)
+        if problems:
+            raise BenchError("; ".join(problems))
+        return load, usage
+
+    def waypoint_evidence(self, cfg: Path, url: str) -> dict[str, Any]:
+        """What the waypoint did and had in force: its request and retry counters (metrics
+        are always on) and, from the same pure plan the waypoint runs (explain --http), the
+        route and retry policy for the bench's requests."""
+        from ztunnel_cfg.explain import HttpQuery, explain
+        from ztunnel_cfg.snapshot import load_snapshot
+
+        text = self.metrics_text(self.waypoint_pod.netns_path, "the waypoint")
+        target = url.removeprefix("http://").rstrip("/")
+        plan = explain(load_snapshot(cfg), f"default/{CLIENT_POD}", target,
+                       HttpQuery("GET", "/"))
+        if plan.l7 is None:
+            raise BenchError(f"explain says {target} from {CLIENT_POD} does not go through "
+                             f"the waypoint (check bench_config's waypoint for {HTTP_SERVICE})")
+        return {
+            "requests_counted": metric_sum(text, "istio_requests_total",
+                                           reporter="waypoint"),
+            "requests_200": metric_sum(text, "istio_requests_total", reporter="waypoint",
+                                       response_code="200"),
+            "retries": metric_sum(text, "nodeproxy_waypoint_retries_total"),
+            "route": plan.l7.route,
+            "retry": plan.l7.retry,
+            "timeout": plan.l7.timeout,
+        }
+
+    def run_http_case(self, case: str, pki: dict[str, Path], result: dict[str, Any]) -> None:
+        """Set up the case's proxies and take its HTTP measurements into ``result``; a load
+        that fails through the waypoint names the waypoint's log."""
+        try:
+            self._run_http_case(case, pki, result)
+        except BenchError as exc:
+            waypoint = next((p for p in self.proxies if p.role == "waypoint"), None)
+            if waypoint is None or str(waypoint.log_path) in str(exc):
+                raise
+            raise BenchError(f"{exc} (waypoint log {waypoint.log_path}: "
+                             f"{tail(waypoint.log_path, 300)})") from None
+
+    def _run_http_case(self, case: str, pki: dict[str, Path], result: dict[str, Any]) -> None:
+        p = self.params
+        waypoint = case.startswith("waypoint-")
+        cfg: Path | None = None
+        if case == "haproxy-http1":
+            log(f"{case}: haproxy (mode http) in pod A (CPU 0) and pod B (CPU 1)")
+            self.haproxy_setup(pki, mode="http")
+        else:
+            where = ", waypoint in pod " + WAYPOINT_POD + " (CPU 1)" if waypoint else ""
+            log(f"{case}: agents on node1 (CPU 0) and node2 (CPU 1){where}")
+            cfg = self.nodeproxy_setup(pki, waypoint=waypoint)
+        url = self.http_url(case)
+        metrics, detail, cpu = result["metrics"], result["detail"], result["proxy_cpu_percent"]
+        if waypoint:  # the baseline the load's RSS adds to: ready, no request served yet
+            metrics["waypoint_rss_idle_mib"] = sum(
+                proc_rss_mib(p.proc.pid) or 0.0 for p in self.proxies if p.role == "waypoint")
+        if case.endswith("http1"):
+            # Untimed, paced: opens the pooled connections before anything is measured.
+            self.wrk(f"{case} warm-up", url, p.http_warmup_seconds, rate=p.paced_rate)
+            # The paced run comes first, so its RSS is not the saturating run's high-water.
+            load, usage = self.wrk(f"{case} at {p.paced_rate} req/s", url, p.http_seconds,
+                                   rate=p.paced_rate)
+            self._http_figures(case, "paced_", load, usage, metrics, detail, cpu)
+            load, usage = self.wrk(f"{case} wrk -c{p.http_connections}", url, p.http_seconds)
+        else:
+            load, usage = self.h2load(f"{case} h2load -c{p.h2_clients} -m{p.h2_streams}", url)
+        self._http_figures(case, "", load, usage, metrics, detail, cpu)
+        if waypoint:
+            assert cfg is not None
+            evidence = self.waypoint_evidence(cfg, url)
+            detail["waypoint"] = evidence
+            measured = load.requests + detail.get("paced_load", {}).get("requests", 0)
+            log(f"{case}: waypoint counted {evidence['requests_counted']:,.0f} requests "
+                f"(metrics on), {evidence['retries']:,.0f} retries; retry policy in force: "
+                f"{evidence['retry']}")
+            if evidence["requests_counted"] < measured:
+                raise BenchError(
+                    f"the waypoint counted {evidence['requests_counted']:.0f} requests in "
+                    f"istio_requests_total but the client completed {measured}: requests "
+                    f"did not all go through it (log {self.workdir / 'waypoint.log'})")
+        if cfg is not None:
+            opened = self.mesh_connections("node1")
+            detail["mesh_connections_opened_node1"] = opened
+            if opened <= 0:
+                raise BenchError("agent on node1 counted no connection: traffic was not "
+                                 "captured (check the REDIRECT rules in pod A)")
+
+    def _http_figures(self, case: str, prefix: str, load: HttpLoad, usage: Usage,
+                      metrics: dict[str, Any], detail: dict[str, Any],
+                      cpu: dict[str, Any]) -> None:
+        percent = usage.cpu_percent()
+        metrics[f"{prefix}rps"] = load.rps
+        metrics[f"{prefix}p50_us"] = load.p50_us
+        metrics[f"{prefix}p99_us"] = load.p99_us
+        for account in ("client", "server"):
+            if account in percent:
+                metrics[f"{prefix}{account}_proxy_cpu"] = percent[account]
+        if "waypoint" in percent:
+            metrics[f"{prefix}waypoint_cpu"] = percent["waypoint"]
+            metrics[f"{prefix}waypoint_rss_mib"] = usage.rss_peak_mib.get("waypoint")
+            per_vcpu = httpload.per_cpu_second(load.requests, usage.cpu_seconds["waypoint"])
+            if per_vcpu is not None:
+                metrics[f"{prefix}rps_per_waypoint_vcpu"] = per_vcpu
+        detail[f"{prefix}load"] = {**load.to_document(), "wall_seconds": usage.wall,
+                                   "cpu_seconds": dict(usage.cpu_seconds),
+                                   "rss_peak_mib": dict(usage.rss_peak_mib)}
+        cpu[prefix.rstrip("_") or "load"] = percent
+        rss = usage.rss_peak_mib.get("waypoint")
+        log(f"{case}: {'paced ' if prefix else ''}{load.rps:,.0f} req/s, p50 "
+            f"{load.p50_us:,.0f} us, p99 {load.p99_us:,.0f} us{_cpu_text(percent)}"
+            + (f", waypoint RSS {rss:.1f} MiB" if rss is not None else ""))
+
+    # -- profiling ----------------------------------------------------------------------------
 
     def profile_agents(self, case: str) -> dict[str, Any]:
         """Extra passes (not part of the figures: sampling costs CPU) of the 1-stream iperf3,
@@ -465,59 +850,67 @@ class Bench:
                     f"{pct:.0f}% {frame}" for frame, pct in out[key]["top_self"][:5]))
         return out
 
+    # -- cases --------------------------------------------------------------------------------
+
+    def run_l4_case(self, case: str, pki: dict[str, Path], result: dict[str, Any]) -> None:
+        if case == "haproxy":
+            log("haproxy: starting haproxy in pod A (CPU 0) and pod B (CPU 1)")
+            self.haproxy_setup(pki)
+        elif case == "nodeproxy":
+            log("nodeproxy: starting agents on node1 (CPU 0) and node2 (CPU 1)")
+            self.nodeproxy_setup(pki)
+        metrics, detail, cpu = result["metrics"], result["detail"], result["proxy_cpu_percent"]
+        for streams in (1, 4):
+            res, cpu[f"tput{streams}"] = self.iperf(case, streams)
+            metrics[f"tput{streams}_gbps"] = res["gbps"]
+            detail[f"iperf_{streams}"] = res
+            log(f"{case}: iperf3 {streams} stream(s): {res['gbps']:.2f} Gbit/s"
+                f"{_cpu_text(cpu[f'tput{streams}'])}")
+        res, cpu["rr"] = self.rr(case)
+        metrics["rr_p50_us"], metrics["rr_p99_us"] = res["p50_us"], res["p99_us"]
+        detail["rr"] = res
+        log(f"{case}: request/response p50 {res['p50_us']:.0f} us, "
+            f"p99 {res['p99_us']:.0f} us{_cpu_text(cpu['rr'])}")
+        res, cpu["cps"] = self.cps(case)
+        metrics["cps"] = res["per_second"]
+        detail["cps"] = res
+        log(f"{case}: {res['per_second']:,.0f} connections/s "
+            f"({res['errors']} errors){_cpu_text(cpu['cps'])}")
+        if res["connections"] == 0:
+            raise BenchError(f"no connection succeeded: {res['error_kinds']}")
+        if case == "nodeproxy" and self.profile_dir is not None:
+            result["profile"] = self.profile_agents(case)
+        if case == "nodeproxy":
+            opened = self.mesh_connections("node1")
+            detail["mesh_connections_opened_node1"] = opened
+            if opened <= 0:
+                raise BenchError("agent on node1 counted no connection: traffic was not "
+                                 "captured (check the REDIRECT rules in pod A)")
+
     def run_case(self, case: str, pki: dict[str, Path]) -> dict[str, Any]:
         """Set the case up, take every measurement, tear its proxies down."""
         started = time.monotonic()
         result: dict[str, Any] = {"ok": False, "error": None, "metrics": {}, "detail": {},
                                   "proxy_cpu_percent": {}}
         try:
-            if case == "haproxy":
-                log("haproxy: starting haproxy in pod A (CPU 0) and pod B (CPU 1)")
-                self.haproxy_setup(pki)
-            elif case == "nodeproxy":
-                log("nodeproxy: starting agents on node1 (CPU 0) and node2 (CPU 1)")
-                self.nodeproxy_setup(pki)
-            metrics, detail, cpu = result["metrics"], result["detail"], result[
-                "proxy_cpu_percent"]
-            for streams in (1, 4):
-                res, cpu[f"tput{streams}"] = self.iperf(case, streams)
-                metrics[f"tput{streams}_gbps"] = res["gbps"]
-                detail[f"iperf_{streams}"] = res
-                log(f"{case}: iperf3 {streams} stream(s): {res['gbps']:.2f} Gbit/s"
-                    f"{_cpu_text(cpu[f'tput{streams}'])}")
-            res, cpu["rr"] = self.rr(case)
-            metrics["rr_p50_us"], metrics["rr_p99_us"] = res["p50_us"], res["p99_us"]
-            detail["rr"] = res
-            log(f"{case}: request/response p50 {res['p50_us']:.0f} us, "
-                f"p99 {res['p99_us']:.0f} us{_cpu_text(cpu['rr'])}")
-            res, cpu["cps"] = self.cps(case)
-            metrics["cps"] = res["per_second"]
-            detail["cps"] = res
-            log(f"{case}: {res['per_second']:,.0f} connections/s "
-                f"({res['errors']} errors){_cpu_text(cpu['cps'])}")
-            if res["connections"] == 0:
-                raise BenchError(f"no connection succeeded: {res['error_kinds']}")
-            if case == "nodeproxy" and self.profile_dir is not None:
-                result["profile"] = self.profile_agents(case)
-            if case == "nodeproxy":
-                opened = self.mesh_connections("node1")
-                detail["mesh_connections_opened_node1"] = opened
-                if opened <= 0:
-                    raise BenchError("agent on node1 counted no connection: traffic was not "
-                                     "captured (check the REDIRECT rules in pod A)")
+            if "http" in case:
+                self.run_http_case(case, pki, result)
+            else:
+                self.run_l4_case(case, pki, result)
             result["ok"] = True
         except BenchError as exc:
             result["error"] = str(exc)
             log(f"{case}: FAILED: {exc}")
             for p in self.proxies:
                 result.setdefault("logs", {})[p.log_path.stem] = tail(p.log_path, 1500)
+                result.setdefault("log_files", {})[p.log_path.stem] = str(p.log_path)
         finally:
             self.stop_proxies()
             result["seconds"] = round(time.monotonic() - started, 1)
         return result
 
 
-def _cpu_text(cpu: dict[str, float]) -> str:
+def _cpu_text(cpu: Mapping[str, float]) -> str:
     if not cpu:
         return ""
     return " [proxy CPU " + ", ".join(f"{k} {v:.0f}%" for k, v in sorted(cpu.items())) + "]"

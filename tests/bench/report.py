@@ -1,8 +1,11 @@
-"""Pure part of the benchmark: ratios, targets and the printed table (no I/O).
+"""Pure part of the benchmark: ratios, targets and the printed tables (no I/O).
 
 A case result is a dict ``{"ok": bool, "error": str | None, "metrics": {name: float}}``.
-Every ratio is ``case / reference`` for the same metric measured in the same run, so a ratio
-above 1.0 means "more" (better for throughput and connections/s, worse for latency).
+L4 cases (direct, haproxy, nodeproxy): every ratio is ``case / reference`` for the same metric
+measured in the same run, so a ratio above 1.0 means "more" (better for throughput and
+connections/s, worse for latency).  L7 cases (haproxy-http1, l4-http1, waypoint-http1,
+waypoint-http2): absolute figures, the waypoint's added latency over l4-http1 (a difference,
+may be negative within noise) and issue 12's absolute limits.
 """
 
 from __future__ import annotations
@@ -12,7 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-CASES = ("direct", "haproxy", "nodeproxy")
+L4_CASES = ("direct", "haproxy", "nodeproxy")
+HTTP_CASES = ("haproxy-http1", "l4-http1", "waypoint-http1", "waypoint-http2")
+# Run order: haproxy cases before any agent case, since agents leave capture rules in the pods
+# (traffic fails closed) until the namespaces are deleted.
+CASES = ("direct", "haproxy", "haproxy-http1", "nodeproxy", "l4-http1", "waypoint-http1",
+         "waypoint-http2")
+L4_REFERENCE = "l4-http1"  # the waypoint's added latency is measured over this path
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +87,8 @@ def ratio(cases: Mapping[str, Mapping[str, Any]], case: str, ref: str,
 def ratios(cases: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     """``{case: {"vs_direct"|"vs_haproxy": {metric: ratio}}}`` for every pair that ran."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for i, case in enumerate(CASES):
-        for ref in CASES[:i]:  # references come first: haproxy vs direct, nodeproxy vs both
+    for i, case in enumerate(L4_CASES):
+        for ref in L4_CASES[:i]:  # references come first: haproxy vs direct, nodeproxy vs both
             row = {m.key: r for m in METRICS if (r := ratio(cases, case, ref, m.key)) is not None}
             if row:
                 out.setdefault(case, {})[f"vs_{ref}"] = row
@@ -87,14 +96,204 @@ def ratios(cases: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[s
 
 
 def targets(cases: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every target with its verdict: issue 3's ratios (``ratio`` to ``reference``; ``value``
+    is the case's figure) and issue 12's limits on ``value`` (``ratio`` None); ``met`` is
+    None when a case it needs did not run or failed."""
     out = []
     for t in TARGETS:
         r = ratio(cases, t.case, t.reference, t.metric)
         out.append({
             "metric": t.metric, "case": t.case, "reference": t.reference,
-            "target": t.text(), "ratio": r, "met": None if r is None else t.met(r),
+            "target": t.text(), "value": _value(cases, t.case, t.metric), "ratio": r,
+            "met": None if r is None else t.met(r),
+        })
+    for limit in LIMITS:
+        v = limit_value(cases, limit)
+        out.append({
+            "metric": limit.metric, "case": limit.case, "reference": limit.reference,
+            "target": limit.text(), "value": v, "ratio": None,
+            "met": None if v is None else limit.met(v),
         })
     return out
+
+
+# -- L7 (issue 12) ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMetric:
+    key: str
+    label: str
+    unit: str
+    cases: tuple[str, ...] = HTTP_CASES  # where it is measured (others show "")
+
+
+HTTP1 = ("haproxy-http1", "l4-http1", "waypoint-http1")
+WAYPOINTS = ("waypoint-http1", "waypoint-http2")
+HTTP_METRICS = (
+    HttpMetric("rps", "requests/s", "req/s"),
+    HttpMetric("p50_us", "p50 latency", "us"),
+    HttpMetric("p99_us", "p99 latency", "us"),
+    HttpMetric("added_p50_us", "added p50 over l4-http1", "us", ("haproxy-http1",
+                                                                  "waypoint-http1")),
+    HttpMetric("client_proxy_cpu", "client-side proxy CPU", "%"),
+    HttpMetric("server_proxy_cpu", "server-side proxy CPU", "%"),
+    HttpMetric("waypoint_cpu", "waypoint CPU", "%", WAYPOINTS),
+    HttpMetric("waypoint_rss_idle_mib", "waypoint RSS when ready (idle)", "MiB", WAYPOINTS),
+    HttpMetric("waypoint_rss_mib", "waypoint RSS (peak)", "MiB", WAYPOINTS),
+    HttpMetric("rps_per_waypoint_vcpu", "requests/s per waypoint vCPU", "req/s", WAYPOINTS),
+    HttpMetric("paced_rps", "paced: rate achieved", "req/s", HTTP1),
+    HttpMetric("paced_p50_us", "paced: p50 latency", "us", HTTP1),
+    HttpMetric("paced_p99_us", "paced: p99 latency", "us", HTTP1),
+    HttpMetric("paced_added_p50_us", "paced: added p50 over l4-http1", "us",
+               ("haproxy-http1", "waypoint-http1")),
+    HttpMetric("paced_client_proxy_cpu", "paced: client-side proxy CPU", "%", HTTP1),
+    HttpMetric("paced_server_proxy_cpu", "paced: server-side proxy CPU", "%", HTTP1),
+    HttpMetric("paced_waypoint_cpu", "paced: waypoint CPU", "%", ("waypoint-http1",)),
+    HttpMetric("paced_waypoint_rss_mib", "paced: waypoint RSS (peak)", "MiB",
+               ("waypoint-http1",)),
+)
+# What an HTTP case must have measured when it reports ok (derived figures excluded).
+HTTP_REQUIRED: dict[str, tuple[str, ...]] = {
+    case: tuple(m.key for m in HTTP_METRICS
+                if case in m.cases and "added" not in m.key)
+    for case in HTTP_CASES
+}
+DERIVED = {"added_p50_us": "p50_us", "paced_added_p50_us": "paced_p50_us"}
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """``metric`` of ``case`` must be ``>= bound`` (or ``<=`` when ``at_most``): issue 12's
+    absolute targets, printed never asserted."""
+
+    metric: str
+    case: str
+    bound: float
+    unit: str
+    at_most: bool = False
+    reference: str | None = None  # for differences: the case subtracted
+
+    def text(self) -> str:
+        return f"{'<=' if self.at_most else '>='} {self.bound:,.0f} {self.unit}"
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.at_most else value >= self.bound
+
+
+LIMITS = (
+    # Istio 1.24 publishes 0.25 vCPU per 1,000 rps for a waypoint: 4,000 req/s per vCPU.
+    Limit("rps_per_waypoint_vcpu", "waypoint-http1", 4000, "req/s"),
+    Limit("rps_per_waypoint_vcpu", "waypoint-http2", 4000, "req/s"),
+    # Added latency: the saturated pair shows the throughput gap too (closed loop: latency =
+    # connections / rate); the paced pair at 1,000 req/s is what the waypoint adds to a request.
+    Limit("added_p50_us", "waypoint-http1", 1000, "us", at_most=True, reference=L4_REFERENCE),
+    Limit("paced_added_p50_us", "waypoint-http1", 1000, "us", at_most=True,
+          reference=L4_REFERENCE),
+    Limit("paced_waypoint_rss_mib", "waypoint-http1", 60, "MiB", at_most=True),
+)
+
+
+def http_value(cases: Mapping[str, Mapping[str, Any]], case: str, key: str) -> float | None:
+    """A measured or derived L7 figure; derived differences may be zero or negative."""
+    if key in DERIVED:
+        a, b = (_value(cases, case, DERIVED[key]), _value(cases, L4_REFERENCE, DERIVED[key]))
+        return None if a is None or b is None else a - b
+    return _value(cases, case, key)
+
+
+def limit_value(cases: Mapping[str, Mapping[str, Any]], limit: Limit) -> float | None:
+    return http_value(cases, limit.case, limit.metric)
+
+
+def _fmt_http(value: float | None, unit: str, signed: bool) -> str:
+    if value is None:
+        return "-"
+    if unit == "%":
+        return f"{value:.0f}%"
+    if unit == "MiB":
+        return f"{value:.1f}"
+    return f"{value:+,.0f}" if signed else f"{value:,.0f}"
+
+
+def http_table(cases: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any]) -> str:
+    """The L7 summary: one column per HTTP case that ran, issue 12's limits with verdicts."""
+    ran = [c for c in HTTP_CASES if c in cases]
+    cols = ["metric", "unit", *ran, "target"]
+    limits: dict[str, list[Limit]] = {}
+    for limit in LIMITS:
+        limits.setdefault(limit.metric, []).append(limit)
+    rows: list[list[str]] = []
+    for m in HTTP_METRICS:
+        if not any(c in m.cases for c in ran):
+            continue
+        target = ""
+        if m.key in limits:
+            verdicts = []
+            for limit in limits[m.key]:
+                v = limit_value(cases, limit)
+                if v is not None and limit.case in ran:
+                    verdicts.append(f"{limit.case} {'met' if limit.met(v) else 'MISSED'}")
+            target = limits[m.key][0].text() + (f": {', '.join(verdicts)}" if verdicts else "")
+        rows.append([m.label, m.unit, *(
+            _fmt_http(http_value(cases, c, m.key), m.unit, m.key in DERIVED)
+            if c in m.cases else "" for c in ran), target])
+    out = _grid(cols, rows)
+    for case in ran:
+        res = cases[case]
+        if not res.get("ok"):
+            out.append(f"{case}: FAILED: {res.get('error')}")
+    out += http_notes(cases, params)
+    return "\n".join(out)
+
+
+def http_notes(cases: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any]) -> list[str]:
+    """How the L7 figures were taken, and what the waypoint had on while they were."""
+    conns = params.get("http_connections", "?")
+    notes = [
+        f"load: HTTP/1.1 keep-alive, {params.get('http_body', '?')} B responses, wrk -t1 "
+        f"-c{conns} for {params.get('http_seconds', '?')} s; HTTP/2: h2load (h2c, prior "
+        f"knowledge) -c{params.get('h2_clients', '?')} -m{params.get('h2_streams', '?')}; "
+        f"paced: wrk -c{conns} held to {params.get('paced_rate', '?')} req/s (wrk_bench.lua)",
+        "added p50 = case p50 - l4-http1 p50 in this run; saturated runs are closed loop "
+        "(latency = connections / rate), the paced pair is the per-request cost",
+        "requests/s per waypoint vCPU = requests / waypoint CPU-seconds over the same run",
+    ]
+    for case in ("waypoint-http1", "waypoint-http2"):
+        res = cases.get(case)
+        evidence = (res or {}).get("detail", {}).get("waypoint")
+        if res and res.get("ok") and evidence:
+            notes.append(
+                f"{case}: retries ON ({evidence.get('retry')}; "
+                f"{evidence.get('retries', 0):,.0f} retried), metrics ON "
+                f"(istio_requests_total{{reporter=\"waypoint\"}} counted "
+                f"{evidence.get('requests_counted', 0):,.0f}), access log ON")
+    return notes
+
+
+def table(cases: Mapping[str, Mapping[str, Any]],
+          params: Mapping[str, Any] | None = None) -> str:
+    """The human-readable summary: the L4 table (absolute figures, ratios, targets) for the
+    L4 cases that ran, then the L7 table for the HTTP cases that ran."""
+    parts = []
+    if any(c in cases for c in L4_CASES):
+        parts.append(l4_table(cases))
+    if any(c in cases for c in HTTP_CASES):
+        parts.append(http_table(cases, params or {}))
+    return "\n\n".join(parts)
+
+
+def _grid(cols: list[str], rows: list[list[str]]) -> list[str]:
+    """Header, rule and rows; label, unit and target columns left-aligned, figures right."""
+    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in (0, 1, len(cols) - 1) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -111,9 +310,9 @@ def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def table(cases: Mapping[str, Mapping[str, Any]]) -> str:
-    """The human-readable summary: absolute figures per case, ratios, targets."""
-    ran = [c for c in CASES if c in cases]
+def l4_table(cases: Mapping[str, Mapping[str, Any]]) -> str:
+    """Absolute figures per L4 case, ratios, issue 3's targets."""
+    ran = [c for c in L4_CASES if c in cases]
     cols = ["metric", "unit", *ran, "np/haproxy", "np/direct", "haproxy/direct", "target"]
     rows: list[list[str]] = []
     by_metric = {t.metric: t for t in TARGETS}
@@ -131,15 +330,7 @@ def table(cases: Mapping[str, Mapping[str, Any]]) -> str:
             _fmt_ratio(ratio(cases, "haproxy", "direct", m.key)),
             target,
         ])
-    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i in (0, 1, len(cols) - 1) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    out = [line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    out = _grid(cols, rows)
     for case in ran:
         res = cases[case]
         if not res.get("ok"):
@@ -161,8 +352,10 @@ def check_result_document(doc: Mapping[str, Any]) -> list[str]:
             continue
         if not res.get("ok"):
             continue
-        for m in METRICS:
-            v = res.get("metrics", {}).get(m.key)
+        required = HTTP_REQUIRED[name] if name in HTTP_REQUIRED else tuple(
+            m.key for m in METRICS)
+        for key in required:
+            v = res.get("metrics", {}).get(key)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                problems.append(f"{name}.{m.key} = {v!r} is not a positive number")
+                problems.append(f"{name}.{key} = {v!r} is not a positive number")
     return problems
