@@ -24,6 +24,8 @@ WRK_JSON_MARK = "BENCH-JSON "
 # A load with more failed requests than this is not measured: errors are cheap to answer, so
 # rates would be the error path's.  Status errors (non-2xx/3xx) are never tolerated.
 MAX_SOCKET_ERROR_SHARE = 0.01
+# A paced run that falls this far short of its rate did not measure the path "at" that rate.
+MIN_PACED_SHARE = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,10 @@ def load_problems(load: HttpLoad, what: str, body_size: int) -> list[str]:
     if load.socket_errors > MAX_SOCKET_ERROR_SHARE * load.requests:
         problems.append(f"{what}: {load.socket_errors} socket errors/timeouts for "
                         f"{load.requests} requests (over {MAX_SOCKET_ERROR_SHARE:.0%})")
+    if load.rate_target and load.rps < MIN_PACED_SHARE * load.rate_target:
+        problems.append(f"{what}: {load.requests} requests at {load.rps:,.0f} req/s, under "
+                        f"{MIN_PACED_SHARE:.0%} of the {load.rate_target:,.0f} req/s it was paced "
+                        "to (requests stalled, or the path cannot sustain the rate)")
     if load.bytes_per_response is not None and load.bytes_per_response < body_size:
         problems.append(f"{what}: responses averaged {load.bytes_per_response:.0f} bytes, less "
                         f"than the {body_size}-byte body: not the bench server answering")

@@ -152,6 +152,8 @@ HTTP_METRICS = (
     HttpMetric("paced_waypoint_cpu", "paced: waypoint CPU", "%", ("waypoint-http1",)),
     HttpMetric("paced_waypoint_rss_mib", "paced: waypoint RSS (peak)", "MiB",
                ("waypoint-http1",)),
+    HttpMetric("paced_rps_per_waypoint_vcpu", "paced: requests/s per waypoint vCPU", "req/s",
+               ("waypoint-http1",)),
 )
 # What an HTTP case must have measured when it reports ok (derived figures excluded).
 HTTP_REQUIRED: dict[str, tuple[str, ...]] = {
@@ -185,6 +187,7 @@ LIMITS = (
     # Istio 1.24 publishes 0.25 vCPU per 1,000 rps for a waypoint: 4,000 req/s per vCPU.
     Limit("rps_per_waypoint_vcpu", "waypoint-http1", 4000, "req/s"),
     Limit("rps_per_waypoint_vcpu", "waypoint-http2", 4000, "req/s"),
+    Limit("paced_rps_per_waypoint_vcpu", "waypoint-http1", 4000, "req/s"),  # Istio's own rate
     # Added latency: the saturated pair shows the throughput gap too (closed loop: latency =
     # connections / rate); the paced pair at 1,000 req/s is what the waypoint adds to a request.
     Limit("added_p50_us", "waypoint-http1", 1000, "us", at_most=True, reference=L4_REFERENCE),

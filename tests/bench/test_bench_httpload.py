@@ -138,6 +138,11 @@ def test_nearest_rank_of_nothing_is_an_error() -> None:
                  ["x: responses averaged 159 bytes, less than the 1024-byte body: not the "
                   "bench server answering"], id="short-responses"),
     pytest.param(_load(bytes_per_response=None), [], id="h2load-has-no-byte-count"),
+    pytest.param(_load(rate_target=1000.0, rps=900.0), [], id="paced-at-90pct"),
+    pytest.param(_load(rate_target=1000.0, rps=16.0, requests=16),
+                 ["x: 16 requests at 16 req/s, under 90% of the 1,000 req/s it was paced to "
+                  "(requests stalled, or the path cannot sustain the rate)"],
+                 id="paced-run-stalled"),
     pytest.param(_load(requests=0, socket_errors=3, status_errors=1),
                  ["x: no request completed (3 failed)"], id="nothing-completed"),
 ])
