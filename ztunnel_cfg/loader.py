@@ -24,7 +24,15 @@ from pydantic import TypeAdapter, ValidationError
 from yaml.constructor import SafeConstructor
 
 from ztunnel_cfg.errors import ConfigError, ConfigIssue
-from ztunnel_cfg.model import Config, Doc, IPAddress, Policy, TargetKind, describe
+from ztunnel_cfg.model import (
+    Config,
+    Doc,
+    IPAddress,
+    Policy,
+    TargetKind,
+    TrafficType,
+    describe,
+)
 
 __all__ = ["LoadResult", "load_config_file", "load_config_text", "locate", "validate_config_text"]
 
@@ -34,19 +42,6 @@ _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _NULL = "tag:yaml.org,2002:null"
 
-# Keys the loader accepts that no code acts on yet (issue 12: the waypoint proxy).
-NOT_IMPLEMENTED = {
-    "waypoints": "no waypoint proxy is implemented yet: the entries are checked but have no effect",
-    "routes": "no waypoint proxy is implemented yet to apply L7 routes: the entries are checked "
-    "but have no effect",
-    "trafficPolicies": "no waypoint proxy is implemented yet to apply traffic policies: the "
-    "entries are checked but have no effect",
-}
-# Policies with targetRefs are enforced only by waypoints (same issue).
-NOT_ENFORCED_TARGET_REFS = (
-    "it has targetRefs, so only waypoint proxies enforce it, and none is implemented yet: "
-    "it is checked but has no effect"
-)
 
 # Removing every workload un-enrols every pod, so it must be written out, never implied by an
 # empty or half-written file.
@@ -577,12 +572,16 @@ class _Checker:
                             f"service {key!r} has no port {port}",
                             key=True,
                         )
-            if w.waypoint is not None and self.ok((*loc, "waypoint")):
-                check_service(w.waypoint.destination, (*loc, "waypoint"), "waypoint")
+            if w.waypoint is not None and self.ok((*loc, "waypoint")) and check_service(
+                    w.waypoint.destination, (*loc, "waypoint"), "waypoint"):
+                self._check_waypoint_use(c, w.waypoint.destination, (*loc, "waypoint"),
+                                         f"workload {w.key}", TrafficType.WORKLOAD)
         for i, s in enumerate(c.services):
             loc = self.at("services", i)
-            if s.waypoint is not None and self.ok((*loc, "waypoint")):
-                check_service(s.waypoint.destination, (*loc, "waypoint"), "waypoint")
+            if s.waypoint is not None and self.ok((*loc, "waypoint")) and check_service(
+                    s.waypoint.destination, (*loc, "waypoint"), "waypoint"):
+                self._check_waypoint_use(c, s.waypoint.destination, (*loc, "waypoint"),
+                                         f"service {s.key}", TrafficType.SERVICE)
         for i, wp in enumerate(c.waypoints):
             loc = self.at("waypoints", i)
             if self.ok((*loc, "service")):
@@ -619,6 +618,22 @@ class _Checker:
                     f"already defined at {seen_pa[target]}",
                 )
             seen_pa.setdefault(target, f"peerAuthentication[{loc[1]}]")
+
+    def _check_waypoint_use(self, c: Config, key: str, loc: Loc, user: str,
+                            kind: TrafficType) -> None:
+        """A ``waypoint:`` must name the service of a ``waypoints:`` entry whose trafficType
+        covers this kind of traffic (Istio's istio.io/waypoint-for)."""
+        declared = [wp for wp in c.waypoints if wp.service == key]
+        if not declared:
+            self.warn(loc, f"{user} names waypoint service {key!r}, but no 'waypoints:' entry "
+                           "declares it: no waypoint proxy serves it, so traffic to "
+                           f"{user} is refused until one does")
+            return
+        wp = declared[0]
+        if wp.traffic_type not in (kind, TrafficType.ALL):
+            self.error(loc, f"{user} uses waypoint {wp.key}, whose trafficType is "
+                            f"{wp.traffic_type.value}: it handles no {kind.value} traffic; "
+                            f"set trafficType: {kind.value} or all on the waypoint")
 
     def _check_uids(self, loc: Loc, uids: tuple[str, ...], by_uid: dict[str, str]) -> None:
         if not self.ok((*loc, "workloadUids")):
@@ -759,8 +774,7 @@ class _L7Checks:
         if not ck.ok(loc):
             return
         if policy.target_refs:
-            ck.warn(loc, f"policy {policy.key}: {NOT_ENFORCED_TARGET_REFS}")
-            return
+            return  # enforced by the waypoints it names
         fields = policy.http_fields()
         if fields:
             ck.warn(
@@ -827,10 +841,6 @@ def _check(doc: _Doc) -> Config:
             "workloads",
             f"config {doc.file} has no top-level 'workloads' list: {_WRITE_EMPTY_EXPLICITLY}",
         )
-    for key, why in NOT_IMPLEMENTED.items():
-        entry = next((e for e in doc.entries.get(id(root), []) if e[2] == key), None)
-        if entry is not None and data.get(key):
-            doc.warnings.append(doc.issue(entry[0], key, f"warning: {why}"))
     try:
         config = _validate(data)
         tainted: set[Loc] = set()

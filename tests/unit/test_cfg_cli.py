@@ -84,9 +84,6 @@ def test_validate_lists_every_error_with_position(runner: CliRunner) -> None:
         "examples/broken.yaml:9:17: workloads[0].workloadIps[0]: '10.0.0.300' is not an IP address"
     )
     assert result.stderr == (
-        # The example declares a waypoint: accepted, but no code acts on it yet.
-        "examples/cluster.yaml:120:1: waypoints: warning: no waypoint proxy is implemented yet: "
-        "the entries are checked but have no effect\n"
         f"{len(markers)} errors in 1 file (1 of 2 valid)\n"
     )
 

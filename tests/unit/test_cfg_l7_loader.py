@@ -780,7 +780,8 @@ def test_http_fields_without_target_refs_warn_with_policy_and_fields() -> None:
     assert "add targetRefs" in warning.message
 
 
-def test_target_ref_policies_warn_that_no_waypoint_enforces_them_yet() -> None:
+def test_target_ref_policies_load_without_warnings() -> None:
+    # Enforced by the waypoint they name; HTTP fields are what a waypoint checks.
     text = BASE + textwrap.dedent("""\
         policies:
         - name: p
@@ -790,13 +791,7 @@ def test_target_ref_policies_warn_that_no_waypoint_enforces_them_yet() -> None:
           rules: [[[{paths: [/x]}]]]
         """)
     warnings = validate_config_text(text).warnings
-    (policy_warning,) = [w for w in warnings if w.path == "policies[0]"]
-    assert "policy bookinfo/p: it has targetRefs, so only waypoint proxies enforce it" in (
-        policy_warning.message
-    )
-    assert "no effect" in policy_warning.message
-    # HTTP fields are what a waypoint checks: no fail-closed warning for such a policy.
-    assert "node agent cannot check" not in policy_warning.message
+    assert [w for w in warnings if w.path.startswith("policies")] == []
 
 
 def test_scope_defaults_to_namespace_with_target_refs() -> None:

@@ -475,7 +475,7 @@ def test_inbound_waypoint_admission(dst: str, peer: str | None, refused: bool) -
 
     why = inbound_waypoint_refusal(SNAPSHOT, w(dst), SpiffeId.parse(peer) if peer else None)
     assert (why is not None) is refused, why
-    if refused:
+    if why is not None:
         assert "bypasses the waypoint" in why
         assert "shop/waypoint.shop.svc.cluster.local" in why
 
@@ -486,7 +486,58 @@ def test_waypoints_are_not_captured() -> None:
     assert is_waypoint(SNAPSHOT, w("wp")) is False  # not declared under waypoints: here
     snap = Snapshot.build(load_config_text(CONFIG + """\
 waypoints:
-- {name: waypoint, namespace: shop, service: shop/waypoint.shop.svc.cluster.local}
+- {name: waypoint, namespace: shop, service: shop/waypoint.shop.svc.cluster.local,
+   trafficType: all}
 """, "routing.yaml"))
     assert is_waypoint(snap, next(x for x in snap.config.workloads if x.name == "wp"))
     assert not is_waypoint(snap, next(x for x in snap.config.workloads if x.name == "cart"))
+
+
+WAYPOINT_USE = """\
+workloads:
+- {name: wp, namespace: a, workloadIps: ["10.0.0.9"], node: n,
+   services: {a/wp.a.svc.cluster.local: {15008: 15008}}}
+- {name: pod, namespace: a, workloadIps: ["10.0.0.1"], node: n, %s
+   services: {a/web.a.svc.cluster.local: {80: 80}}}
+services:
+- {name: wp, namespace: a, vips: ["/10.96.0.9"], ports: {15008: 15008}}
+- {name: web, namespace: a, vips: ["/10.96.0.1"], ports: {80: 80}, %s}
+waypoints: [{name: wp, namespace: a, service: a/wp.a.svc.cluster.local, trafficType: %s}]
+"""
+USE = "waypoint: {destination: a/wp.a.svc.cluster.local}"
+
+
+@pytest.mark.parametrize(("workload", "service", "traffic_type", "error"), [
+    (False, True, "service", None),
+    (False, True, "all", None),
+    (True, False, "workload", None),
+    (True, True, "all", None),
+    (False, True, "workload", "service a/web.a.svc.cluster.local uses waypoint a/wp, whose "
+     "trafficType is workload: it handles no service traffic"),
+    (True, False, "service", "workload a/pod uses waypoint a/wp, whose trafficType is "
+     "service: it handles no workload traffic"),
+])
+def test_waypoint_traffic_type_is_checked(workload: bool, service: bool, traffic_type: str,
+                                          error: str | None) -> None:
+    from ztunnel_cfg.errors import ConfigError
+
+    text = WAYPOINT_USE % (USE + "," if workload else "", USE if service else "x: 1",
+                           traffic_type)
+    text = text.replace(", x: 1}", "}")
+    if error is None:
+        load_config_text(text, "t.yaml")
+        return
+    with pytest.raises(ConfigError) as exc:
+        load_config_text(text, "t.yaml")
+    assert error in str(exc.value)
+
+
+def test_waypoint_without_a_waypoints_entry_warns() -> None:
+    from ztunnel_cfg.loader import validate_config_text
+
+    text = (WAYPOINT_USE % ("", USE, "service")).replace("waypoints: [", "x: [")
+    text = text.replace("\nx: [{name: wp, namespace: a, service: a/wp.a.svc.cluster.local, "
+                        "trafficType: service}]", "")
+    (warning,) = validate_config_text(text, "t.yaml").warnings
+    assert "no 'waypoints:' entry declares it" in warning.message
+    assert "refused until one does" in warning.message
