@@ -23,7 +23,7 @@ from meshlab.topology import LabError
 # One line per transfer, fields split by tabs (none of them can hold a tab or a newline but
 # the error text, which comes last and is cut at the line's end).
 _WRITE_OUT = ("%{http_code}\\t%header{x-served-by}\\t%{time_total}\\t%{exitcode}\\t"
-              "%{url}\\t%{errormsg}\\n")
+              "%{num_connects}\\t%{url}\\t%{errormsg}\\n")
 # Marks where the response ends in ``fetch`` output (after headers and body).
 _END = "\n--meshlab-curl-end--\t%{http_code}\t%{exitcode}\t%{errormsg}\n"
 SERVED_BY = "x-served-by"
@@ -39,6 +39,7 @@ class CurlResult:
     exit_code: int  # curl's: 0 ok, 7 connect failed, 28 timeout, 52 empty reply, 56 recv ...
     url: str
     error: str = ""
+    connects: int = 0  # new connections curl opened for this transfer (0: it reused one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +78,16 @@ def parse_curl_results(text: str) -> list[CurlResult]:
     as ``--show-error`` messages, are skipped)."""
     results = []
     for line in text.splitlines():
-        parts = line.split("\t", 5)
-        if len(parts) < 5 or not parts[0].isdigit() or not parts[3].isdigit():
+        parts = line.split("\t", 6)
+        if len(parts) < 6 or not parts[0].isdigit() or not parts[3].isdigit() or \
+                not parts[4].isdigit():
             continue
         try:
             seconds = float(parts[2])
         except ValueError:
             continue
-        results.append(CurlResult(int(parts[0]), parts[1], seconds, int(parts[3]), parts[4],
-                                  parts[5] if len(parts) > 5 else ""))
+        results.append(CurlResult(int(parts[0]), parts[1], seconds, int(parts[3]), parts[5],
+                                  parts[6] if len(parts) > 6 else "", connects=int(parts[4])))
     return results
 
 

@@ -131,6 +131,12 @@ class BodyKind:
     CHUNKED: ClassVar[BodyKind]
     UNTIL_CLOSE: ClassVar[BodyKind]
 
+    @property
+    def empty(self) -> bool:
+        """No body bytes follow the head (none at all, or ``Content-Length: 0``)."""
+        return self.framing is Framing.NONE or \
+            (self.framing is Framing.LENGTH and self.length == 0)
+
     @staticmethod
     def of_length(length: int) -> BodyKind:
         if length < 0:

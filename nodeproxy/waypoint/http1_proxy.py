@@ -137,6 +137,10 @@ class Http1Session:
                 await self._local_reply(LocalReply(event.status, event.reason), None,
                                         close=True)
                 return
+            if isinstance(event, MessageEnd):
+                # The end of a bodyless request that was answered from its head alone (a
+                # body, when there is one, is read to its end or the connection closes).
+                continue
             if not isinstance(event, RequestHead):  # cannot happen: the reader orders events
                 return
             if not await self._exchange(event):
@@ -176,7 +180,7 @@ class Http1Session:
                      close: bool = False) -> bool:
         ex.status, ex.flags, ex.reason = reply.status, reply.flags, reply.reason
         # An unread request body cannot be skipped safely: close after answering.
-        close = close or head.body.framing is not Framing.NONE or not head.keep_alive
+        close = close or not head.body.empty or not head.keep_alive
         await self._local_reply(reply, head, close=close)
         return not close
 

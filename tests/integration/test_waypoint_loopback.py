@@ -154,39 +154,49 @@ class Lab:
     async def request(self, target: tuple[str, int], method: str, path: str,
                       body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
         """One HTTP/1.1 request from the client pod as if redirected to ``target``."""
-        sock = socket.socket()
-        sock.bind(("127.0.1.1", 0))
-        sock.setblocking(False)
-        self.targets[sock.getsockname()[:2]] = target
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.1.1", 15001))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        [reply] = await self.requests(target, [(method, path, body)], keep_alive=False)
+        return reply
+
+    async def requests(self, target: tuple[str, int], calls: list[tuple[str, str, bytes]], *,
+                       keep_alive: bool = True) -> list[tuple[int, dict[str, str], bytes]]:
+        """Several HTTP/1.1 requests in turn on one connection from the client pod."""
+        reader, writer = await self.open_raw(target)
+        replies: list[tuple[int, dict[str, str], bytes]] = []
         try:
-            writer.write(f"{method} {path} HTTP/1.1\r\nHost: echo\r\nContent-Length: "
-                         f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            parser = ResponseReader()
-            parser.expect_response(method)
-            head: ResponseHead | None = None
-            chunks: list[bytes] = []
-            while True:
-                data = await reader.read(65536)
-                events = parser.feed(data) if data else parser.feed_eof()
-                for event in events:
-                    if isinstance(event, ResponseHead):
-                        head = event
-                    elif isinstance(event, MessageEnd):
-                        assert head is not None
-                        return head.status, {n.lower(): v for n, v in head.headers}, \
-                            b"".join(chunks)
-                    elif hasattr(event, "data"):
-                        chunks.append(event.data)
-                    else:
-                        raise AssertionError(f"bad response: {event}")
-                if not data:
-                    raise AssertionError("connection closed before the response ended")
+            for method, path, body in calls:
+                connection = "keep-alive" if keep_alive else "close"
+                writer.write(f"{method} {path} HTTP/1.1\r\nHost: echo\r\nContent-Length: "
+                             f"{len(body)}\r\nConnection: {connection}\r\n\r\n".encode()
+                             + body)
+                replies.append(await _read_response(reader, method))
+            return replies
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+async def _read_response(reader: asyncio.StreamReader,
+                         method: str) -> tuple[int, dict[str, str], bytes]:
+    parser = ResponseReader()
+    parser.expect_response(method)
+    head: ResponseHead | None = None
+    chunks: list[bytes] = []
+    while True:
+        data = await reader.read(65536)
+        events = parser.feed(data) if data else parser.feed_eof()
+        for event in events:
+            if isinstance(event, ResponseHead):
+                head = event
+            elif isinstance(event, MessageEnd):
+                assert head is not None
+                return head.status, {n.lower(): v for n, v in head.headers}, b"".join(chunks)
+            elif hasattr(event, "data"):
+                chunks.append(event.data)
+            else:
+                raise AssertionError(f"bad response: {event}")
+        if not data:
+            raise AssertionError("connection closed before the response ended")
 
 
 async def _backend(lab_hits: Counter[str], flaky_calls: list[str], ip: str,
@@ -341,6 +351,18 @@ async def test_canary_split_retries_timeout_and_deny(lab: Lab) -> None:
                    destination_service="echo.default.svc.cluster.local",
                    source_principal="spiffe://cluster.local/ns/default/sa/client") == 60
     assert _sample(reg, "nodeproxy_waypoint_retries_total") >= 1
+
+
+async def test_keep_alive_connection_carries_several_requests(lab: Lab) -> None:
+    # Bodyless and bodied requests, a local reply (403) and a routed one, in turn on one
+    # client connection: each gets its answer and the connection stays open.
+    calls = [("GET", "/one", b""), ("POST", "/two", b"payload"), ("GET", "/admin/x", b""),
+             ("GET", "/three", b"")]
+    replies = await lab.requests((VIP, 80), calls)
+    assert [status for status, _h, _b in replies] == [200, 200, 403, 200]
+    assert replies[1][2].endswith(b"POST /two")
+    assert replies[3][2].endswith(b"GET /three")
+    assert all(h.get("connection", "keep-alive") != "close" for _s, h, _b in replies)
 
 
 async def test_pod_ip_traffic_goes_through_the_waypoint(lab: Lab) -> None:

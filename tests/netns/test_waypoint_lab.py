@@ -50,11 +50,11 @@ def test_should_fail_is_exact_over_any_prefix(percent: int) -> None:
 # -- reading curl -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "want"), [
-    ("200\tapp-v1\t0.004\t0\thttp://10.96.1.1:80/a\t\n",
-     [CurlResult(200, "app-v1", 0.004, 0, "http://10.96.1.1:80/a", "")]),
-    ("000\t\t0.001\t7\thttp://x/\tFailed to connect: refused\tand a tab\n",
+    ("200\tapp-v1\t0.004\t0\t1\thttp://10.96.1.1:80/a\t\n",
+     [CurlResult(200, "app-v1", 0.004, 0, "http://10.96.1.1:80/a", "", connects=1)]),
+    ("000\t\t0.001\t7\t0\thttp://x/\tFailed to connect: refused\tand a tab\n",
      [CurlResult(0, "", 0.001, 7, "http://x/", "Failed to connect: refused\tand a tab")]),
-    ("curl: (56) Recv failure\n503\t\t0.2\t0\thttp://x/b\t\n",
+    ("curl: (56) Recv failure\n503\t\t0.2\t0\t0\thttp://x/b\t\n",
      [CurlResult(503, "", 0.2, 0, "http://x/b", "")]),
     ("", []),
 ], ids=["answered", "connect-failed", "noise-skipped", "nothing"])
