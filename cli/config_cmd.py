@@ -36,6 +36,8 @@ def summary(snapshot: Snapshot) -> str:
         parts.append(_plural(len(c.waypoints), "waypoint"))
     if c.routes:
         parts.append(_plural(len(c.routes), "route"))
+    if c.traffic_policies:
+        parts.append(_plural(len(c.traffic_policies), "trafficPolicy"))
     if c.peer_authentications:
         parts.append(_plural(len(c.peer_authentications), "peerAuthentication"))
     parts.append(_plural(len(snapshot.nodes), "node"))

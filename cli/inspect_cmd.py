@@ -26,7 +26,7 @@ from ztunnel_cfg.snapshot import Snapshot
 DEFAULT_ADMIN = "127.0.0.1:15000"
 # The keys of /config_dump that are the config document itself (the loader's input shape).
 CONFIG_KEYS = ("trustDomain", "workloads", "services", "policies", "waypoints", "routes",
-               "peerAuthentication")
+               "trafficPolicies", "peerAuthentication")
 
 
 class AdminError(NodeproxyError):

@@ -105,7 +105,7 @@ class L7Act:
         dump = self.mesh.config_dump(self.waypoint_pod)
         wp_node = self.cluster.pod(self.waypoint_pod).node
         reviews = {w: self.apps[(w, "reviews")] for w in l7.canary_weights}
-        ratings_key = l7.service("ratings").key
+        ratings_host = l7.service("ratings").hostname
         return L7Observations(
             waypoint=l7.waypoint.key, waypoint_pod=self.waypoint_pod, waypoint_node=wp_node,
             waypoint_identity=str((dump.get("waypoint") or {}).get("identity")),
@@ -116,7 +116,7 @@ class L7Act:
             retries=tuple(_reply(r) for r in retries),
             retry_backend_statuses=tuple(self.apps[("reviews-v1", "ratings")].statuses()),
             retry_counter=counter_total(metrics, "nodeproxy_waypoint_retries_total",
-                                        destination_service=ratings_key),
+                                        destination_service=ratings_host),
             timeout=_reply(timeout),
             timeout_backend_saw=len(self.apps[("reviews-v2", "details")].requests()),
             breaker=tuple(_reply(r) for r in breaker),

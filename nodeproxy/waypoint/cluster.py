@@ -56,8 +56,11 @@ def outlier_params(config: OutlierDetection) -> OutlierParams:
 class Cluster:
     def __init__(self, key: ClusterKey, policy: TrafficPolicy, *,
                  clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, hostname: str = "") -> None:
         self.key = key
+        # The destination_service label of its counters, as on istio_requests_total: the
+        # service's hostname (a pod cluster keeps its key).
+        self.hostname = hostname or key.service
         self.clock = clock
         self.rng = rng or random.Random()
         self.endpoints: dict[str, Endpoint] = {}

@@ -136,7 +136,7 @@ async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *,
     breaker's retry budget, outlier detection fed with every result)."""
     cluster = fwd.cluster
     metrics = proxy.metrics
-    service = cluster.key.service
+    service = cluster.hostname
     tried: set[str] = set()
     retries = 0
     holding_retry = False
@@ -192,7 +192,7 @@ async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *,
 def _note(proxy: WaypointProxy, cluster: Cluster, address: str, result: int | str) -> None:
     reason = cluster.record(address, result)
     if reason is not None:
-        proxy.metrics.ejections.labels(destination_service=cluster.key.service,
+        proxy.metrics.ejections.labels(destination_service=cluster.hostname,
                                        reason=str(reason)).inc()
         log.info("endpoint %s of %s ejected (%s)", address, cluster.key, reason, extra=_EXTRA)
 

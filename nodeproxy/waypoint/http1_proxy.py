@@ -195,7 +195,7 @@ class Http1Session:
             return await self._reply(plan, head, ex)
         cluster = plan.cluster
         if not cluster.breaker.try_acquire_request():
-            self.metrics.overflows.labels(destination_service=cluster.key.service,
+            self.metrics.overflows.labels(destination_service=cluster.hostname,
                                           limit="requests").inc()
             return await self._reply(LocalReply(503, "upstream overflow (circuit breaker)",
                                                 "UO", "circuit breaker: requests "
@@ -266,7 +266,7 @@ class Http1Session:
             try:
                 conn = await pool.acquire(endpoint, tunnel_headers(self.down))
             except Overflow as exc:
-                self.metrics.overflows.labels(destination_service=plan.cluster.key.service,
+                self.metrics.overflows.labels(destination_service=plan.cluster.hostname,
                                               limit=exc.limit).inc()
                 raise _Overflowed(LocalReply(503, "upstream overflow (circuit breaker)", "UO",
                                              f"circuit breaker: {exc.limit}")) from None

@@ -215,7 +215,7 @@ class Http2Session:
             return
         cluster = plan.cluster
         if not cluster.breaker.try_acquire_request():
-            self.proxy.metrics.overflows.labels(destination_service=cluster.key.service,
+            self.proxy.metrics.overflows.labels(destination_service=cluster.hostname,
                                                 limit="requests").inc()
             await self._reply(stream, LocalReply(503, "upstream overflow (circuit breaker)",
                                                  "UO", "circuit breaker: requests"), ex, grpc)

@@ -122,7 +122,9 @@ class WaypointProxy:
         cluster = self.clusters.get(key)
         if cluster is None:
             service = "" if key.service.startswith("pod:") else key.service
-            cluster = Cluster(key, traffic_policy(snapshot, service), rng=self.rng)
+            found = snapshot.service_by_key(service) if service else None
+            cluster = Cluster(key, traffic_policy(snapshot, service), rng=self.rng,
+                              hostname=found.hostname if found is not None else "")
             cluster.update(cluster.policy, self._endpoints(snapshot, key) or [])
             self.clusters[key] = cluster
         return cluster

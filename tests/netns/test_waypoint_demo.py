@@ -138,12 +138,12 @@ def test_metrics_are_read_from_the_exposition() -> None:
         'istio_requests_total{reporter="waypoint",destination_service_name="checkout",'
         'response_code="503",response_flags="UO"} 4.0',
         "# TYPE nodeproxy_waypoint_retries_total counter",
-        'nodeproxy_waypoint_retries_total{destination_service="shop/r",reason="503"} 7.0',
+        'nodeproxy_waypoint_retries_total{destination_service="r.shop.svc.cluster.local",reason="503"} 7.0',
     ])
     assert summarize_requests(text) == (RequestRow("checkout", "503", "UO", 4),
                                         RequestRow("reviews", "200", "-", 5))
     assert counter_total(text, "nodeproxy_waypoint_retries_total",
-                         destination_service="shop/r") == 7
+                         destination_service="r.shop.svc.cluster.local") == 7
 
 
 def test_the_act_config_agrees_with_the_waypoint_decision() -> None:

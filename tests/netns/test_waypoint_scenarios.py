@@ -97,7 +97,7 @@ def test_canary_90_10_lands_within_a_binomial_tolerance(lab: WaypointLab) -> Non
 
 def test_retries_mask_a_backend_failing_half_its_requests(lab: WaypointLab) -> None:
     flaky = lab.serve(APP_V2, "flaky", fail_percent=50)
-    host = SERVICES["flaky"].key  # retry/ejection counters label services by key (ns/host)
+    host = SERVICES["flaky"].hostname  # labelled as istio_requests_total is
     retries_before = lab.waypoint_metric(RETRIES, destination_service=host)
 
     results = lab.curl([lab.url("flaky", "/order/[1-20]")])
@@ -162,7 +162,7 @@ def test_pending_request_overflow_answers_503_uo(lab: WaypointLab) -> None:
 def test_failing_endpoint_is_ejected_and_comes_back(lab: WaypointLab) -> None:
     good = lab.serve(APP_V1, "outlier")
     bad = lab.serve(APP_V2, "outlier", fail_percent=100)
-    host = SERVICES["outlier"].key
+    host = SERVICES["outlier"].hostname
     ejections_before = lab.waypoint_metric(EJECTIONS, destination_service=host)
 
     # Round robin: 2 x CONSECUTIVE_5XX requests give app-v2 its consecutive failures.

@@ -67,6 +67,15 @@ def test_validate_valid_file(runner: CliRunner) -> None:
     )
 
 
+def test_validate_counts_the_l7_sections(runner: CliRunner) -> None:
+    result = runner.invoke(config_group, ["validate", "examples/l7.yaml"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "examples/l7.yaml: valid (4 workloads, 2 services, 3 policies, 1 waypoint, 1 route, "
+        "1 trafficPolicy, 2 nodes; trust domain cluster.local)\n"
+    )
+
+
 def test_validate_lists_every_error_with_position(runner: CliRunner) -> None:
     result = runner.invoke(config_group, ["validate", CLUSTER, BROKEN])
     assert result.exit_code == 1
