@@ -138,7 +138,8 @@ def test_metrics_are_read_from_the_exposition() -> None:
         'istio_requests_total{reporter="waypoint",destination_service_name="checkout",'
         'response_code="503",response_flags="UO"} 4.0',
         "# TYPE nodeproxy_waypoint_retries_total counter",
-        'nodeproxy_waypoint_retries_total{destination_service="r.shop.svc.cluster.local",reason="503"} 7.0',
+        'nodeproxy_waypoint_retries_total{destination_service="r.shop.svc.cluster.local",'
+        'reason="503"} 7.0',
     ])
     assert summarize_requests(text) == (RequestRow("checkout", "503", "UO", 4),
                                         RequestRow("reviews", "200", "-", 5))
