@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from cli.identity_opts import DEV_CA_WARNING, IdentitySource, identity_options
+from cli.logsetup import background_logging
 from nodeproxy.app import AgentApp, AgentOptions
 from nodeproxy.hbone.flood import FloodLimits
 from nodeproxy.proxy.env import Ports
@@ -137,7 +138,8 @@ def command(
     try:
         import uvloop
 
-        uvloop.run(app.run())
+        with background_logging():
+            uvloop.run(app.run())
     except NodeproxyError:
         raise
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import click
 
 from cli.identity_opts import IdentitySource, identity_options
 from cli.inspect_cmd import admin_option, config_dump, output_option
+from cli.logsetup import background_logging
 from cli.run_cmd import _hostport
 from cli.tables import render, render_table
 from nodeproxy.proxy.limits import Limits
@@ -100,7 +101,8 @@ def run(config_path: str, name: str, node: str | None, workload: str | None, lis
     try:
         import uvloop
 
-        uvloop.run(app.run())
+        with background_logging():
+            uvloop.run(app.run())
     except NodeproxyError:
         raise
     except KeyboardInterrupt:
