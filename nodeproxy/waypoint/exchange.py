@@ -16,23 +16,16 @@ from typing import Generic, TypeVar
 
 from nodeproxy.waypoint.cluster import Cluster
 from nodeproxy.waypoint.proxy import Downstream, WaypointProxy
-from nodeproxy.waypoint.retry import Outcome, RetryPolicy, backoff, should_retry
+from nodeproxy.waypoint.retry import Outcome, backoff, should_retry
 from nodeproxy.waypoint.telemetry import RequestRecord
 from nodeproxy.waypoint.upstream import Endpoint
-from ztunnel_cfg.l7 import Request, mirrors, retry_policy, timeouts
-from ztunnel_cfg.l7 import RetryPolicy as ConfigRetry
+from ztunnel_cfg.l7 import Request, RetryPolicy, mirrors, retry_policy, timeouts
 from ztunnel_cfg.l7.plan import L7Reply, plan_request
 from ztunnel_cfg.model import BackendRef, RouteRule, Workload
 
 log = logging.getLogger("nodeproxy.waypoint")
 _EXTRA = {"component": "waypoint"}
 R = TypeVar("R")
-
-
-def to_runtime_retry(policy: ConfigRetry) -> RetryPolicy:
-    return RetryPolicy(attempts=policy.attempts, retry_on=policy.retry_on, codes=policy.codes,
-                       backoff_base=policy.backoff_base, backoff_max=policy.backoff_max,
-                       per_try_timeout=policy.per_try_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +95,7 @@ def decide(proxy: WaypointProxy, down: Downstream, request: Request, ex: Exchang
         return LocalReply(plan.status, plan.text, plan.flags, plan.reason, plan.headers)
     cluster = proxy.cluster_for_target(down.snapshot, target, plan.backend)
     request_timeout, per_try = timeouts(plan.rule)
-    return Forward(plan.request, plan.rule, cluster, to_runtime_retry(retry_policy(plan.rule)),
+    return Forward(plan.request, plan.rule, cluster, retry_policy(plan.rule),
                    request_timeout, per_try)
 
 

@@ -20,6 +20,15 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+# The policy's schema is declared once, with the config resolution that builds it.
+from ztunnel_cfg.l7.policy import (
+    DEFAULT_RETRY,
+    NO_RETRY,
+    RETRY_ON_VALUES,
+    RetryPolicy,
+    parse_retry_on,
+)
+
 # How one try ended.  A per-try timeout is a local stream reset in Envoy, so it is retried
 # by the same policies as a reset (5xx, gateway-error, reset), never by connect-failure.
 OutcomeKind = Literal["response", "connect_failure", "refused_stream", "reset", "per_try_timeout"]
@@ -39,95 +48,7 @@ _GRPC_RETRY_ON = {
     "internal": GRPC_INTERNAL,
     "unavailable": GRPC_UNAVAILABLE,
 }
-_HTTP_RETRY_ON = frozenset((
-    "5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-4xx",
-    "retriable-status-codes",
-))
-RETRY_ON_VALUES: frozenset[str] = _HTTP_RETRY_ON | frozenset(_GRPC_RETRY_ON)
 GATEWAY_ERRORS = frozenset((502, 503, 504))
-
-# Envoy's runtime default upstream.base_retry_backoff_ms.
-DEFAULT_BACKOFF_BASE = 0.025
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """A route's retry policy (Istio HTTPRetry / Gateway API HTTPRouteRetry, resolved)."""
-
-    #: Retries after the first try (Envoy num_retries); 0 disables retries.
-    attempts: int
-    #: Envoy retry_on conditions (``x-envoy-retry-on`` / ``x-envoy-retry-grpc-on`` names).
-    retry_on: frozenset[str]
-    #: Status codes for ``retriable-status-codes`` (ignored without that condition, as Envoy).
-    codes: frozenset[int] = frozenset()
-    #: Seconds; first back-off is drawn from [0, base), doubling per retry.
-    backoff_base: float = DEFAULT_BACKOFF_BASE
-    #: Seconds; cap of the back-off interval.  None = 10 x base (Envoy's default).
-    backoff_max: float | None = None
-    #: Seconds one try may take before it is reset and counted as a per-try timeout.
-    per_try_timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.attempts < 0:
-            raise ValueError(f"retry attempts must be 0 or more, not {self.attempts}")
-        unknown = sorted(set(self.retry_on) - RETRY_ON_VALUES)
-        if unknown:
-            raise ValueError(f"unknown retry_on value(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(RETRY_ON_VALUES))}")
-        bad_codes = sorted(code for code in self.codes if not 100 <= code <= 599)
-        if bad_codes:
-            raise ValueError(f"retriable status codes must be HTTP statuses 100-599, "
-                             f"not {bad_codes}")
-        if self.backoff_base <= 0:
-            raise ValueError(f"retry backoff base must be positive, not {self.backoff_base}")
-        if self.backoff_max is not None and self.backoff_max < self.backoff_base:
-            raise ValueError(f"retry backoff max ({self.backoff_max}) must not be below "
-                             f"the base ({self.backoff_base})")
-        if self.per_try_timeout is not None and self.per_try_timeout <= 0:
-            raise ValueError(f"per-try timeout must be positive, not {self.per_try_timeout}")
-
-    @property
-    def backoff_cap(self) -> float:
-        """The back-off interval cap in seconds (``backoff_max``, else 10 x base)."""
-        return self.backoff_max if self.backoff_max is not None else 10 * self.backoff_base
-
-    @classmethod
-    def from_retry_on(cls, attempts: int, retry_on: str, *,
-                      backoff_base: float = DEFAULT_BACKOFF_BASE,
-                      backoff_max: float | None = None,
-                      per_try_timeout: float | None = None) -> RetryPolicy:
-        """Build from Istio's ``retryOn`` string: integers are status codes, and naming a
-        code implies ``retriable-status-codes`` (pilot's parseRetryOn)."""
-        conditions, codes = parse_retry_on(retry_on)
-        return cls(attempts=attempts, retry_on=conditions, codes=codes,
-                   backoff_base=backoff_base, backoff_max=backoff_max,
-                   per_try_timeout=per_try_timeout)
-
-
-def parse_retry_on(text: str) -> tuple[frozenset[str], frozenset[int]]:
-    """Split ``"5xx,reset,503"`` into conditions and codes like Istio's parseRetryOn."""
-    conditions: set[str] = set()
-    codes: set[int] = set()
-    for part in (piece.strip() for piece in text.split(",")):
-        if not part:
-            continue
-        if part.isdigit():
-            codes.add(int(part))
-        else:
-            conditions.add(part)
-    if codes:
-        conditions.add("retriable-status-codes")
-    return frozenset(conditions), frozenset(codes)
-
-
-# Istio's default: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
-# with no codes since 503 left the defaults (Exclude503FromDefaultRetries); without codes the
-# retriable-status-codes condition matches nothing, so it is left out here.
-DEFAULT_RETRY = RetryPolicy(
-    attempts=2,
-    retry_on=frozenset(("connect-failure", "refused-stream", "unavailable", "cancelled")),
-)
-NO_RETRY = RetryPolicy(attempts=0, retry_on=frozenset())
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +160,7 @@ def backoff(retries_done: int, policy: RetryPolicy, draw: float) -> float:
     uniform in [0, min(base * 2**retries_done, cap)); ``draw`` is uniform in [0, 1)."""
     if not 0.0 <= draw < 1.0:
         raise ValueError(f"back-off draw must be in [0, 1), not {draw}")
-    cap = policy.backoff_cap
+    cap = policy.backoff_max
     # Compare exponents first: 2**retries_done overflows a float long before it matters.
     interval = cap if retries_done >= 64 else min(policy.backoff_base * 2 ** retries_done, cap)
     return draw * interval
@@ -258,7 +179,7 @@ def retry_on_text(conditions: Iterable[str], codes: Iterable[int] = ()) -> str:
 
 
 __all__ = [
-    "DEFAULT_BACKOFF_BASE", "DEFAULT_RETRY", "GATEWAY_ERRORS", "GRPC_CANCELLED",
+    "DEFAULT_RETRY", "GATEWAY_ERRORS", "GRPC_CANCELLED",
     "GRPC_DEADLINE_EXCEEDED", "GRPC_INTERNAL", "GRPC_RESOURCE_EXHAUSTED", "GRPC_UNAVAILABLE",
     "NO_RETRY", "OUTCOME_KINDS", "RETRY_ON_VALUES", "Outcome", "OutcomeKind", "RetryDecision",
     "RetryPolicy", "backoff", "choose_retry_endpoint", "parse_retry_on", "retry_on_text",
