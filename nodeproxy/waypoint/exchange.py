@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -77,8 +78,20 @@ def with_traceparent(headers: tuple[tuple[str, str], ...]) -> tuple[
     for name, value in headers:
         if name == "traceparent":
             return headers, value
-    trace = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+    trace = new_traceparent("01")
     return (*headers, ("traceparent", trace)), trace
+
+
+# Trace and span ids need to be random, not secret: one seeded generator, not a getrandom()
+# syscall per id (with_traceparent was 2.3% of the waypoint's samples under h2load).
+_ids = random.Random(os.urandom(16))
+
+
+def new_traceparent(flags: str) -> str:
+    """A W3C traceparent with fresh (non-zero) trace and span ids."""
+    trace = _ids.getrandbits(128) or 1
+    span = _ids.getrandbits(64) or 1
+    return f"00-{trace:032x}-{span:016x}-{flags}"
 
 
 def decide(proxy: WaypointProxy, down: Downstream, request: Request, ex: Exchange

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nodeproxy.waypoint.breaker import connection_exhausted
 from nodeproxy.waypoint.cluster import Cluster
@@ -50,6 +50,11 @@ class Http1Connection:
             self._events.extend(self.reader.feed(data) if data else self.reader.feed_eof())
         return self._events.popleft()
 
+    def buffered_event(self) -> Event | None:
+        """The next response event if it already arrived (parsed from bytes read earlier),
+        else None; never waits."""
+        return self._events.popleft() if self._events else None
+
     @property
     def reusable(self) -> bool:
         return not self.reader.stopped and not self._events and not self.tunnel.stream.at_eof \
@@ -71,9 +76,10 @@ class Http1Pool:
         self.open = 0
 
     async def acquire(self, endpoint: Endpoint,
-                      headers: Sequence[tuple[str, str]]) -> Http1Connection:
+                      headers: Callable[[], Sequence[tuple[str, str]]]) -> Http1Connection:
         """A connection to ``endpoint``: idle, new (room permitting), or after waiting as a
-        pending request.  Raises Overflow, or the dial's error (connect failure)."""
+        pending request; ``headers()`` gives the CONNECT headers of a new one.  Raises
+        Overflow, or the dial's error (connect failure)."""
         breaker = self.cluster.breaker
         while True:
             conns = self.idle.get(endpoint.address)
@@ -85,7 +91,7 @@ class Http1Pool:
             if breaker.try_acquire_connection():
                 self.open += 1
                 try:
-                    tunnel = await self.upstreams.open(endpoint, headers)
+                    tunnel = await self.upstreams.open(endpoint, headers())
                 except BaseException:
                     self.open -= 1
                     breaker.release_connection()

@@ -762,6 +762,8 @@ class Bench:
         else:
             load, usage = self.h2load(f"{case} h2load -c{p.h2_clients} -m{p.h2_streams}", url)
         self._http_figures(case, "", load, usage, metrics, detail, cpu)
+        if waypoint and self.profile_dir is not None:
+            result["profile"] = self.profile_waypoint(case, url)
         if waypoint:
             assert cfg is not None
             evidence = self.waypoint_evidence(cfg, url)
@@ -849,6 +851,37 @@ class Bench:
                 log(f"profile {key}: " + "; ".join(
                     f"{pct:.0f}% {frame}" for frame, pct in out[key]["top_self"][:5]))
         return out
+
+    def profile_waypoint(self, case: str, url: str) -> dict[str, Any]:
+        """An extra, unmeasured pass of the case's saturating load (wrk or h2load) with
+        py-spy recording the waypoint; returns its top self-time frames and leaves the raw
+        collapsed stacks in profile_dir."""
+        assert self.profile_dir is not None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        p = self.params
+        proc = next(x for x in self.proxies if x.role == "waypoint")
+        raw = self.profile_dir / f"waypoint-{case}.txt"
+        seconds = p.http_seconds
+        rec = subprocess.Popen(
+            [self.py_spy, "record", "--pid", str(proc.proc.pid), "--rate", "250",
+             "--duration", str(max(1, round(seconds))), "--format", "raw", "--nonblocking",
+             "--output", str(raw)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if case.endswith("http1"):
+            self.wrk(f"{case} profiled", url, seconds)
+        else:
+            self.h2load(f"{case} profiled", url)
+        try:
+            _, err = rec.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            rec.kill()
+            _, err = rec.communicate()
+        if rec.returncode != 0 or not raw.exists():
+            return {"error": err.strip()[-300:]}
+        top = top_self_frames(raw.read_text())
+        log(f"profile waypoint/{case}: " + "; ".join(f"{pct:.0f}% {frame}"
+                                                    for frame, pct in top[:5]))
+        return {"file": str(raw), "top_self": top}
 
     # -- cases --------------------------------------------------------------------------------
 

@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--waypoint-arg", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--profile", metavar="DIR",
                     help="after the nodeproxy measurements, profile both agents with py-spy "
-                         "in extra passes (1-stream iperf3, connections/s); raw stacks in DIR")
+                         "in extra passes (1-stream iperf3, connections/s), and the waypoint "
+                         "in an extra pass of its saturating load; raw stacks in DIR")
     ap.add_argument("--py-spy", default=None, help="py-spy executable (default: PATH or venv)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
