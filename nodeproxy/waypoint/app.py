@@ -279,6 +279,7 @@ class WaypointApp:
             await asyncio.gather(*sd_tasks, return_exceptions=True)
             self.notifier.close()
             self.sockets.close()
+            self.metrics.flush_access()
             log.info("waypoint stopped", extra=_EXTRA)
 
     def _signalled(self, sig: signal.Signals) -> None:
