@@ -8,9 +8,9 @@ what the agents would decide, with the same functions the data path calls:
 2. :func:`ztunnel_cfg.routing.route` for every candidate endpoint (a service VIP is
    load-balanced round-robin per endpoint set by the source node's agent, so every healthy
    endpoint is a possible outcome and each is explained);
-3. :func:`ztunnel_cfg.authz.authorize` at the destination, with what the destination's agent
-   sees (the verified source identity for HBONE, none for plaintext), after the destination's
-   mTLS mode (STRICT refuses plaintext before any policy is read).
+3. :func:`ztunnel_cfg.admission.admit_inbound` at the destination (the function its agent
+   calls), with what that agent sees (the verified source identity for HBONE, none for
+   plaintext): capture ports, waypoint bypass, STRICT mTLS, then authorization policies.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ztunnel_cfg.authz import ConnectionInfo, Decision, authorize
+from ztunnel_cfg.admission import Admission, admit_inbound, mtls_mode_source
+from ztunnel_cfg.authz import ConnectionInfo
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.hostport import HostPortError, host_without_port, parse_host_port
 from ztunnel_cfg.l7.plan import L7Reply, plan_request
@@ -295,34 +296,18 @@ def _hostport(ip: IPAddress | None, port: int) -> str:
 
 
 def _mtls(snapshot: Snapshot, workload: Workload) -> tuple[MtlsMode, str]:
-    mode, pa = snapshot.peer_authentication_for(workload)
-    if pa is None:
-        return mode, "default (no peerAuthentication applies)"
-    if pa.is_workload_specific:
-        where = f"peerAuthentication {pa.name or '(unnamed)'} selecting the workload"
-    elif pa.namespace is not None:
-        where = f"peerAuthentication {pa.name or '(unnamed)'} of namespace {pa.namespace}"
-    else:
-        where = f"mesh-wide peerAuthentication {pa.name or '(unnamed)'}"
-    return mode, where
+    mode, entry = snapshot.peer_authentication_for(workload)
+    return mode, mtls_mode_source(entry)
 
 
 def _decide(
     snapshot: Snapshot,
     dst: Workload,
     conn: ConnectionInfo,
-) -> tuple[str, str, Decision]:
+) -> tuple[str, str, Admission]:
+    """What the destination's agent decides: the very function its data path calls."""
     mode, mode_src = _mtls(snapshot, dst)
-    if conn.source_identity is None and mode is MtlsMode.STRICT:
-        refused = Decision(
-            False,
-            None,
-            None,
-            f"refused before policy: {dst.key} requires mTLS (STRICT, {mode_src}) and the "
-            "connection arrives in plaintext",
-        )
-        return mode.value, mode_src, refused
-    return mode.value, mode_src, authorize(snapshot, dst, conn)
+    return mode.value, mode_src, admit_inbound(snapshot, dst, conn)
 
 
 def _hop_from_route(
@@ -369,7 +354,7 @@ def _hop_from_route(
     return Hop(
         path=Path.HBONE, via=via, mtls_mode=mode_value, mtls_mode_source=mode_src,
         allowed=decision.allowed, policy=decision.policy, rule=decision.rule,
-        reason=decision.reason, response_flags="-" if decision.allowed else "DENY", **base,
+        reason=decision.reason, response_flags=decision.response_flags, **base,
     )
 
 
@@ -395,7 +380,7 @@ def _plaintext_hop(
         "inbound plaintext port 15006",
         expected_identities=(), mtls_mode=mode_value, mtls_mode_source=mode_src,
         allowed=decision.allowed, policy=decision.policy, rule=decision.rule,
-        reason=decision.reason, response_flags="-" if decision.allowed else "DENY",
+        reason=decision.reason, response_flags=decision.response_flags,
     )
 
 
@@ -488,8 +473,8 @@ def explain_http(snapshot: Snapshot, source: Workload, src_ip: IPAddress, r: Rou
             target_port = (w.target_port(svc.key, svc_port) or svc.target_port(svc_port)
                            or svc_port) if svc is not None else svc_port
             ip = w.workload_ips[0]
-            decision = authorize(snapshot, w, ConnectionInfo(wp_identity, wp_ip, ip,
-                                                             target_port))
+            decision = admit_inbound(snapshot, w, ConnectionInfo(wp_identity, wp_ip, ip,
+                                                                 target_port))
             rows.append(L7Endpoint(w.key, _hostport(ip, target_port), decision.allowed,
                                    decision.reason))
         return tuple(rows)

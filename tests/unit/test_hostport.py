@@ -13,7 +13,7 @@ from cli.run_cmd import _hostport
 from nodeproxy.errors import IdentityError, ProxyError
 from nodeproxy.hbone.protocol import parse_authority
 from nodeproxy.identity.ca_service import parse_listen
-from nodeproxy.proxy.pod import _parse_authority
+from nodeproxy.proxy.inbound import parse_authority as _parse_authority
 from ztunnel_cfg.hostport import HostPortError, parse_host_port
 
 GOOD = [
