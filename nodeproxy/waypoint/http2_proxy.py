@@ -265,6 +265,8 @@ class Http2Session:
                 if n not in _CONNECTION_HEADERS or (n == "te" and v == "trailers")]
         body = _ReplayableBody(stream, self.proxy.settings.replay_buffer)
         per_try = plan.per_try_timeout
+        # Body senders of this request's tries (per request: streams of one session run at once).
+        senders: dict[int, asyncio.Task[None] | None] = {}
 
         async def try_once(endpoint: Endpoint) -> tuple[Http2Upstream, H2Stream] | Outcome:
             try:
@@ -278,14 +280,12 @@ class Http2Session:
             try:
                 if per_try is None:
                     await self._start(conn, up, out, body)
-                    sender = asyncio.get_running_loop().create_task(
-                        self._pump_body(conn, up, body, ex))
+                    sender = self._sender(conn, up, body, ex)
                     await up.headers_ready
                 else:
                     async with asyncio.timeout(per_try):
                         await self._start(conn, up, out, body)
-                        sender = asyncio.get_running_loop().create_task(
-                            self._pump_body(conn, up, body, ex))
+                        sender = self._sender(conn, up, body, ex)
                         await up.headers_ready
             except TimeoutError:
                 ex.reason = f"per-try timeout {per_try:g}s"
@@ -299,20 +299,19 @@ class Http2Session:
             except BaseException:
                 _cancel(conn, up, sender)
                 raise
-            self._senders[up.id] = sender
+            senders[up.id] = sender
             return conn, up
 
-        self._senders: dict[int, asyncio.Task[None] | None] = {}
         done = await run_tries(
             self.proxy, plan, ex, replayable=lambda: not body.overflowed, try_once=try_once,
             status_of=lambda r: (_status(r[1].headers), _grpc(r[1].headers)),
-            discard=lambda r: _cancel(r[0], r[1], self._senders.pop(r[1].id, None)))
+            discard=lambda r: _cancel(r[0], r[1], senders.pop(r[1].id, None)))
         self._mirrors(plan, out, body)
         if not isinstance(done, Answered):
             await self._reply(stream, done.reply, ex, grpc)
             return
         conn, up = done.response
-        sender = self._senders.pop(up.id, None)
+        sender = senders.pop(up.id, None)
         try:
             await self._respond(stream, conn, up, plan, ex)
         finally:
@@ -354,6 +353,14 @@ class Http2Session:
     async def _start(conn: Http2Upstream, up: H2Stream, out: Headers,
                      body: _ReplayableBody) -> None:
         await conn.pipe.send_headers(up.id, out, end_stream=body.empty)
+
+    def _sender(self, conn: Http2Upstream, up: H2Stream, body: _ReplayableBody,
+                ex: Exchange) -> asyncio.Task[None] | None:
+        """The task streaming the request body; None for a bodyless request (its HEADERS
+        carried END_STREAM), which is most of them: no task per request for nothing."""
+        if body.empty:
+            return None
+        return asyncio.get_running_loop().create_task(self._pump_body(conn, up, body, ex))
 
     async def _pump_body(self, conn: Http2Upstream, up: H2Stream, body: _ReplayableBody,
                          ex: Exchange) -> None:
