@@ -7,6 +7,7 @@ Labels never carry ports or connection ids (bounded cardinality).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
@@ -31,6 +32,8 @@ TCP_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
+
+MAX_CACHED_CHILDREN = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,19 +121,32 @@ class Metrics:
             "nodeproxy_enrollment_failures", "Failed attempts to enroll a pod", registry=r,
         )
 
+        # Bound children by label set: Counter.labels() with 19 values (a lock, a str() and a
+        # check per value) cost 5.5 us per opened and 15 us per closed connection; a cached
+        # child costs a dict lookup.  Bounded: cleared when full (children stay registered).
+        self._children: dict[tuple[int, ConnectionLabels], Any] = {}
+
+    def _child(self, counter: Counter, labels: ConnectionLabels) -> Any:
+        key = (id(counter), labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= MAX_CACHED_CHILDREN:
+                self._children.clear()
+            child = self._children[key] = counter.labels(*labels.values())
+        return child
+
     def connection_rejected(self, direction: str, reason: str) -> None:
         self.rejected.labels(direction, reason).inc()
 
     def connection_opened(self, labels: ConnectionLabels) -> None:
-        self.opened.labels(*labels.values()).inc()
+        self._child(self.opened, labels).inc()
 
     def connection_failed(self, labels: ConnectionLabels) -> None:
-        self.failed.labels(*labels.values()).inc()
+        self._child(self.failed, labels).inc()
 
     def connection_closed(self, labels: ConnectionLabels, sent: int, received: int) -> None:
-        values = labels.values()
-        self.closed.labels(*values).inc()
+        self._child(self.closed, labels).inc()
         if sent:
-            self.sent.labels(*values).inc(sent)
+            self._child(self.sent, labels).inc(sent)
         if received:
-            self.received.labels(*values).inc(received)
+            self._child(self.received, labels).inc(received)

@@ -94,6 +94,9 @@ class Snapshot:
     )
     _traffic: MappingProxyType[str, TrafficPolicyConfig] = field(repr=False)
     _http_policies: frozenset[int] = field(repr=False)  # ids of policies with HTTP fields
+    # policies_for() results by workload uid, filled on first use (a merge and a sort per
+    # connection otherwise); at most one entry per workload of this snapshot.
+    _policies_memo: dict[str, tuple[Policy, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, config: Config) -> Snapshot:
@@ -260,6 +263,11 @@ class Snapshot:
         WorkloadSelector: workloads in the policy's namespace whose uid is listed or whose
         effective labels contain every selector label.
         """
+        own = self._by_uid.get(workload.uid) is workload
+        if own:
+            memo = self._policies_memo.get(workload.uid)
+            if memo is not None:
+                return memo
         found: dict[int, Policy] = {}
         for p in self._global_policies:
             found[id(p)] = p
@@ -273,7 +281,10 @@ class Snapshot:
             for p in self._label_policies.get((workload.namespace, k, v), ()):
                 if _labels_match(p.selector, labels):
                     found[id(p)] = p
-        return tuple(sorted(found.values(), key=lambda p: self._policy_order.get(id(p), 0)))
+        result = tuple(sorted(found.values(), key=lambda p: self._policy_order.get(id(p), 0)))
+        if own:
+            self._policies_memo[workload.uid] = result
+        return result
 
     # --- L7 (waypoints) ----------------------------------------------------------------------
 

@@ -15,14 +15,22 @@ from ztunnel_cfg.snapshot import Snapshot
 
 
 class RoundRobin:
-    """Endpoint choice for service VIPs: round-robin per endpoint set, shared by the node."""
+    """Endpoint choice for service VIPs: round-robin per endpoint set, shared by the node.
 
-    def __init__(self) -> None:
+    Bounded: endpoint sets change with every scale event, so after ``max_sets`` distinct sets
+    the counters start again (a reset only restarts a rotation)."""
+
+    def __init__(self, max_sets: int = 4096) -> None:
         self._counters: dict[tuple[str, ...], itertools.count[int]] = {}
+        self._max_sets = max_sets
 
     def __call__(self, endpoints: Sequence[Workload]) -> Workload:
         key = tuple(w.uid for w in endpoints)
-        counter = self._counters.setdefault(key, itertools.count())
+        counter = self._counters.get(key)
+        if counter is None:
+            if len(self._counters) >= self._max_sets:
+                self._counters.clear()
+            counter = self._counters[key] = itertools.count()
         return endpoints[next(counter) % len(endpoints)]
 
 
