@@ -449,7 +449,7 @@ def explain_http(snapshot: Snapshot, source: Workload, src_ip: IPAddress, r: Rou
     request = Request(query.method, query.path, host_without_port(host), headers)
     plan = plan_request(snapshot, waypoint, service, port, request,
                         source_identity=source.identity, source_ip=src_ip,
-                        destination_ip=dst_ip, draw=None)
+                        destination_ip=dst_ip, draw=None, workload=addressed)
     wp_identity = wp_workload.identity
     wp_ip = wp_workload.workload_ips[0]
     authz = plan.authz

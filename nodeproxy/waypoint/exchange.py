@@ -102,7 +102,7 @@ def decide(proxy: WaypointProxy, down: Downstream, request: Request, ex: Exchang
     plan = plan_request(down.snapshot, down.waypoint, target.service, target.port, request,
                         source_identity=down.peer, source_ip=down.peer_ip,
                         destination_ip=target.authority.rpartition(":")[0].strip("[]"),
-                        draw=proxy.rng.random())
+                        draw=proxy.rng.random(), workload=target.workload)
     ex.route = plan.route
     if isinstance(plan, L7Reply):
         return LocalReply(plan.status, plan.text, plan.flags, plan.reason, plan.headers)

@@ -372,6 +372,10 @@ async def test_pod_ip_traffic_goes_through_the_waypoint(lab: Lab) -> None:
     assert body.startswith(b"v1")
     await eventually(lambda: _sample(lab.waypoint.metrics.registry, "istio_requests_total",
                                      destination_workload="echo-v1") == 1, 5, "via waypoint")
+    # The service's L7 policies hold for its pods' addresses too: no bypass by pod IP.
+    status, _h, body = await lab.request(("127.0.2.1", APP_PORT), "GET", "/admin/users")
+    assert status == 403, body
+    assert b"RBAC: access denied" in body
 
 
 async def test_hbone_that_bypasses_the_waypoint_is_refused(lab: Lab) -> None:

@@ -370,3 +370,25 @@ def test_explain_http_endpoints_see_the_waypoint_identity() -> None:
     assert not v2.allowed
     assert v2.address == "10.0.2.2:9080"
     assert "only-waypoint-to-v2" in v2.reason
+
+
+def test_service_policies_hold_when_a_pod_ip_is_addressed() -> None:
+    # A Service-targeted DENY applies to requests that address one of its pods directly: the
+    # source agent sends them through the service's waypoint, which must not let them bypass.
+    deny_admin = textwrap.dedent("""\
+        policies:
+        - name: no-admin
+          namespace: default
+          action: Deny
+          targetRefs: [{kind: Service, name: reviews}]
+          rules: [[[{paths: ["/admin*"]}]]]
+    """)
+    snap = Snapshot.build(load_config_text(L7_CONFIG.replace("policies:\n", deny_admin, 1),
+                                           "l7.yaml"))
+    for target in ("10.96.0.1:80", "10.0.2.1:9080"):
+        e = explain(snap, "default/client", target, HttpQuery("GET", "/admin/x"))
+        assert e.l7 is not None, target
+        assert (e.verdict, e.l7.answer) == (Verdict.DENIED, 403), (target, e.l7)
+        assert "default/no-admin" in e.l7.answer_reason + str(e.to_document()), target
+        allowed = explain(snap, "default/client", target, HttpQuery("GET", "/api/x"))
+        assert allowed.verdict is not Verdict.DENIED, target

@@ -14,7 +14,14 @@ from ztunnel_cfg.authz import Decision, RequestInfo, authorize_request
 from ztunnel_cfg.l7.request import Request
 from ztunnel_cfg.l7.rewrite import redirect_location, rewrite_request
 from ztunnel_cfg.l7.select import choose_backend, select_route
-from ztunnel_cfg.model import BackendRef, IPAddress, RouteRule, Service, WaypointConfig
+from ztunnel_cfg.model import (
+    BackendRef,
+    IPAddress,
+    RouteRule,
+    Service,
+    WaypointConfig,
+    Workload,
+)
 from ztunnel_cfg.spiffe import SpiffeId
 
 if TYPE_CHECKING:
@@ -60,8 +67,10 @@ def plan_request(
     source_ip: IPAddress | str,
     destination_ip: IPAddress | str,
     draw: float | None,
+    workload: Workload | None = None,
 ) -> L7Reply | L7Forward:
-    decision = authorize_request(snapshot, waypoint, service, RequestInfo(
+    """``service`` when a service VIP was addressed, else ``workload`` (a pod IP)."""
+    decision = _authorize(snapshot, waypoint, service, workload, RequestInfo(
         source_identity, source_ip, destination_ip, port, request.method, request.path_only,
         request.host, request.headers))
     if not decision.allowed:
@@ -93,3 +102,21 @@ def plan_request(
                        f"every backend of route {route} has weight 0", authz=decision,
                        route=route)
     return L7Forward(rewritten, rule, route, selection.reason, backend, decision)
+
+
+def _authorize(snapshot: Snapshot, waypoint: WaypointConfig, service: Service | None,
+               workload: Workload | None, info: RequestInfo) -> Decision:
+    if service is not None or workload is None:
+        return authorize_request(snapshot, waypoint, service, info)
+    # A pod IP was addressed: the request must pass the policies of every service of that
+    # workload this waypoint guards, or addressing the pod would bypass them.
+    decision = authorize_request(snapshot, waypoint, None, info)
+    for key, _ports in workload.services:
+        guarded = snapshot.service_by_key(key)
+        if guarded is None or guarded.waypoint is None or \
+                guarded.waypoint.destination != waypoint.service:
+            continue
+        decision = authorize_request(snapshot, waypoint, guarded, info)
+        if not decision.allowed:
+            return decision
+    return decision
