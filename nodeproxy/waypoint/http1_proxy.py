@@ -51,6 +51,7 @@ from nodeproxy.waypoint.upstream_http1 import Http1Connection, Http1Pool, Overfl
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.hostport import host_without_port
 from ztunnel_cfg.l7 import Request, response_headers
+from ztunnel_cfg.l7.request import TargetError, normalize_target
 
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
            307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
@@ -192,8 +193,14 @@ class Http1Session:
         target = self.down.target
         headers, ex.traceparent = with_traceparent(
             tuple((n.lower(), v) for n, v in head.headers))
-        host = next((v for n, v in headers if n == "host"), target.authority)
-        request = Request(head.method, head.target, host_without_port(host), headers)
+        normalized = normalize_target(head.target)
+        if isinstance(normalized, TargetError):
+            return await self._reply(LocalReply(400, "bad request target", "-",
+                                                normalized.reason), head, ex, close=True)
+        path, url_host = normalized
+        # An absolute-form target's host wins over the Host header (RFC 9112 section 3.2.2).
+        host = url_host or next((v for n, v in headers if n == "host"), target.authority)
+        request = Request(head.method, path, host_without_port(host), headers)
         plan = decide(self.proxy, self.down, request, ex)
         if isinstance(plan, LocalReply):
             return await self._reply(plan, head, ex)

@@ -42,6 +42,7 @@ from nodeproxy.waypoint.upstream import Endpoint, Upstreams, UpstreamTunnel
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.hostport import host_without_port
 from ztunnel_cfg.l7 import Request, response_headers
+from ztunnel_cfg.l7.request import TargetError, normalize_path_and_query
 
 # Envoy's HTTP -> gRPC status mapping for its own replies (grpc/common.cc httpToGrpcStatus).
 _GRPC_FOR_HTTP = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
@@ -218,7 +219,12 @@ class Http2Session:
         target = self.down.target
         headers, ex.traceparent = with_traceparent(regular)
         host = pseudo.get(":authority") or target.authority
-        request = Request(ex.method, ex.path, host_without_port(host), headers)
+        normalized = normalize_path_and_query(ex.path)
+        if isinstance(normalized, TargetError):
+            await self._reply(stream, LocalReply(400, "bad request path", "-",
+                                                 normalized.reason), ex, grpc)
+            return
+        request = Request(ex.method, normalized, host_without_port(host), headers)
         plan = decide(self.proxy, self.down, request, ex)
         if isinstance(plan, LocalReply):
             await self._reply(stream, plan, ex, grpc)
