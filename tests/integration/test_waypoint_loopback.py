@@ -18,6 +18,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from aiohttp import web
 
@@ -435,6 +438,35 @@ async def test_grpc_through_the_waypoint(lab: Lab) -> None:
                                      grpc_response_status="5") == 1, 5, "NOT_FOUND counted")
     assert _sample(reg, "istio_requests_total", request_protocol="grpc",
                    grpc_response_status="0") >= 2
+
+
+async def test_grpc_timeout_is_enforced_by_the_waypoint(lab: Lab) -> None:
+    # A raw HTTP/2 client with grpc-timeout: 200m and no deadline of its own: only the
+    # waypoint can end the 5 s call, with DEADLINE_EXCEEDED (4) and flag UT.
+    reader, writer = await lab.open_raw((GRPC_VIP, 80))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/echo.Echo/Slow"),
+                          (":authority", "grpc"), ("content-type", "application/grpc"),
+                          ("te", "trailers"), ("grpc-timeout", "200m")])
+    conn.send_data(1, b"\x00\x00\x00\x00\x01x", end_stream=True)
+    writer.write(conn.data_to_send())
+    fields: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(4):  # well under the server's 5 s
+            while "grpc-status" not in fields:
+                data = await reader.read(65536)
+                assert data, "the waypoint closed without answering"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        fields.update((k.decode(), v.decode()) for k, v in event.headers)
+                writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert fields["grpc-status"] == "4", fields
+    await eventually(lambda: _sample(lab.waypoint.metrics.registry, "istio_requests_total",
+                                     grpc_response_status="4", response_flags="UT") == 1, 5,
+                     "DEADLINE_EXCEEDED with UT counted by the waypoint")
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [
