@@ -56,12 +56,7 @@ SERVICES: dict[str, ServiceDef] = {s.name: s for s in (
     _service("outlier", 5, ["app-v1", "app-v2"]),
     _service("shop", 6, ["app-v1"]),
 )}
-# Every curl request of the scenarios closes its connection (one request per tunnel).  Known
-# waypoint bug: on a keep-alive connection, the second request without a body is never
-# answered (Http1Session.run takes the first request's leftover MessageEnd for the next
-# request's head and ends the session; the tunnel is reset after the 2 s linger).  The
-# strict xfail test_keep_alive_requests_share_one_tunnel tracks it.
-ONE_REQUEST_PER_CONNECTION = "Connection: close"
+# curl's sequential requests share one keep-alive connection (one tunnel), as clients do.
 ROUTE_TIMEOUT = 0.25  # seconds; the slow app answers after 1.5 s
 BASE_EJECTION = 2.0  # seconds
 CONSECUTIVE_5XX = 3
@@ -137,12 +132,12 @@ class WaypointLab:
         return f"http://{SERVICES[service].vip}:80{path}"
 
     def curl(self, urls: list[str], *, pod: str = CLIENT,
-             headers: tuple[str, ...] = (ONE_REQUEST_PER_CONNECTION,),
+             headers: tuple[str, ...] = (),
              **kw: Any) -> list[CurlResult]:
         return self.cluster.curl(pod, urls, headers=headers, **kw)
 
     def fetch(self, url: str, *, pod: str = CLIENT,
-              headers: tuple[str, ...] = (ONE_REQUEST_PER_CONNECTION,), **kw: Any) -> HttpReply:
+              headers: tuple[str, ...] = (), **kw: Any) -> HttpReply:
         return self.cluster.fetch(pod, url, headers=headers, **kw)
 
     # -- observation
