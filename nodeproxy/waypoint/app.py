@@ -37,6 +37,7 @@ from nodeproxy.proxy.limits import Limits
 from nodeproxy.sdnotify import Notifier, run_watchdog, supervise
 from nodeproxy.sockets import SocketFactory, SocketOptions, close_with_reset
 from nodeproxy.tls import ContextCache
+from nodeproxy.waypoint import http1_proxy, http2_proxy
 from nodeproxy.waypoint.proxy import WaypointProxy, WaypointSettings
 from nodeproxy.waypoint.target import find_waypoint
 from nodeproxy.waypoint.telemetry import WaypointMetrics
@@ -48,6 +49,9 @@ from ztunnel_cfg.snapshot import Snapshot
 from ztunnel_cfg.spiffe import SpiffeId
 
 log = logging.getLogger("nodeproxy.waypoint")
+# The protocol handlers load with the process (proxy.py imports them on first use): the first
+# requests do not wait ~20 ms for the imports, and their objects are frozen with the rest.
+_PRELOADED = (http1_proxy, http2_proxy)
 
 
 class WaypointSetupError(NodeproxyError):
