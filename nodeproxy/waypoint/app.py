@@ -16,7 +16,6 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from nodeproxy.app import certificates_document
 from nodeproxy.config_source import ConfigSource
 from nodeproxy.hbone import events as hbone_events
 from nodeproxy.hbone.glue import HboneProtocol
@@ -31,6 +30,7 @@ from nodeproxy.http_endpoints import (
 from nodeproxy.identity.ca_client import CaClient
 from nodeproxy.identity.manager import CertificateManager
 from nodeproxy.identity.node_credentials import NodeCertRenewer
+from nodeproxy.identity.report import certificates_document
 from nodeproxy.identity.svid import Svid
 from nodeproxy.proxy import tunnel
 from nodeproxy.proxy.limits import Limits
