@@ -7,6 +7,11 @@
 # repository has them, systemd/ (the real units).  NPV_CA_LIFETIME sets the CA service's
 # certificate lifetime (short, so rotation happens during the tests); NPV_NODE_LIFETIME the
 # bootstrap node certificates' (short, so the agents must renew them during the tests).
+#
+# cp also runs the waypoint default/waypoint (cluster.yaml) on its own private address, as the
+# packaged nodeproxy-waypoint@ unit: `nodeproxy install --systemd --waypoint` lays it down, the
+# node credentials for node "cp" sit where the unit's LoadCredential= expects them
+# (/etc/nodeproxy/{node-cert,node-key,bundle}.pem), and it starts while the nodes provision.
 set -euo pipefail
 cfg=$1 bundle=$2
 priv=${NPV_PRIV_CIDR_PREFIX:-172.30.187}
@@ -38,10 +43,36 @@ done
 echo 'NODEPROXY_CA_ARGS="--dir /var/lib/nodeproxy/ca --config /etc/nodeproxy/config.yaml --listen 0.0.0.0:15012 --lifetime $lifetime"' > /etc/nodeproxy/ca.env
 systemctl enable -q nodeproxy-ca
 systemctl restart nodeproxy-ca
+# The waypoint's node credentials (node "cp": only the waypoint's identity), at the paths of
+# the unit's LoadCredential=.
+$np ca issue-node --dir /var/lib/nodeproxy/ca --node cp --out-cert /etc/nodeproxy/node-cert.pem \
+  --out-key /etc/nodeproxy/node-key.pem --out-bundle /etc/nodeproxy/bundle.pem --force
 SH
 
+echo "--> cp: waypoint default/waypoint on $priv.10 (nodeproxy install --systemd --waypoint; background)"
+wp_args="--config /etc/nodeproxy/config.yaml --ca-address https://$priv.10:15012 --listen-ip $priv.10"
+wp_args+=" --readiness-addr 0.0.0.0:15121 --metrics-addr 0.0.0.0:15120 --admin-addr 127.0.0.1:15100"
+(
+s cp sudo bash -seu <<SH 2>&1 | sed "s/^/    [cp] /"
+# Pod ranges: the waypoint tunnels to the pods (via their node), and answers the clients' agents.
+ip route replace 10.251.1.0/24 via $priv.11 dev eth1
+ip route replace 10.251.2.0/24 via $priv.12 dev eth1
+$np install --systemd --waypoint default/waypoint --waypoint-args "$wp_args"
+unit="nodeproxy-waypoint@\$(systemd-escape default/waypoint).service"
+# Type=notify: returns once the waypoint sent READY=1 (certificate issued, listening).
+if ! systemctl enable -q --now "\$unit"; then
+  systemctl status --no-pager "\$unit" || true
+  journalctl -u "\$unit" --no-pager -n 40
+  exit 1
+fi
+echo "\$unit: \$(systemctl is-active "\$unit")"
+SH
+) &
+wp_pid=$!
+
 echo "--> nodes: node certificate, pods, agent"
-declare -A pods=([node1]="client-0:10.251.1.2 intruder-0:10.251.1.3" [node2]="echo-0:10.251.2.2")
+declare -A pods=([node1]="client-0:10.251.1.2 intruder-0:10.251.1.3"
+                 [node2]="echo-0:10.251.2.2 web-v1:10.251.2.3 web-v2:10.251.2.4")
 pids=()
 for i in 1 2; do
   vm=node$i other=$((3 - i))
@@ -63,20 +94,23 @@ SH
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
+wait "$wp_pid" || { echo "the waypoint did not start on cp" >&2; exit 1; }
 
-echo "--> wait for agents ready (/healthz/ready on 15021)"
-for vm in node1 node2; do
+echo "--> wait for agents and the waypoint ready (/healthz/ready on 15021, cp: 15121)"
+for spec in node1:15021:nodeproxy cp:15121:nodeproxy-waypoint@default-waypoint node2:15021:nodeproxy; do
+  IFS=: read -r vm port unit <<<"$spec"
   for t in $(seq 1 90); do
-    if s "$vm" python3 - <<'PY' 2>/dev/null; then break; fi
+    if s "$vm" python3 - "$port" <<'PY' 2>/dev/null; then break; fi
 import urllib.request, sys
-sys.exit(0 if urllib.request.urlopen("http://127.0.0.1:15021/healthz/ready", timeout=3).status == 200 else 1)
+url = f"http://127.0.0.1:{sys.argv[1]}/healthz/ready"
+sys.exit(0 if urllib.request.urlopen(url, timeout=3).status == 200 else 1)
 PY
     if [ "$t" = 90 ]; then
-      echo "agent on $vm not ready after 180 s" >&2
-      s "$vm" sudo journalctl -u nodeproxy --no-pager -n 40 >&2 || true
+      echo "$unit on $vm not ready after 180 s" >&2
+      s "$vm" sudo journalctl -u "$unit" --no-pager -n 40 >&2 || true
       exit 1
     fi
     sleep 2
   done
-  echo "    [$vm] ready"
+  echo "    [$vm] $unit ready"
 done

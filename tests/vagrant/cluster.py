@@ -3,13 +3,17 @@ ControlMaster so each command costs one channel, not one handshake, under TCG)."
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-NODE_OF_POD = {"client-0": "node1", "intruder-0": "node1", "echo-0": "node2"}
-POD_IP = {"client-0": "10.251.1.2", "intruder-0": "10.251.1.3", "echo-0": "10.251.2.2"}
+NODE_OF_POD = {"client-0": "node1", "intruder-0": "node1", "echo-0": "node2",
+               "web-v1": "node2", "web-v2": "node2"}
+POD_IP = {"client-0": "10.251.1.2", "intruder-0": "10.251.1.3", "echo-0": "10.251.2.2",
+          "web-v1": "10.251.2.3", "web-v2": "10.251.2.4"}
 ECHO_PORT = 8080
 HBONE_PORT = 15008
 
@@ -77,3 +81,43 @@ class Cluster:
     def unit_props(self, vm: str, unit: str, *props: str) -> dict[str, str]:
         out = self.sh(vm, f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props)).out
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_samples(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of ``name`` in a Prometheus text exposition whose labels include
+    ``labels``, with all its labels."""
+    out = []
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(_LABEL.findall(m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            out.append((got, float(m.group(3))))
+    return out
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    return sum(value for _, value in metric_samples(text, name, **labels))
+
+
+def metric_by(text: str, name: str, label: str, **labels: str) -> dict[str, float]:
+    """``name`` summed per value of ``label``."""
+    out: dict[str, float] = {}
+    for got, value in metric_samples(text, name, **labels):
+        out[got.get(label, "")] = out.get(got.get(label, ""), 0.0) + value
+    return out
+
+
+def poll(check: Callable[[], bool], timeout: float, describe: Callable[[], str],
+         interval: float = 0.5) -> None:
+    """Until ``check()`` holds, at most ``timeout`` seconds; else fail with ``describe()``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {describe()}")
+        time.sleep(interval)

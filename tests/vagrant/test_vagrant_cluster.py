@@ -118,13 +118,21 @@ def test_stop_fails_closed(cluster: Cluster) -> None:
 
 _FOREIGN_CSR = """
 /opt/nodeproxy/venv/bin/python - <<'PY'
-import asyncio, pathlib
+import asyncio, pathlib, re
 from nodeproxy.identity.ca import new_key_and_csr
 from nodeproxy.identity.ca_client import RemoteCaClient
 from ztunnel_cfg.spiffe import SpiffeId
 etc = pathlib.Path("/etc/nodeproxy")
-client = RemoteCaClient("https://172.30.187.10:15012", (etc / "node.crt").read_bytes(),
-                        (etc / "node.key").read_bytes(), (etc / "bundle.pem").read_bytes())
+cert, key = (etc / "node.crt").read_bytes(), (etc / "node.key").read_bytes()
+# The bootstrap certificate lives NPV_NODE_LIFETIME (180 s) and may have expired by now: use
+# the agent's renewal when it has one (node.pem: key + chain).
+renewed = pathlib.Path("/var/lib/nodeproxy/node.pem")
+if renewed.exists():
+    pem = renewed.read_bytes()
+    pems = re.findall(rb"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----\\n?", pem, re.S)
+    key = b"".join(p for p in pems if b"PRIVATE KEY" in p.splitlines()[0])
+    cert = b"".join(p for p in pems if b"CERTIFICATE" in p.splitlines()[0])
+client = RemoteCaClient("https://172.30.187.10:15012", cert, key, (etc / "bundle.pem").read_bytes())
 for uri in ("{own}", "{foreign}"):
     identity = SpiffeId.parse(uri)
     _key, csr = new_key_and_csr(identity)
