@@ -18,15 +18,11 @@
 Exit status: 0 ok, 2 connect/transfer failure (printed), 3 wrong echo.
 """
 
-import http.client
-import http.server
 import json
 import socket
 import socketserver
 import sys
-import threading
 import time
-import urllib.parse
 
 
 class Echo(socketserver.BaseRequestHandler):
@@ -40,43 +36,48 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
-class HttpServer(http.server.ThreadingHTTPServer):
-    allow_reuse_address = True
-    daemon_threads = True
+def serve_http(port: int, name: str, record_path: str, fail_every: int) -> None:
+    # Imported here: the echo server (every pod's app) starts faster without them (TCG).
+    import http.server
+    import threading
 
-    def __init__(self, port: int, name: str, record: str, fail_every: int) -> None:
-        super().__init__(("0.0.0.0", port), Named)
-        self.name, self.fail_every = name, fail_every
-        self.lock = threading.Lock()
-        self.count = 0
-        self.record = open(record, "a", buffering=1)  # noqa: SIM115 (lives as long as we do)
+    lock = threading.Lock()
+    count = 0
+    record = open(record_path, "a", buffering=1)  # noqa: SIM115 (lives as long as we do)
 
+    class Named(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
 
-class Named(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: HttpServer
-
-    def do_GET(self) -> None:
-        srv = self.server
-        with srv.lock:
-            srv.count += 1
-            n = srv.count
-            fail = srv.fail_every > 0 and (n - 1) % srv.fail_every == 0
-            status = 503 if fail else 200
-            srv.record.write(json.dumps({"n": n, "path": self.path, "status": status,
+        def do_GET(self) -> None:
+            nonlocal count
+            with lock:
+                count += 1
+                n = count
+                fail = fail_every > 0 and (n - 1) % fail_every == 0
+                status = 503 if fail else 200
+                record.write(json.dumps({"n": n, "path": self.path, "status": status,
                                          "peer": self.client_address[0]}) + "\n")
-        body = (json.dumps({"pod": srv.name, "n": n, "path": self.path}) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            body = (json.dumps({"pod": name, "n": n, "path": self.path}) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    class HttpServer(http.server.ThreadingHTTPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    HttpServer(("0.0.0.0", port), Named).serve_forever()
 
 
 def http_get(url: str, count: int) -> None:
+    import http.client
+    import urllib.parse
+
     parts = urllib.parse.urlsplit(url)
     conn = None
     connections = 0
@@ -123,7 +124,7 @@ def main(argv: list[str]) -> None:
         Server(("0.0.0.0", int(argv[1])), Echo).serve_forever()
     if cmd == "http":
         fail_every = int(argv[4]) if len(argv) > 4 else 0
-        HttpServer(int(argv[1]), argv[2], argv[3], fail_every).serve_forever()
+        serve_http(int(argv[1]), argv[2], argv[3], fail_every)
     if cmd == "get":
         http_get(argv[1], int(argv[2]))
         return
