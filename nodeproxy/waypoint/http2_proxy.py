@@ -16,12 +16,13 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
 from nodeproxy.waypoint.breaker import connection_exhausted
+from nodeproxy.waypoint.cluster import Cluster
 from nodeproxy.waypoint.exchange import (
     Answered,
     Exchange,
@@ -35,10 +36,10 @@ from nodeproxy.waypoint.exchange import (
     spawn_mirror,
     with_traceparent,
 )
-from nodeproxy.waypoint.h2pipe import H2Pipe, H2Stream, Headers, StreamGone
+from nodeproxy.waypoint.h2pipe import ByteStream, H2Pipe, H2Stream, Headers, StreamGone
 from nodeproxy.waypoint.proxy import Downstream, WaypointProxy, tunnel_headers
 from nodeproxy.waypoint.retry import Outcome
-from nodeproxy.waypoint.upstream import Endpoint, Upstreams, UpstreamTunnel
+from nodeproxy.waypoint.upstream import Endpoint
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.hostport import host_without_port
 from ztunnel_cfg.l7 import Request, response_headers
@@ -66,14 +67,42 @@ def grpc_timeout(value: str | None) -> float | None:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
-class Http2Upstream:
-    """One HTTP/2 client connection to an endpoint, over one HBONE tunnel."""
+class Overflow(Exception):
+    """The cluster's circuit breaker refused a new connection and none has room: 503 UO."""
 
-    def __init__(self, tunnel: UpstreamTunnel) -> None:
+    def __init__(self, limit: str) -> None:
+        super().__init__(f"circuit breaker: {limit} limit reached")
+        self.limit = limit
+
+
+class H2Tunnel(Protocol):
+    """What an HTTP/2 upstream connection runs over (an HBONE CONNECT stream)."""
+
+    @property
+    def stream(self) -> ByteStream: ...
+
+    def close(self) -> None: ...
+
+
+class TunnelOpener(Protocol):
+    """Opens tunnels to endpoints (:class:`Upstreams`; tests inject in-memory ones)."""
+
+    async def open(self, endpoint: Endpoint,
+                   headers: Sequence[tuple[str, str]]) -> H2Tunnel: ...
+
+
+class Http2Upstream:
+    """One HTTP/2 client connection to an endpoint, over one HBONE tunnel.  ``on_closed``
+    runs once, when the connection ends (the circuit breaker's connection is released)."""
+
+    def __init__(self, tunnel: H2Tunnel, address: str = "",
+                 on_closed: Callable[[], None] = lambda: None) -> None:
         self.tunnel = tunnel
+        self.address = address  # the endpoint's ip:port
         self.pipe = H2Pipe(tunnel.stream, client_side=True)
         self.reader: asyncio.Task[None] | None = None
         self.requests = 0  # streams opened (maxRequestsPerConnection retires the connection)
+        self._on_closed: Callable[[], None] | None = on_closed
 
     async def start(self) -> None:
         await self.pipe.start()
@@ -84,10 +113,19 @@ class Http2Upstream:
             await self.pipe.run()
         finally:
             self.tunnel.close()
+            self._closed()
+
+    def _closed(self) -> None:
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            on_closed()
 
     def usable(self, max_requests: int) -> bool:
         return not self.pipe.closed and not self.pipe.goaway and self.pipe.capacity > 0 \
             and not connection_exhausted(self.requests, max_requests)
+
+    def idle(self) -> bool:
+        return not self.pipe.streams
 
     def open_stream(self) -> H2Stream:
         self.requests += 1
@@ -100,52 +138,98 @@ class Http2Upstream:
             self.reader.cancel()
             await asyncio.gather(self.reader, return_exceptions=True)
         await self.pipe.aclose()
+        self._closed()
 
 
 class Http2Pool:
-    """HTTP/2 connections per endpoint address (a new one when every one is full)."""
+    """HTTP/2 connections of one cluster, per endpoint address (a new one when every one is
+    full).  Every connection counts against the cluster's circuit breaker
+    (``tcp.maxConnections``) from before it is opened until it closes; at the limit a
+    request uses a connection to its endpoint that still has a free stream, else an idle
+    connection to another endpoint is closed to make room, else :class:`Overflow` (Envoy's
+    HTTP/2 pool: no pending queue of its own, 503 UO)."""
 
-    def __init__(self, upstreams: Upstreams) -> None:
+    def __init__(self, cluster: Cluster, upstreams: TunnelOpener) -> None:
+        self.cluster = cluster
         self.upstreams = upstreams
         self.conns: dict[str, list[Http2Upstream]] = {}
         self._opening: dict[str, asyncio.Future[Http2Upstream]] = {}
 
-    async def acquire(self, endpoint: Endpoint, headers: Callable[[], Sequence[tuple[str, str]]],
-                      max_requests: int = 0) -> Http2Upstream:
+    async def acquire(self, endpoint: Endpoint,
+                      headers: Callable[[], Sequence[tuple[str, str]]]) -> Http2Upstream:
         """A connection with a free stream (``headers()``: the CONNECT headers of a new
-        one); ``max_requests`` (0: unlimited) retires
-        connections that carried that many requests (they finish what they carry)."""
+        one).  The cluster's ``maxRequestsPerConnection`` (0: unlimited) retires connections
+        that carried that many requests (they finish what they carry, then close).  Raises
+        Overflow, or the dial's error (connect failure)."""
+        breaker = self.cluster.breaker
         while True:
+            max_requests = self.cluster.max_requests_per_connection
             conns = self.conns.get(endpoint.address, [])
             for conn in list(conns):
                 if conn.pipe.closed:
                     conns.remove(conn)
                 elif conn.usable(max_requests):
                     return conn
-                elif connection_exhausted(conn.requests, max_requests) \
-                        and not conn.pipe.streams:
+                elif connection_exhausted(conn.requests, max_requests) and conn.idle():
                     conns.remove(conn)  # retired and idle: close it
                     await conn.aclose()
             pending = self._opening.get(endpoint.address)
             if pending is not None:
                 await asyncio.shield(pending)
                 continue
-            fut: asyncio.Future[Http2Upstream] = asyncio.get_running_loop().create_future()
-            self._opening[endpoint.address] = fut
-            try:
-                tunnel = await self.upstreams.open(endpoint, headers())
-                conn = Http2Upstream(tunnel)
-                await conn.start()
-            except BaseException as exc:
-                fut.set_exception(exc if isinstance(exc, Exception) else
-                                  asyncio.CancelledError())
-                fut.exception()
-                raise
-            finally:
-                self._opening.pop(endpoint.address, None)
-            fut.set_result(conn)
-            self.conns.setdefault(endpoint.address, []).append(conn)
-            return conn
+            if not breaker.try_acquire_connection() and (
+                    not await self._evict_idle_elsewhere(endpoint.address)
+                    or not breaker.try_acquire_connection()):
+                raise Overflow("connections (maxConnections)")
+            return await self._open(endpoint, headers)
+
+    async def _open(self, endpoint: Endpoint,
+                    headers: Callable[[], Sequence[tuple[str, str]]]) -> Http2Upstream:
+        """Open a connection; the breaker's connection is already acquired for it."""
+        fut: asyncio.Future[Http2Upstream] = asyncio.get_running_loop().create_future()
+        self._opening[endpoint.address] = fut
+        conn: Http2Upstream | None = None
+        try:
+            tunnel = await self.upstreams.open(endpoint, headers())
+            conn = Http2Upstream(tunnel, endpoint.address,
+                                 self.cluster.breaker.release_connection)
+            await conn.start()
+        except BaseException as exc:
+            if conn is not None:
+                await conn.aclose()  # releases the breaker's connection
+            else:
+                self.cluster.breaker.release_connection()
+            fut.set_exception(exc if isinstance(exc, Exception) else
+                              asyncio.CancelledError())
+            fut.exception()
+            raise
+        finally:
+            self._opening.pop(endpoint.address, None)
+        fut.set_result(conn)
+        self.conns.setdefault(endpoint.address, []).append(conn)
+        return conn
+
+    async def _evict_idle_elsewhere(self, address: str) -> bool:
+        """Close one idle connection to another endpoint (it blocks nobody); False if none."""
+        for other, conns in self.conns.items():
+            if other == address:
+                continue
+            for conn in conns:
+                if conn.idle() and not conn.pipe.closed:
+                    conns.remove(conn)
+                    await conn.aclose()
+                    return True
+        return False
+
+    async def done(self, conn: Http2Upstream, stream_id: int) -> None:
+        """A request's stream on ``conn`` is over: a retired connection closes once idle."""
+        conn.pipe.forget(stream_id)
+        if conn.idle() and connection_exhausted(conn.requests,
+                                                self.cluster.max_requests_per_connection):
+            conns = self.conns.get(conn.address, [])
+            if conn in conns:
+                conns.remove(conn)
+            await conn.aclose()
 
     async def aclose(self) -> None:
         for conns in self.conns.values():
@@ -256,12 +340,14 @@ class Http2Session:
                 await self._reply(stream, LocalReply(504, "upstream request timeout", "UT",
                                                      f"request timeout {deadline:g}s"), ex,
                                   grpc)
+        except _Overflowed as exc:
+            await self._reply(stream, exc.reply, ex, grpc)
         finally:
             cluster.breaker.release_request()
 
     async def _forward(self, stream: H2Stream, pseudo: dict[str, str], plan: Forward,
                        ex: Exchange, grpc: bool) -> None:
-        pool = self.proxy.http2_pool()
+        pool = self.proxy.http2_pool(plan.cluster)
         request = plan.request
         out: Headers = [(":method", request.method), (":scheme", pseudo.get(":scheme", "http")),
                         (":authority", _authority(pseudo, request)),
@@ -276,8 +362,12 @@ class Http2Session:
 
         async def try_once(endpoint: Endpoint) -> tuple[Http2Upstream, H2Stream] | Outcome:
             try:
-                conn = await pool.acquire(endpoint, self._tunnel_headers,
-                                          plan.cluster.max_requests_per_connection)
+                conn = await pool.acquire(endpoint, self._tunnel_headers)
+            except Overflow as exc:
+                self.proxy.metrics.overflows.labels(destination_service=plan.cluster.hostname,
+                                                    limit="connections").inc()
+                raise _Overflowed(LocalReply(503, "upstream overflow (circuit breaker)", "UO",
+                                             str(exc))) from None
             except (NodeproxyError, OSError) as exc:
                 ex.reason = str(exc)
                 return Outcome("connect_failure")
@@ -325,7 +415,7 @@ class Http2Session:
                 sender.cancel()
                 with contextlib.suppress(BaseException):
                     await sender
-            conn.pipe.forget(up.id)
+            await pool.done(conn, up.id)
 
     def _mirrors(self, plan: Forward, out: Headers, body: _ReplayableBody) -> None:
         """Shadow copies for RequestMirror filters: only of a body already complete within
@@ -336,12 +426,11 @@ class Http2Session:
                 continue
             headers = [(n, shadow_host(v) if n == ":authority" else v) for n, v in out]
             payload = b"".join(body.kept)
-            pool = self.proxy.http2_pool()
+            pool = self.proxy.http2_pool(cluster)
 
             async def send(endpoint: Endpoint, headers: Headers = headers,
-                           payload: bytes = payload, pool: Http2Pool = pool,
-                           limit: int = cluster.max_requests_per_connection) -> None:
-                conn = await pool.acquire(endpoint, self._tunnel_headers, limit)
+                           payload: bytes = payload, pool: Http2Pool = pool) -> None:
+                conn = await pool.acquire(endpoint, self._tunnel_headers)
                 up = conn.open_stream()
                 try:
                     await conn.pipe.send_headers(up.id, headers, end_stream=not payload)
@@ -351,7 +440,7 @@ class Http2Session:
                     while await up.read():  # drop the response
                         pass
                 finally:
-                    conn.pipe.forget(up.id)
+                    await pool.done(conn, up.id)
 
             spawn_mirror(self.proxy, cluster, send)
 
@@ -435,6 +524,14 @@ class Http2Session:
                 self.pipe.reset_stream(stream.id, ErrorCodes.INTERNAL_ERROR)
             else:
                 conn.pipe.reset_stream(up.id, ErrorCodes.CANCEL)
+
+
+class _Overflowed(Exception):
+    """A circuit breaker refused the request mid-way (no connection): answer ``reply``."""
+
+    def __init__(self, reply: LocalReply) -> None:
+        super().__init__(reply.reason)
+        self.reply = reply
 
 
 class _ReplayableBody:

@@ -13,9 +13,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nodeproxy.errors import ProxyError
 from nodeproxy.hbone.glue import HboneStream, StreamResetError
@@ -89,7 +89,7 @@ class WaypointProxy:
         self._ids = 0
         self.live: dict[str, Downstream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._h2pool: Http2Pool | None = None
+        self.h2pools: dict[ClusterKey, Http2Pool] = {}
         self.mirror_tasks: set[asyncio.Task[None]] = set()
 
     # -- config -------------------------------------------------------------------------------
@@ -102,6 +102,9 @@ class WaypointProxy:
                 pool = self.pools.pop(key, None)
                 if pool is not None:
                     pool.close()
+                h2pool = self.h2pools.pop(key, None)
+                if h2pool is not None:
+                    self._spawn(h2pool.aclose())
                 continue
             self.clusters[key].update(traffic_policy(snapshot, key.service)
                                       if not key.service.startswith("pod:") else
@@ -136,12 +139,23 @@ class WaypointProxy:
                                                        self.settings.http1)
         return pool
 
-    def http2_pool(self) -> Http2Pool:
-        if self._h2pool is None:
+    def http2_pool(self, cluster: Cluster) -> Http2Pool:
+        pool = self.h2pools.get(cluster.key)
+        if pool is None:
             from nodeproxy.waypoint.http2_proxy import Http2Pool
 
-            self._h2pool = Http2Pool(self.upstreams)
-        return self._h2pool
+            pool = self.h2pools[cluster.key] = Http2Pool(cluster, self.upstreams)
+        return pool
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (config tests): nothing can be open either
+            work.close()
+            return
+        task = loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def cluster_for_target(self, snapshot: Snapshot, target: Target,
                            backend: BackendRef | None) -> Cluster:
@@ -166,8 +180,9 @@ class WaypointProxy:
         for pool in self.pools.values():
             pool.close()
         self.pools.clear()
-        if self._h2pool is not None:
-            await self._h2pool.aclose()
+        for h2pool in self.h2pools.values():
+            await h2pool.aclose()
+        self.h2pools.clear()
 
     # -- CONNECT ------------------------------------------------------------------------------
     def _next_id(self) -> str:
