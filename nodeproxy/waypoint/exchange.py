@@ -114,7 +114,11 @@ def decide(proxy: WaypointProxy, down: Downstream, request: Request, ex: Exchang
 
 @dataclass(frozen=True, slots=True)
 class Answered(Generic[R]):
-    """A try that got a response the caller will stream (``response``), from ``endpoint``."""
+    """A try that got a response the caller will stream (``response``), from ``endpoint``.
+
+    The request still counts as active on ``endpoint`` (LEAST_REQUEST, activeRequests): the
+    caller calls ``cluster.finished(endpoint.address)`` once the response has been fully
+    sent or has failed (a ``finally`` after streaming it)."""
 
     endpoint: Endpoint
     response: R
@@ -156,12 +160,16 @@ async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *,
             ex.attempts += 1
             ex.upstream = endpoint.address
             ex.destination = endpoint.workload
+            # Active from here until the response is fully sent (the caller's finally, see
+            # Answered) or, for a try that is not the answer, until it ends.
             cluster.started(endpoint.address)
             try:
                 result = await try_once(endpoint)
-            finally:
+            except BaseException:
                 cluster.finished(endpoint.address)
+                raise
             if isinstance(result, Outcome):
+                cluster.finished(endpoint.address)
                 outcome = result
                 _note(proxy, cluster, endpoint.address,
                       "connect_failure" if outcome.kind == "connect_failure" else outcome.kind)
@@ -174,6 +182,7 @@ async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *,
                     if ex.attempts > 1 and status >= 500:
                         ex.flags = "URX"  # retries used up: the last try's answer
                     return Answered(endpoint, result)
+                cluster.finished(endpoint.address)
                 discard(result)
             if holding_retry:
                 cluster.breaker.release_retry()

@@ -297,7 +297,10 @@ class Http1Session:
         if not isinstance(done, Answered):
             return await self._reply(done.reply, head, ex, close=True)
         conn, resp = done.response
-        return await self._respond(resp, conn, pool, head, plan, ex, upgrade is not None)
+        try:
+            return await self._respond(resp, conn, pool, head, plan, ex, upgrade is not None)
+        finally:
+            plan.cluster.finished(done.endpoint.address)
 
     def _mirror(self, cluster: Cluster, message: bytes, method: str) -> None:
         pool = self.proxy.http1_pool(cluster)

@@ -411,6 +411,7 @@ class Http2Session:
         try:
             await self._respond(stream, conn, up, plan, ex)
         finally:
+            plan.cluster.finished(done.endpoint.address)
             if sender is not None and not sender.done():
                 sender.cancel()
                 with contextlib.suppress(BaseException):

@@ -143,6 +143,8 @@ class Lab:
     targets: dict[tuple[str, int], tuple[str, int]]
     hits: Counter[str] = field(default_factory=Counter)
     flaky_calls: list[str] = field(default_factory=list)
+    # /stream/... responses send their head and a first piece, then wait for this.
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def open_raw(self, target: tuple[str, int]) -> tuple[
             asyncio.StreamReader, asyncio.StreamWriter]:
@@ -203,11 +205,19 @@ async def _read_response(reader: asyncio.StreamReader,
 
 
 async def _backend(lab_hits: Counter[str], flaky_calls: list[str], ip: str,
-                   name: str) -> list[web.AppRunner]:
-    async def echo(request: web.Request) -> web.Response:
+                   name: str, gate: asyncio.Event) -> list[web.AppRunner]:
+    async def echo(request: web.Request) -> web.StreamResponse:
         lab_hits[name] += 1
         if request.path.startswith("/slow"):
             await asyncio.sleep(2)
+        if request.path.startswith("/stream"):
+            streamed = web.StreamResponse()
+            await streamed.prepare(request)
+            await streamed.write(f"{name} first|".encode())
+            await gate.wait()
+            await streamed.write(b"rest")
+            await streamed.write_eof()
+            return streamed
         return web.Response(text=f"{name} {request.method} {request.path_qs}")
 
     flaky_count = [0]
@@ -289,7 +299,7 @@ async def running_lab(tmp_path: Path) -> AsyncIterator[Lab]:
     runners = []
     grpc_servers = []
     for ip, name in (("127.0.2.1", "v1"), ("127.0.2.2", "v2")):
-        runners += await _backend(lab.hits, lab.flaky_calls, ip, name)
+        runners += await _backend(lab.hits, lab.flaky_calls, ip, name, lab.gate)
         grpc_servers.append(await _grpc_backend(ip, name))
     try:
         await eventually(
@@ -539,3 +549,42 @@ async def test_request_mirror_sends_a_shadow_copy(lab: Lab) -> None:
     await eventually(lambda: _sample(lab.waypoint.metrics.registry,
                                      "nodeproxy_waypoint_mirrored_requests_total",
                                      result="sent") == 1, 5, "mirror counted")
+
+
+def _active_requests(lab: Lab) -> dict[str, int]:
+    """activeRequests per endpoint address of every cluster (admin /config_dump's figures)."""
+    active: Counter[str] = Counter()
+    for cluster in lab.waypoint.proxy.dump()["clusters"]:  # type: ignore[attr-defined]
+        for endpoint in cluster["endpoints"]:
+            active[endpoint["address"]] += endpoint["activeRequests"]
+    return dict(active)
+
+
+async def test_a_request_is_active_until_its_response_has_been_sent(lab: Lab) -> None:
+    # LEAST_REQUEST and activeRequests count a request until its whole response went out,
+    # not only until its response head arrived.
+    reader, writer = await lab.open_raw((VIP, 80))
+    try:
+        writer.write(b"GET /stream/x HTTP/1.1\r\nHost: echo\r\n\r\n")
+        got = b""
+        async with asyncio.timeout(10):
+            while b"first|" not in got:
+                data = await reader.read(65536)
+                assert data, got
+                got += data
+        assert got.startswith(b"HTTP/1.1 200 ")
+        # Head and a first piece are at the client; the rest is held by the endpoint.
+        assert sum(_active_requests(lab).values()) == 1, _active_requests(lab)
+        lab.gate.set()
+        async with asyncio.timeout(10):
+            while not got.endswith(b"rest\r\n0\r\n\r\n"):
+                data = await reader.read(65536)
+                assert data, got
+                got += data
+        await eventually(lambda: sum(_active_requests(lab).values()) == 0, 5,
+                         lambda: f"still active after the response: {_active_requests(lab)}")
+    finally:
+        lab.gate.set()  # never leave the endpoint's handler waiting
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
