@@ -1673,7 +1673,7 @@ class HttpPoolSettings(Doc):
     http1_max_pending_requests: Limit = UNLIMITED
     http2_max_requests: Limit = UNLIMITED
     max_requests_per_connection: LimitOrZero = 0  # 0: unlimited
-    max_retries: LimitOrZero = UNLIMITED  # retries in flight at once; 0: none
+    max_retries: LimitOrZero = UNLIMITED  # retries in flight at once; 0: unlimited (Istio)
 
 
 @document(frozen=True, slots=True, kw_only=True, config=_DOCUMENT)

@@ -168,32 +168,40 @@ async def run_tries(proxy: WaypointProxy, fwd: Forward, ex: Exchange, *,
             except BaseException:
                 cluster.finished(endpoint.address)
                 raise
+            response: R | None = None
             if isinstance(result, Outcome):
                 cluster.finished(endpoint.address)
                 outcome = result
                 _note(proxy, cluster, endpoint.address,
                       "connect_failure" if outcome.kind == "connect_failure" else outcome.kind)
             else:
+                response = result
                 status, grpc = status_of(result)
                 outcome = Outcome.response(status, grpc)
                 _note(proxy, cluster, endpoint.address, status)
-                if not should_retry(fwd.policy, outcome, retries, replayable=replayable(),
-                                    budget_ok=True).retry:
-                    if ex.attempts > 1 and status >= 500:
-                        ex.flags = "URX"  # retries used up: the last try's answer
-                    return Answered(endpoint, result)
-                cluster.finished(endpoint.address)
-                discard(result)
             if holding_retry:
                 cluster.breaker.release_retry()
                 holding_retry = False
-            budget = cluster.breaker.try_acquire_retry()
+            # The retry conditions and limit first; the breaker's retry budget only for a
+            # retry that would happen (Envoy's shouldRetry), so answers that need no retry
+            # never count as a budget overflow.
             decision = should_retry(fwd.policy, outcome, retries, replayable=replayable(),
-                                    budget_ok=budget)
+                                    budget_ok=True)
+            budget = decision.retry and cluster.breaker.try_acquire_retry()
+            if decision.retry and not budget:
+                decision = should_retry(fwd.policy, outcome, retries,
+                                        replayable=replayable(), budget_ok=False)
             if not decision.retry:
-                if budget:
-                    cluster.breaker.release_retry()
+                if response is not None:
+                    # The endpoint's own answer goes to the client (Envoy), flagged URX when
+                    # the retry limit ended retries, UO when the retry budget did.
+                    if decision.response_flag is not None:
+                        ex.flags = decision.response_flag
+                    return Answered(endpoint, response)
                 return GaveUp(_failure_reply(outcome, decision.response_flag, ex))
+            if response is not None:
+                cluster.finished(endpoint.address)
+                discard(response)
             holding_retry = True
             retries += 1
             metrics.retries.labels(destination_service=service, reason=(
@@ -214,8 +222,6 @@ def _note(proxy: WaypointProxy, cluster: Cluster, address: str, result: int | st
 
 def _failure_reply(outcome: Outcome, flag: str | None, ex: Exchange) -> LocalReply:
     why = ex.reason or outcome.describe()
-    if outcome.kind == "response":  # a retried 5xx whose retry the breaker then refused
-        return LocalReply(outcome.status or 503, "upstream failed", flag or "URX", why)
     if outcome.kind == "per_try_timeout":
         return LocalReply(504, "upstream request timeout", "UT", why)
     flags = {"connect_failure": "UF", "refused_stream": "UF"}.get(outcome.kind, "UC")

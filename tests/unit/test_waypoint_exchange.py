@@ -138,3 +138,86 @@ async def test_failed_and_raising_tries_are_not_left_active() -> None:
     with pytest.raises(RuntimeError):
         await _run(_proxy(), cluster, script)
     assert cluster.active.get(A.address, 0) == 0
+
+
+# -- which endpoint, how many tries, what the client gets ------------------------------------
+
+async def test_a_retry_goes_to_another_endpoint_than_the_failed_one() -> None:
+    for _ in range(5):  # whichever endpoint the balancer starts with
+        cluster = _cluster(A, B)
+        script = Script(cluster, [Response(503), Response(200)])
+        done, ex = await _run(_proxy(), cluster, script)
+        assert isinstance(done, Answered)
+        first, second = script.tried
+        assert first != second
+        assert done.endpoint.address == second
+        assert (ex.attempts, ex.flags) == (2, "-")
+
+
+async def test_the_retry_limit_passes_the_last_answer_through_flagged_urx() -> None:
+    cluster = _cluster(A)
+    script = Script(cluster, [Response(503, "1"), Response(503, "2"), Response(503, "3")])
+    done, ex = await _run(_proxy(), cluster, script)
+    assert isinstance(done, Answered)
+    assert done.response == Response(503, "3")  # the endpoint's answer, not a made-up one
+    assert (ex.attempts, ex.flags) == (3, "URX")
+    assert script.discarded == [Response(503, "1"), Response(503, "2")]
+
+
+async def test_a_5xx_that_is_not_retriable_is_not_urx_even_after_a_retry() -> None:
+    # A connect failure was retried, then the endpoint answered 500, which this policy does
+    # not retry: retries did not end for the limit, so no URX.
+    cluster = _cluster(A, B)
+    policy = RetryPolicy(2, frozenset({"connect-failure"}), backoff_base=0.001)
+    script = Script(cluster, [Outcome("connect_failure"), Response(500)])
+    done, ex = await _run(_proxy(), cluster, script, policy=policy)
+    assert isinstance(done, Answered)
+    assert (ex.attempts, ex.flags) == (2, "-")
+
+
+async def test_an_exhausted_retry_budget_passes_the_answer_through_flagged_uo() -> None:
+    # maxRetries 1, and another request already holds that retry.
+    cluster = _cluster(A, B, max_retries=1)
+    assert cluster.breaker.try_acquire_retry()
+    script = Script(cluster, [Response(503, "the endpoint's own body")])
+    done, ex = await _run(_proxy(), cluster, script)
+    assert isinstance(done, Answered)
+    assert done.response == Response(503, "the endpoint's own body")
+    assert (ex.attempts, ex.flags) == (1, "UO")
+    assert not script.discarded
+    assert cluster.breaker.stats()["retries"].overflows == 1
+    cluster.breaker.release_retry()
+    # With the budget back, the same request is retried (and the retry is given back).
+    script = Script(cluster, [Response(503), Response(200)])
+    done, ex = await _run(_proxy(), cluster, script)
+    assert isinstance(done, Answered)
+    assert (ex.attempts, ex.flags) == (2, "-")
+    assert cluster.breaker.stats()["retries"].active == 0
+
+
+async def test_answers_that_need_no_retry_never_touch_the_retry_budget() -> None:
+    cluster = _cluster(A, max_retries=1)
+    assert cluster.breaker.try_acquire_retry()
+    done, ex = await _run(_proxy(), cluster, Script(cluster, [Response(200)]))
+    assert isinstance(done, Answered)
+    assert ex.flags == "-"
+    assert cluster.breaker.stats()["retries"].overflows == 0
+    cluster.breaker.release_retry()
+
+
+async def test_a_request_that_cannot_be_replayed_is_not_retried() -> None:
+    # Body larger than the replay buffer, or streamed: the protocol modules say so.
+    cluster = _cluster(A, B)
+    script = Script(cluster, [Response(503)])
+    done, ex = await _run(_proxy(), cluster, script, replayable=False)
+    assert isinstance(done, Answered)
+    assert (ex.attempts, ex.flags) == (1, "-")
+
+
+async def test_max_retries_zero_means_no_limit_as_in_istio() -> None:
+    cluster = _cluster(A, max_retries=0)
+    assert cluster.breaker.limits.max_retries == 2**32 - 1
+    script = Script(cluster, [Response(503), Response(200)])
+    done, ex = await _run(_proxy(), cluster, script)
+    assert isinstance(done, Answered)
+    assert ex.attempts == 2
