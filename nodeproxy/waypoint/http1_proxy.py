@@ -253,10 +253,11 @@ class Http1Session:
         pool = self.proxy.http1_pool(plan.cluster)
         body, replayable = await self._read_body(head)
         request = plan.request
-        headers = strip_hop_by_hop(request.headers)
+        # Expect: 100-continue is answered by the waypoint (Envoy's default): for a body it
+        # holds, before reading it; for a streamed one, before streaming it.
+        headers = tuple((n, v) for n, v in strip_hop_by_hop(request.headers) if n != "expect")
         if body is not None:
             ex.request_bytes = len(body)
-            headers = tuple((n, v) for n, v in headers if n != "expect")
             kind = BodyKind.of_length(len(body)) if head.body.framing is not Framing.NONE \
                 else BodyKind.NONE
         else:
@@ -367,6 +368,9 @@ class Http1Session:
         chunked = head.body.framing is Framing.CHUNKED
         if head.upgrade:
             return  # the bytes after an upgrade head travel only once the upstream agreed
+        if head.expect_continue:
+            # The client waits for this before sending its body (its Expect was not sent on).
+            await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
         while True:
             event = await self._next()
             if event is None or isinstance(event, ProtocolError):

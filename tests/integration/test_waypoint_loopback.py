@@ -588,3 +588,34 @@ async def test_a_request_is_active_until_its_response_has_been_sent(lab: Lab) ->
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+@pytest.mark.parametrize("framing", ["chunked", "large"])
+async def test_expect_100_continue_with_a_streamed_body(lab: Lab, framing: str) -> None:
+    # As curl does: send the head, wait for 100 Continue, only then the body.  A chunked body
+    # or one larger than the replay buffer is streamed, not held.
+    size = 100 * 1024 if framing == "large" else 10
+    framing_header = (b"Transfer-Encoding: chunked" if framing == "chunked"
+                      else f"Content-Length: {size}".encode())
+    reader, writer = await lab.open_raw((VIP, 80))
+    try:
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: echo\r\nExpect: 100-continue\r\n"
+                     + framing_header + b"\r\nConnection: close\r\n\r\n")
+        got = b""
+        async with asyncio.timeout(10):
+            while b"\r\n\r\n" not in got:
+                data = await reader.read(65536)
+                assert data, got
+                got += data
+        interim, _sep, got = got.partition(b"\r\n\r\n")
+        assert interim == b"HTTP/1.1 100 Continue", interim
+        body = b"x" * size
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (size, body) if framing == "chunked" else body)
+        async with asyncio.timeout(10):
+            got += await reader.read()
+        assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+        assert b"v1 POST /upload" in got or b"v2 POST /upload" in got
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
