@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import re
 import socket
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,7 @@ APP_PORT = 18180
 VIP = "10.96.0.10"
 FLAKY_VIP = "10.96.0.11"
 GRPC_VIP = "10.96.0.12"
+LIMITED_VIP = "10.96.0.13"  # echo-v1 alone; http2MaxRequests 1, maxRequestsPerConnection 1
 # Every connection the grpc-client pod makes goes to the gRPC service (grpcio cannot bind a
 # source port, so its original destination is keyed by the pod's listener address).
 FIXED_TARGETS = {"127.0.1.3": (GRPC_VIP, 80)}
@@ -61,7 +64,8 @@ CONFIG = textwrap.dedent(f"""
       canonicalRevision: v1
       services: {{"default/echo.default.svc.cluster.local": {{80: {APP_PORT}}},
                  "default/flaky.default.svc.cluster.local": {{80: {APP_PORT + 1}}},
-                 "default/grpc.default.svc.cluster.local": {{80: {APP_PORT + 2}}}}}
+                 "default/grpc.default.svc.cluster.local": {{80: {APP_PORT + 2}}},
+                 "default/limited.default.svc.cluster.local": {{80: {APP_PORT}}}}}
     - name: echo-v2
       namespace: default
       serviceAccount: echo
@@ -95,6 +99,11 @@ CONFIG = textwrap.dedent(f"""
       vips: ["/{GRPC_VIP}"]
       ports: {{80: {APP_PORT + 2}}}
       waypoint: {{destination: default/waypoint.default.svc.cluster.local}}
+    - name: limited
+      namespace: default
+      vips: ["/{LIMITED_VIP}"]
+      ports: {{80: {APP_PORT}}}
+      waypoint: {{destination: default/waypoint.default.svc.cluster.local}}
     - name: waypoint
       namespace: default
       vips: ["/10.96.0.99"]
@@ -116,17 +125,40 @@ CONFIG = textwrap.dedent(f"""
       - matches: [{{path: {{type: PathPrefix, value: /slow}}}}]
         backendRefs: [{{service: default/echo.default.svc.cluster.local, port: 80}}]
         timeouts: {{request: 300ms}}
+      - matches: [{{path: {{type: PathPrefix, value: /slow-try}}}}]
+        backendRefs: [{{service: default/echo.default.svc.cluster.local, port: 80}}]
+        timeouts: {{backendRequest: 200ms}}
+      - matches: [{{path: {{type: PathPrefix, value: /nowhere}}}}]
+        backendRefs: [{{service: default/echo.default.svc.cluster.local, port: 80, weight: 0}}]
       - backendRefs:
         - {{service: default/echo.default.svc.cluster.local, port: 80, weight: 90,
            subset: {{version: v1}}}}
         - {{service: default/echo.default.svc.cluster.local, port: 80, weight: 10,
            subset: {{version: v2}}}}
+        filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {{add: [{{name: x-via, value: waypoint}}],
+                                   remove: [x-internal]}}
     - name: flaky
       namespace: default
       parentRefs: [{{service: default/flaky.default.svc.cluster.local}}]
       rules:
       - backendRefs: [{{service: default/flaky.default.svc.cluster.local, port: 80}}]
         retry: {{attempts: 5, retryOn: [5xx], backoff: 1ms}}
+    - name: grpc
+      namespace: default
+      parentRefs: [{{service: default/grpc.default.svc.cluster.local}}]
+      rules:
+      - backendRefs: [{{service: default/grpc.default.svc.cluster.local, port: 80}}]
+        filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {{set: [{{name: x-via, value: waypoint-h2}}]}}
+    trafficPolicies:
+    - name: limited
+      namespace: default
+      service: default/limited.default.svc.cluster.local
+      connectionPool:
+        http: {{http2MaxRequests: 1, maxRequestsPerConnection: 1}}
     policies:
     - name: no-admin
       namespace: default
@@ -218,7 +250,10 @@ async def _backend(lab_hits: Counter[str], flaky_calls: list[str], ip: str,
             await streamed.write(b"rest")
             await streamed.write_eof()
             return streamed
-        return web.Response(text=f"{name} {request.method} {request.path_qs}")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return web.Response(text=f"{name} {request.method} {request.path_qs}", headers={
+            "x-internal": "secret", "x-traceparent": request.headers.get("traceparent", ""),
+            "x-peer-port": str(peer[1] if peer else "")})
 
     flaky_count = [0]
 
@@ -560,6 +595,13 @@ def _active_requests(lab: Lab) -> dict[str, int]:
     return dict(active)
 
 
+def _requests_in_flight(lab: Lab, service: str) -> int:
+    """The circuit breaker's requests gauge of the service's clusters (/config_dump)."""
+    return sum(cluster["circuitBreaker"]["requests"]["active"]
+               for cluster in lab.waypoint.proxy.dump()["clusters"]  # type: ignore[attr-defined]
+               if cluster["cluster"].startswith(f"default/{service}."))
+
+
 async def test_a_request_is_active_until_its_response_has_been_sent(lab: Lab) -> None:
     # LEAST_REQUEST and activeRequests count a request until its whole response went out,
     # not only until its response head arrived.
@@ -619,3 +661,223 @@ async def test_expect_100_continue_with_a_streamed_body(lab: Lab, framing: str) 
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def _raw_exchange(lab: Lab, target: tuple[str, int], request: bytes,
+                        method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """One request written as given (head and body) on a new connection; its response."""
+    reader, writer = await lab.open_raw(target)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(10):
+            return await _read_response(reader, method)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_a_retry_goes_to_the_other_endpoint(lab: Lab) -> None:
+    # flaky has two endpoints, each failing every other call: a request's second try goes
+    # to the endpoint its first try did not use (previous hosts).
+    retried = 0
+    for _ in range(6):
+        lab.flaky_calls.clear()
+        status, _h, _b = await lab.request((FLAKY_VIP, 80), "GET", "/")
+        assert status == 200
+        names = [call.split(":")[0] for call in lab.flaky_calls]
+        if len(names) >= 2:
+            retried += 1
+            assert names[0] != names[1], lab.flaky_calls
+    assert retried >= 1  # every endpoint's first call fails
+
+
+@pytest.mark.parametrize("framing", ["large", "chunked"])
+async def test_a_body_that_cannot_be_replayed_is_not_retried(lab: Lab, framing: str) -> None:
+    # The first call to a flaky endpoint fails; flaky's route retries 5xx, but this body is
+    # larger than the replay buffer (64 KiB) or chunked, so the 503 is the answer.
+    if framing == "large":
+        body = b"x" * (100 * 1024)
+        request = (b"POST / HTTP/1.1\r\nHost: flaky\r\nContent-Length: %d\r\n\r\n" % len(body)
+                   + body)
+    else:
+        request = b"POST / HTTP/1.1\r\nHost: flaky\r\nTransfer-Encoding: chunked\r\n\r\n" \
+                  b"5\r\nhello\r\n0\r\n\r\n"
+    status, _h, _b = await _raw_exchange(lab, (FLAKY_VIP, 80), request, "POST")
+    assert status == 503
+    assert [call.split(":")[1] for call in lab.flaky_calls] == ["503"]
+    # A small body is held, so the same failure is retried.
+    status, _h, _b = await lab.request((FLAKY_VIP, 80), "POST", "/", b"small")
+    assert status == 200
+
+
+async def test_per_try_timeout_on_the_data_path(lab: Lab) -> None:
+    # timeouts.backendRequest 200ms bounds each try of /slow-try (the endpoint takes 2 s).
+    status, _h, body = await lab.request((VIP, 80), "GET", "/slow-try")
+    assert status == 504, body
+    assert body == b"upstream request timeout\n"
+    await eventually(lambda: _sample(lab.waypoint.metrics.registry, "istio_requests_total",
+                                     response_code="504", response_flags="UT") == 1, 5,
+                     "per-try timeout counted with UT")
+
+
+async def test_http2_max_requests_overflow_answers_503_uo(lab: Lab) -> None:
+    # limited allows one request at a time: hold one (its response waits for the gate),
+    # the next is refused at once.
+    reader, writer = await lab.open_raw((LIMITED_VIP, 80))
+    try:
+        writer.write(b"GET /stream/held HTTP/1.1\r\nHost: limited\r\n\r\n")
+        got = b""
+        async with asyncio.timeout(10):
+            while b"first|" not in got:
+                data = await reader.read(65536)
+                assert data, got
+                got += data
+        status, _h, body = await lab.request((LIMITED_VIP, 80), "GET", "/second")
+        assert status == 503, body
+        assert body == b"upstream overflow (circuit breaker)\n"
+        lab.gate.set()
+        async with asyncio.timeout(10):
+            while not got.endswith(b"rest\r\n0\r\n\r\n"):
+                data = await reader.read(65536)
+                assert data, got
+                got += data
+    finally:
+        lab.gate.set()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    reg = lab.waypoint.metrics.registry
+    await eventually(lambda: _sample(reg, "istio_requests_total", response_code="503",
+                                     response_flags="UO") == 1, 5, "overflow counted")
+    assert _sample(reg, "nodeproxy_waypoint_overflow_total",
+                   destination_service="limited.default.svc.cluster.local",
+                   limit="requests") == 1
+    # Once the held request is done there is room again.
+    await eventually(lambda: _requests_in_flight(lab, "limited") == 0, 5, "request released")
+    status, _h, _b = await lab.request((LIMITED_VIP, 80), "GET", "/third")
+    assert status == 200
+
+
+async def test_max_requests_per_connection_on_the_data_path(lab: Lab) -> None:
+    # limited: maxRequestsPerConnection 1, so every request reaches the endpoint on a new
+    # connection; echo (no limit) reuses its pooled connection.
+    replies = await lab.requests((LIMITED_VIP, 80), [("GET", f"/r{i}", b"") for i in range(3)])
+    ports = [headers["x-peer-port"] for _s, headers, _b in replies]
+    assert len(set(ports)) == 3, ports
+    replies = await lab.requests(("127.0.2.1", APP_PORT),
+                                 [("GET", f"/r{i}", b"") for i in range(3)])
+    ports = [headers["x-peer-port"] for _s, headers, _b in replies]
+    assert len(set(ports)) == 1, ports
+
+
+async def test_response_header_modifier_http1(lab: Lab) -> None:
+    status, headers, _b = await lab.request((VIP, 80), "GET", "/hello")
+    assert status == 200
+    assert headers["x-via"] == "waypoint"
+    assert "x-internal" not in headers  # removed by the filter
+    # A request that no rule with the filter serves keeps the endpoint's headers.
+    status, headers, _b = await lab.request(("127.0.2.1", APP_PORT), "GET", "/direct")
+    assert status == 200
+    assert "x-via" not in headers
+    assert headers["x-internal"] == "secret"
+
+
+async def test_response_header_modifier_http2(lab: Lab) -> None:
+    reader, writer = await lab.open_raw((GRPC_VIP, 80))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/echo.Echo/Say"),
+                          (":authority", "grpc"), ("content-type", "application/grpc"),
+                          ("te", "trailers")])
+    conn.send_data(1, b"\x00\x00\x00\x00\x04mesh", end_stream=True)
+    writer.write(conn.data_to_send())
+    fields: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(10):
+            while ":status" not in fields:
+                data = await reader.read(65536)
+                assert data, "the waypoint closed without answering"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        fields.update((k.decode(), v.decode()) for k, v in event.headers)
+                writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    assert fields[":status"] == "200", fields
+    assert fields["x-via"] == "waypoint-h2"
+
+
+async def test_all_weights_zero_answers_500(lab: Lab) -> None:
+    status, _h, _b = await lab.request((VIP, 80), "GET", "/nowhere")
+    assert status == 500
+    assert not lab.hits
+
+
+class _Lines(logging.Handler):
+    """Collects the waypoint's request lines (an injected handler; the waypoint's logging is
+    not replaced).  The agents' connection lines, on the same logger, are left out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "method" in getattr(record, "fields", {}):
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def _access_log() -> Iterator[_Lines]:
+    logger = logging.getLogger("nodeproxy.access")
+    lines, level = _Lines(), logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+
+
+async def test_an_access_log_line_per_request(lab: Lab) -> None:
+    with _access_log() as lines:
+        await lab.request((VIP, 80), "GET", "/one")
+        await lab.request((VIP, 80), "GET", "/admin/two")
+        await eventually(lambda: len(lines.records) == 2, 5,
+                         lambda: f"access log lines: {[r.getMessage() for r in lines.records]}")
+    one, two = (getattr(r, "fields") for r in lines.records)  # noqa: B009
+    assert (one["method"], one["path"], one["response_code"]) == ("GET", "/one", 200)
+    assert one["response_flags"] == "-"
+    assert one["upstream"] in (f"127.0.2.1:{APP_PORT}", f"127.0.2.2:{APP_PORT}")
+    assert (two["path"], two["response_code"], two["response_flags"]) == (
+        "/admin/two", 403, "DENY")
+    assert lines.records[0].getMessage() == 'request "GET /one" 200 -'
+
+
+async def test_traceparent_kept_or_started(lab: Lab) -> None:
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    status, headers, _b = await _raw_exchange(
+        lab, (VIP, 80), f"GET /t HTTP/1.1\r\nHost: echo\r\ntraceparent: {incoming}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+    assert status == 200
+    assert headers["x-traceparent"] == incoming
+    status, headers, _b = await lab.request((VIP, 80), "GET", "/t")
+    assert status == 200
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", headers["x-traceparent"]), headers
+
+
+async def test_duration_and_size_histograms_are_observed(lab: Lab) -> None:
+    status, _h, body = await lab.request((VIP, 80), "POST", "/sized", b"0123456789")
+    assert status == 200
+    reg = lab.waypoint.metrics.registry
+    labels = {"response_code": "200", "request_protocol": "http"}
+    await eventually(lambda: _sample(reg, "istio_request_duration_milliseconds_count",
+                                     **labels) == 1, 5, "duration observed")
+    assert _sample(reg, "istio_request_duration_milliseconds_sum", **labels) > 0
+    assert _sample(reg, "istio_request_bytes_count", **labels) == 1
+    assert _sample(reg, "istio_request_bytes_sum", **labels) == 10
+    assert _sample(reg, "istio_response_bytes_count", **labels) == 1
+    assert _sample(reg, "istio_response_bytes_sum", **labels) == len(body)
