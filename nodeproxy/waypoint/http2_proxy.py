@@ -131,6 +131,18 @@ class Http2Upstream:
         self.requests += 1
         return self.pipe.open_stream()
 
+    def close_soon(self) -> None:
+        """Close without waiting: the reader task ends (releasing the breaker's connection)."""
+        self.pipe.closed = True
+        self.tunnel.close()
+        if self.reader is not None and not self.reader.done():
+            # Also when the reader is cancelled before its first step (its finally never
+            # runs then).
+            self.reader.add_done_callback(lambda _task: self._closed())
+            self.reader.cancel()
+        else:
+            self._closed()
+
     async def aclose(self) -> None:
         self.pipe.closed = True
         self.tunnel.close()
@@ -221,15 +233,16 @@ class Http2Pool:
                     return True
         return False
 
-    async def done(self, conn: Http2Upstream, stream_id: int) -> None:
-        """A request's stream on ``conn`` is over: a retired connection closes once idle."""
+    def release(self, conn: Http2Upstream, stream_id: int) -> None:
+        """A stream on ``conn`` is over (answered, reset, given up): a retired connection
+        closes once its last stream is over, giving its place in the breaker back."""
         conn.pipe.forget(stream_id)
         if conn.idle() and connection_exhausted(conn.requests,
                                                 self.cluster.max_requests_per_connection):
             conns = self.conns.get(conn.address, [])
             if conn in conns:
                 conns.remove(conn)
-            await conn.aclose()
+            conn.close_soon()
 
     async def aclose(self) -> None:
         for conns in self.conns.values():
@@ -385,15 +398,15 @@ class Http2Session:
                         await up.headers_ready
             except TimeoutError:
                 ex.reason = f"per-try timeout {per_try:g}s"
-                _cancel(conn, up, sender)
+                _cancel(pool, conn, up, sender)
                 return Outcome("per_try_timeout")
             except StreamGone as exc:
                 ex.reason = str(exc)
-                _cancel(conn, up, sender)
+                _cancel(pool, conn, up, sender)
                 return Outcome("refused_stream" if exc.code == ErrorCodes.REFUSED_STREAM
                                else "reset")
             except BaseException:
-                _cancel(conn, up, sender)
+                _cancel(pool, conn, up, sender)
                 raise
             senders[up.id] = sender
             return conn, up
@@ -401,7 +414,7 @@ class Http2Session:
         done = await run_tries(
             self.proxy, plan, ex, replayable=lambda: not body.overflowed, try_once=try_once,
             status_of=lambda r: (_status(r[1].headers), _grpc(r[1].headers)),
-            discard=lambda r: _cancel(r[0], r[1], senders.pop(r[1].id, None)))
+            discard=lambda r: _cancel(pool, r[0], r[1], senders.pop(r[1].id, None)))
         self._mirrors(plan, out, body)
         if not isinstance(done, Answered):
             await self._reply(stream, done.reply, ex, grpc)
@@ -416,7 +429,7 @@ class Http2Session:
                 sender.cancel()
                 with contextlib.suppress(BaseException):
                     await sender
-            await pool.done(conn, up.id)
+            pool.release(conn, up.id)
 
     def _mirrors(self, plan: Forward, out: Headers, body: _ReplayableBody) -> None:
         """Shadow copies for RequestMirror filters: only of a body already complete within
@@ -441,7 +454,7 @@ class Http2Session:
                     while await up.read():  # drop the response
                         pass
                 finally:
-                    await pool.done(conn, up.id)
+                    pool.release(conn, up.id)
 
             spawn_mirror(self.proxy, cluster, send)
 
@@ -587,10 +600,12 @@ class _ReplayableBody:
             yield piece
 
 
-def _cancel(conn: Http2Upstream, up: H2Stream, sender: asyncio.Task[None] | None) -> None:
+def _cancel(pool: Http2Pool, conn: Http2Upstream, up: H2Stream,
+            sender: asyncio.Task[None] | None) -> None:
     if sender is not None and not sender.done():
         sender.cancel()
     conn.pipe.reset_stream(up.id, ErrorCodes.CANCEL)
+    pool.release(conn, up.id)
 
 
 def _status(headers: Headers) -> int:

@@ -48,6 +48,7 @@ VIP = "10.96.0.10"
 FLAKY_VIP = "10.96.0.11"
 GRPC_VIP = "10.96.0.12"
 LIMITED_VIP = "10.96.0.13"  # echo-v1 alone; http2MaxRequests 1, maxRequestsPerConnection 1
+GRPC_LIMITED_VIP = "10.96.0.14"  # grpc on echo-v1 alone; maxConnections 1, 1 request each
 # Every connection the grpc-client pod makes goes to the gRPC service (grpcio cannot bind a
 # source port, so its original destination is keyed by the pod's listener address).
 FIXED_TARGETS = {"127.0.1.3": (GRPC_VIP, 80)}
@@ -65,7 +66,8 @@ CONFIG = textwrap.dedent(f"""
       services: {{"default/echo.default.svc.cluster.local": {{80: {APP_PORT}}},
                  "default/flaky.default.svc.cluster.local": {{80: {APP_PORT + 1}}},
                  "default/grpc.default.svc.cluster.local": {{80: {APP_PORT + 2}}},
-                 "default/limited.default.svc.cluster.local": {{80: {APP_PORT}}}}}
+                 "default/limited.default.svc.cluster.local": {{80: {APP_PORT}}},
+                 "default/grpc-limited.default.svc.cluster.local": {{80: {APP_PORT + 2}}}}}
     - name: echo-v2
       namespace: default
       serviceAccount: echo
@@ -103,6 +105,11 @@ CONFIG = textwrap.dedent(f"""
       namespace: default
       vips: ["/{LIMITED_VIP}"]
       ports: {{80: {APP_PORT}}}
+      waypoint: {{destination: default/waypoint.default.svc.cluster.local}}
+    - name: grpc-limited
+      namespace: default
+      vips: ["/{GRPC_LIMITED_VIP}"]
+      ports: {{80: {APP_PORT + 2}}}
       waypoint: {{destination: default/waypoint.default.svc.cluster.local}}
     - name: waypoint
       namespace: default
@@ -159,6 +166,12 @@ CONFIG = textwrap.dedent(f"""
       service: default/limited.default.svc.cluster.local
       connectionPool:
         http: {{http2MaxRequests: 1, maxRequestsPerConnection: 1}}
+    - name: grpc-limited
+      namespace: default
+      service: default/grpc-limited.default.svc.cluster.local
+      connectionPool:
+        tcp: {{maxConnections: 1}}
+        http: {{maxRequestsPerConnection: 1}}
     policies:
     - name: no-admin
       namespace: default
@@ -881,3 +894,62 @@ async def test_duration_and_size_histograms_are_observed(lab: Lab) -> None:
     assert _sample(reg, "istio_request_bytes_sum", **labels) == 10
     assert _sample(reg, "istio_response_bytes_count", **labels) == 1
     assert _sample(reg, "istio_response_bytes_sum", **labels) == len(body)
+
+
+async def test_http2_upstream_connections_count_against_max_connections(lab: Lab) -> None:
+    # grpc-limited: one upstream connection at most, and it carries one request.  While a
+    # slow call holds it, the next call finds no connection with room and cannot open one:
+    # 503 UO from the waypoint (gRPC UNAVAILABLE), counted as a connections overflow.
+    reader, writer = await lab.open_raw((GRPC_LIMITED_VIP, 80))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+
+    def call(stream_id: int, method: str) -> None:
+        conn.send_headers(stream_id, [
+            (":method", "POST"), (":scheme", "http"), (":path", f"/echo.Echo/{method}"),
+            (":authority", "grpc-limited"), ("content-type", "application/grpc"),
+            ("te", "trailers")])
+        conn.send_data(stream_id, b"\x00\x00\x00\x00\x01x", end_stream=True)
+
+    reg = lab.waypoint.metrics.registry
+    fields: dict[str, str] = {}
+    try:
+        call(1, "Slow")
+        writer.write(conn.data_to_send())
+        await eventually(lambda: _requests_in_flight(lab, "grpc-limited") == 1, 5,
+                         "slow call in flight")
+        await eventually(lambda: _connections_open(lab, "grpc-limited") == 1, 5,
+                         "upstream connection of the slow call")
+        call(3, "Say")
+        writer.write(conn.data_to_send())
+        async with asyncio.timeout(4):  # well under the slow call's 5 s
+            while "grpc-status" not in fields:
+                data = await reader.read(65536)
+                assert data, "the waypoint closed without answering"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived) \
+                            and event.stream_id == 3:
+                        fields.update((k.decode(), v.decode()) for k, v in event.headers)
+                writer.write(conn.data_to_send())
+        conn.reset_stream(1)
+        writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    assert fields["grpc-status"] == "14", fields
+    assert _sample(reg, "nodeproxy_waypoint_overflow_total",
+                   destination_service="grpc-limited.default.svc.cluster.local",
+                   limit="connections") == 1
+    await eventually(lambda: _sample(reg, "istio_requests_total", grpc_response_status="14",
+                                     response_flags="UO") == 1, 5, "overflow counted")
+    # The slow call's connection closes with it: the breaker gives its place back.
+    await eventually(lambda: _connections_open(lab, "grpc-limited") == 0, 5,
+                     "upstream connection released")
+
+
+def _connections_open(lab: Lab, service: str) -> int:
+    """The circuit breaker's connections gauge of the service's clusters (/config_dump)."""
+    return sum(cluster["circuitBreaker"]["connections"]["active"]
+               for cluster in lab.waypoint.proxy.dump()["clusters"]  # type: ignore[attr-defined]
+               if cluster["cluster"].startswith(f"default/{service}."))
