@@ -15,7 +15,7 @@ Flow control, both directions:
 * the receive buffer is one per thread, reused by every connection: received bytes are
   consumed or copied before ``buffer_updated`` returns, and a per-connection 256 KiB buffer
   was ~85% of the memory of an idle or handshaking connection.
-* send: ``write()`` hands the layer only what the h2 windows accept and waits for
+* send: ``write()`` hands the layer only what the HTTP/2 windows accept and waits for
   WindowOpened for the rest; it also waits while the transport asked us to pause writing.
 """
 
@@ -29,12 +29,11 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from h2.errors import ErrorCodes
-
 from nodeproxy.errors import ProxyError
 from nodeproxy.hbone import events as ev
 from nodeproxy.hbone import settings as cfg
 from nodeproxy.hbone.flood import FloodLimits
+from nodeproxy.hbone.frames import ErrorCodes
 from nodeproxy.hbone.protocol import HboneConnection, HboneProtocolError, StreamLimitError
 
 log = logging.getLogger("nodeproxy.hbone")
@@ -235,6 +234,11 @@ class HboneStream:
     def _on_reset(self, code: int) -> None:
         if self._reset_code is None:
             self._reset_code = code
+        if self._buffered:
+            # Nobody will read these bytes: hand their window back to the connection.
+            if not self._proto.conn.dead:
+                self._proto.conn.acknowledge(self.stream_id, self._buffered)
+            self._buffered = 0
         self._buf.clear()
         self._wake_reader()
         self._wake_writer()

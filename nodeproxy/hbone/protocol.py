@@ -1,74 +1,70 @@
-"""Sans-I/O HBONE (HTTP/2 CONNECT) connection over the ``h2`` package.
+"""Sans-I/O HBONE connection: our own codec for the HTTP/2 subset HBONE uses (RFC 9113).
 
 Bytes in -> events out (:meth:`HboneConnection.receive_data`), commands in -> bytes out
-(:meth:`HboneConnection.data_to_send`). No asyncio, sockets or ssl in here.
+(:meth:`HboneConnection.data_to_send`). No asyncio, sockets or ssl in here, and no HTTP/2
+library: frames, stream states and flow control are ours; header blocks go through the
+``hpack`` package (:mod:`nodeproxy.hbone.headers`). h2 is only a test peer.
 
-Fast path (see docs/hbone.md). h2 4.4.1 is correct but slow for bulk DATA: a pure-h2 tunnel
-topped out at ~1.5 Gbit/s with the receiver at 99% CPU, a quarter of it in an eager
-``repr()`` of every received frame (issue 3). So this layer frames the byte stream itself:
+Subset: HEADERS/CONTINUATION (CONNECT requests, responses, END_STREAM trailers), DATA,
+WINDOW_UPDATE, SETTINGS(+ACK), PING(+ACK), RST_STREAM, GOAWAY. PRIORITY and unknown frame
+types are ignored (RFC 9113 §5.5); PUSH_PROMISE is a PROTOCOL_ERROR (we advertise
+ENABLE_PUSH 0; a server never receives it).
 
-* receive: it parses the 9-byte frame headers; DATA frames on streams h2 has open (OPEN or
-  HALF_CLOSED_LOCAL, unpadded) are consumed here: the frame's length is charged to h2's own
-  inbound window managers (connection and stream, same objects h2 uses), and the payload is
-  handed out *as it arrives*, without waiting for the whole (up to 1 MiB) frame and without
-  hyperframe objects. END_STREAM on such a frame is replayed to h2 as an empty DATA frame
-  with END_STREAM so h2's stream state machine stays authoritative. Every other frame
-  (HEADERS, CONTINUATION, SETTINGS, WINDOW_UPDATE, RST_STREAM, PING, PRIORITY, padded DATA,
-  DATA on unknown/closed streams...) is fed to h2 unchanged, in order, so h2 keeps raising
-  the right stream/connection errors. GOAWAY is interpreted here (h2 refuses every frame
-  after a GOAWAY, which would kill in-flight streams; ztunnel drains them gracefully).
-* send: DATA frames are built here (9-byte header + payload slices, joined once in
-  :meth:`data_to_send`), bounded by h2's outbound windows and max frame size, which are
-  decremented exactly as ``H2Connection.send_data`` does.
+Stream states (§5.1) are two flags per stream: ``send_open`` (we may send DATA) and
+``recv_open`` (the peer may): open = both, half-closed(local) = recv only,
+half-closed(remote) = send only; a stream with neither, or reset, leaves the table for a
+bounded map of recently closed ids (how late frames are classified).
 
-Measured by tests/bench/hbone_micro.py (512 MiB, one stream, both ends in one process):
-framing only (in memory) pure h2 2.2 Gbit/s vs fast path 28 Gbit/s (13x); end to end over
-TLS 1.3 loopback with the asyncio glue 1.28 -> 2.18 Gbit/s (asyncio), 1.20 -> 2.22 (uvloop),
-where TLS now dominates the profile. Details in docs/hbone.md.
+Fast receive path (docs/hbone.md): the 9-byte frame headers are parsed here; an unpadded
+DATA frame on a stream open for receiving is charged to the windows when its header
+arrives and its payload is handed out *as it arrives* (not after the whole, up to 1 MiB,
+frame); pieces of one stream within one read are joined once. ``fast_path=False`` collects
+every DATA frame whole first (the reference behaviour the tests compare against).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import struct
 from collections.abc import Callable, Sequence
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-import h2.windows
-from h2.errors import ErrorCodes
-from h2.events import Event as H2Event
-from h2.events import RequestReceived
-from h2.stream import StreamState
+from hpack import Decoder
+from hpack.exceptions import HPACKError, OversizedHeaderListError
 
 from nodeproxy.errors import ProxyError
 from nodeproxy.hbone import events as ev
+from nodeproxy.hbone import frames as fr
+from nodeproxy.hbone import headers as hd
 from nodeproxy.hbone import settings as cfg
 from nodeproxy.hbone.flood import FloodLimits, WindowCounter
+from nodeproxy.hbone.frames import PREFACE, ErrorCodes
 from ztunnel_cfg.hostport import parse_host_port
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+__all__ = [
+    "PREFACE",
+    "ErrorCodes",
+    "HboneConnection",
+    "HboneProtocolError",
+    "PeerSettings",
+    "StreamLimitError",
+    "parse_authority",
+]
 
-_DATA = 0x0
-_HEADERS = 0x1
-_PRIORITY = 0x2
-_SETTINGS = 0x4
-_PING = 0x6
-_PUSH_PROMISE = 0x5
-_GOAWAY = 0x7
-_CONTINUATION = 0x9
-_FLAG_END_STREAM = 0x1
-_FLAG_ACK = 0x1
-_FLAG_END_HEADERS = 0x4
-_FLAG_PADDED = 0x8
+_FRAME = fr.FRAME_HEADER
+_DATA = fr.DATA
+_SETTINGS = fr.SETTINGS
+_CONTINUATION = fr.CONTINUATION
+_END_STREAM = fr.FLAG_END_STREAM
+_PADDED = fr.FLAG_PADDED
 
-_HDR = struct.Struct(">I")  # length(24) | type(8) packed as one word, then flags, stream id
-_RECV_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
-_SEND_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+#: Recently closed stream ids remembered to classify late frames (RST_STREAM we sent vs
+#: stream that ended). Late frames in flight concern the last few streams only; a pooled
+#: connection cycles through far more, so the map is bounded.
+MAX_CLOSED_STREAMS = 1024
+#: CONTINUATION frames allowed after one HEADERS (CONTINUATION flood, CVE-2024-27316 class).
+#: A 64 KiB header list needs at most 4 frames at the smallest frame size (16 KiB).
+MAX_CONTINUATIONS = 16
+#: Send WINDOW_UPDATE once the consumer freed this fraction of a window.
+_UPDATE_DIVISOR = 4
 
 
 class HboneProtocolError(ProxyError):
@@ -90,15 +86,55 @@ def parse_authority(authority: str) -> tuple[str, int]:
     return parse_host_port(authority, "authority")
 
 
-class _H2Connection(h2.connection.H2Connection):
-    # h2 remembers up to 2**16 closed stream ids per connection to classify late frames; a
-    # pooled HBONE connection cycles through far more streams than that, so a busy one kept
-    # megabytes of them. Late frames in flight concern the last few streams only.
-    MAX_CLOSED_STREAMS = 1024
+class PeerSettings:
+    """The peer's SETTINGS in force (RFC 9113 §6.5.2 defaults until its SETTINGS arrive)."""
+
+    __slots__ = ("enable_push", "header_table_size", "initial_window_size",
+                 "max_concurrent_streams", "max_frame_size", "max_header_list_size")
+
+    def __init__(self) -> None:
+        self.header_table_size = 4096
+        self.enable_push = 1
+        self.max_concurrent_streams = fr.MAX_WINDOW  # "unlimited"
+        self.initial_window_size = fr.DEFAULT_WINDOW
+        self.max_frame_size = fr.DEFAULT_MAX_FRAME_SIZE
+        self.max_header_list_size: int | None = None
 
 
-def _data_header(length: int, flags: int, stream_id: int) -> bytes:
-    return _HDR.pack((length << 8) | _DATA) + bytes((flags,)) + _HDR.pack(stream_id)
+class _Stream:
+    """Per-stream state. ``outstanding``: bytes handed out as StreamData and not yet
+    acknowledged by the consumer; ``recv_pending``: acknowledged, not yet advertised."""
+
+    __slots__ = ("closed", "outstanding", "recv_open", "recv_pending", "recv_window",
+                 "responded", "send_open", "send_window", "sid")
+
+    def __init__(self, sid: int, send_window: int) -> None:
+        self.sid = sid
+        self.send_open = True
+        self.recv_open = True
+        self.send_window = send_window
+        self.recv_window = cfg.STREAM_WINDOW
+        self.recv_pending = 0
+        self.outstanding = 0
+        self.responded = False  # server: we answered; client: the final response arrived
+        self.closed = False
+
+
+class _Closed:
+    __slots__ = ("outstanding", "reset_by_us")
+
+    def __init__(self, reset_by_us: bool, outstanding: int) -> None:
+        self.reset_by_us = reset_by_us
+        self.outstanding = outstanding
+
+
+class _ConnError(Exception):
+    """Internal: a connection error found while handling one frame."""
+
+    def __init__(self, reason: str, code: int, kind: str = "protocol") -> None:
+        super().__init__(reason)
+        self.code = code
+        self.kind = kind
 
 
 class HboneConnection:
@@ -106,52 +142,39 @@ class HboneConnection:
 
     def __init__(self, client_side: bool, clock: Callable[[], float], *,
                  fast_path: bool = True, flood_limits: FloodLimits | None = None) -> None:
-        # fast_path=False routes every frame through h2 (reference behaviour for tests and
-        # tests/bench/hbone_micro.py); production always uses the fast path.
         self.fast_path = fast_path
         self.client_side = client_side
         self._clock = clock
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        conn = _H2Connection(config=config)
-        max_streams = (
-            cfg.CLIENT_MAX_CONCURRENT_STREAMS if client_side else cfg.SERVER_MAX_CONCURRENT_STREAMS
-        )
-        codes = h2.settings.SettingCodes
-        conn.local_settings = h2.settings.Settings(
-            client=client_side,
-            initial_values={
-                codes.INITIAL_WINDOW_SIZE: cfg.STREAM_WINDOW,
-                codes.MAX_FRAME_SIZE: cfg.MAX_FRAME_SIZE,
-                codes.MAX_CONCURRENT_STREAMS: max_streams,
-                codes.ENABLE_PUSH: cfg.ENABLE_PUSH,
-                codes.MAX_HEADER_LIST_SIZE: cfg.MAX_HEADER_LIST_SIZE,
-            },
-        )
-        conn.max_inbound_frame_size = cfg.MAX_FRAME_SIZE
-        conn.initiate_connection()
-        # The connection window starts at 65535 whatever SETTINGS say; raise it.
-        conn.increment_flow_control_window(cfg.CONNECTION_WINDOW - 65535)
-        self._h2 = conn
-        self._conn_window = conn._inbound_flow_control_window_manager
+        self.remote_settings = PeerSettings()
+        self._decoder = Decoder(max_header_list_size=cfg.MAX_HEADER_LIST_SIZE)
+        self._table_update_due = False
+        self._streams: dict[int, _Stream] = {}
+        self._closed: dict[int, _Closed] = {}
+        self._next_outbound = 1 if client_side else 2
+        self._highest_inbound = 0
+        self._outbound_open = 0
+        self._inbound_open = 0
+        # connection windows: what we may send / what the peer may still send us
+        self._send_window = fr.DEFAULT_WINDOW
+        self._recv_window = cfg.CONNECTION_WINDOW
+        self._recv_pending = 0
         self._out: list[bytes | memoryview] = []
-        self._h2_in = bytearray()  # complete non-fast-path frames queued for h2
+        # receive state
         self._partial = bytearray()  # incomplete header or frame carried to the next call
         self._partial_need = 0
         self._preface_left = 0 if client_side else len(PREFACE)
-        self._in_header_block = False
-        # current fast-path DATA frame
-        self._data_left = 0
-        self._data_sid = 0
-        self._data_stream: object | None = None
+        self._await_settings = True  # the peer's first frame must be SETTINGS
+        self._data_left = 0  # payload bytes of the current streamed / dropped DATA frame
+        self._data_st: _Stream | None = None  # None: dropping
         self._data_end = False
-        # StreamData coalescing inside one receive_data call
-        self._acc_sid = 0
+        self._acc_st: _Stream | None = None  # StreamData coalescing inside one call
         self._acc: list[memoryview] = []
+        self._hb_sid = 0  # header block in progress (HEADERS without END_HEADERS)
+        self._hb_end_stream = False
+        self._hb_parts: list[bytes] = []
+        self._hb_size = 0
+        self._hb_frames = 0
         self._events: list[ev.Event] = []
-        self._padding_owed: dict[int, int] = {}
-        self._live: set[int] = set()
-        self._maybe_closed = False
-        self._requests: dict[int, bool] = {}
         # lifecycle
         self.dead = False
         self.settings_received = False  # the peer's first SETTINGS arrived (limits known)
@@ -167,31 +190,70 @@ class HboneConnection:
         self._unanswered: set[int] = set()
         self._premature_resets = WindowCounter(limits.max_premature_resets, limits.window)
         self._control_frames = WindowCounter(limits.max_control_frames, limits.window)
+        # connection preface: [client magic] SETTINGS, then the connection window raised
+        # from 65535 (only a WINDOW_UPDATE can do that).
+        local = {
+            fr.SETTINGS_ENABLE_PUSH: cfg.ENABLE_PUSH,
+            fr.SETTINGS_MAX_CONCURRENT_STREAMS: (
+                cfg.CLIENT_MAX_CONCURRENT_STREAMS if client_side
+                else cfg.SERVER_MAX_CONCURRENT_STREAMS),
+            fr.SETTINGS_INITIAL_WINDOW_SIZE: cfg.STREAM_WINDOW,
+            fr.SETTINGS_MAX_FRAME_SIZE: cfg.MAX_FRAME_SIZE,
+            fr.SETTINGS_MAX_HEADER_LIST_SIZE: cfg.MAX_HEADER_LIST_SIZE,
+        }
+        if client_side:
+            self._out.append(PREFACE)
+        self._out.append(fr.settings_frame(local))
+        self._out.append(fr.window_update(0, cfg.CONNECTION_WINDOW - fr.DEFAULT_WINDOW))
 
     # ------------------------------------------------------------------ queries
 
     @property
-    def h2(self) -> h2.connection.H2Connection:
-        """The wrapped h2 connection (read-only use: settings, windows, stream states)."""
-        return self._h2
+    def h2(self) -> HboneConnection:
+        """Compatibility alias for callers that read ``conn.h2.remote_settings`` (the pool's
+        ``peer_max_streams`` in nodeproxy/proxy/tunnel.py); use :attr:`remote_settings`."""
+        return self
 
     def streams_available(self) -> int:
         """How many more streams this side may open now (0 while going away)."""
         if self.dead or self.goaway_received is not None or self.goaway_sent_last_id is not None:
             return 0
-        limit = self._h2.remote_settings.max_concurrent_streams
-        return max(0, limit - self._h2.open_outbound_streams)
+        return max(0, self.remote_settings.max_concurrent_streams - self._outbound_open)
 
     def send_window(self, stream_id: int) -> int:
         """Bytes ``send_data`` would accept now on this stream (0 if not writable)."""
-        stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in _SEND_STATES:
+        st = self._streams.get(stream_id)
+        if st is None or not st.send_open or (not self.client_side and not st.responded):
             return 0
-        return max(0, min(self._h2.outbound_flow_control_window,
-                          stream.outbound_flow_control_window))
+        return max(0, min(self._send_window, st.send_window))
+
+    @property
+    def outbound_window(self) -> int:
+        """Connection-level send window (what the peer lets us send on all streams)."""
+        return self._send_window
+
+    def unacknowledged(self, stream_id: int | None = None) -> int:
+        """Received bytes the consumer has not acknowledged yet (or dropped): on one stream,
+        or on the connection (``None``). Acknowledged bytes are advertised back to the peer
+        in batches (a WINDOW_UPDATE per quarter window)."""
+        if stream_id is None:
+            return cfg.CONNECTION_WINDOW - self._recv_window - self._recv_pending
+        st = self._streams.get(stream_id)
+        return 0 if st is None else cfg.STREAM_WINDOW - st.recv_window - st.recv_pending
+
+    def stream_state(self, stream_id: int) -> str:
+        """RFC 9113 §5.1 name of the stream's state as we see it (tests, debugging)."""
+        st = self._streams.get(stream_id)
+        if st is not None:
+            if st.send_open and st.recv_open:
+                return "open"
+            return "half-closed (remote)" if st.send_open else "half-closed (local)"
+        if stream_id in self._closed or self._is_used(stream_id):
+            return "closed"
+        return "idle"
 
     def open_streams(self) -> int:
-        return len(self._live)
+        return len(self._streams)
 
     # ----------------------------------------------------------------- commands
 
@@ -201,99 +263,120 @@ class HboneConnection:
             raise HboneProtocolError("only the client side opens HBONE streams")
         if self.streams_available() <= 0:
             raise StreamLimitError(
-                f"cannot open a stream: {self._h2.open_outbound_streams} open, peer allows "
-                f"{self._h2.remote_settings.max_concurrent_streams}"
+                f"cannot open a stream: {self._outbound_open} open, peer allows "
+                f"{self.remote_settings.max_concurrent_streams}"
                 + (", connection is going away" if self.goaway_received else ""),
                 hint="open another HBONE connection (the pool does this)",
             )
         parse_authority(authority)
-        sid = self._h2.get_next_available_stream_id()
-        hdrs = [(":method", "CONNECT"), (":authority", authority), *headers]
-        try:
-            self._h2.send_headers(sid, hdrs)
-        except h2.exceptions.ProtocolError as exc:
-            raise HboneProtocolError(f"cannot send CONNECT: {exc}") from exc
-        self._live.add(sid)
+        bad = hd.check_outgoing(headers)
+        if bad is not None:
+            raise HboneProtocolError(f"cannot send CONNECT: {bad}")
+        sid = self._next_outbound
+        if sid > fr.MAX_WINDOW:
+            raise StreamLimitError("stream ids exhausted on this connection",
+                                   hint="open another HBONE connection (the pool does this)")
+        self._next_outbound += 2
+        self._send_headers(sid, hd.connect_block(authority, headers), end_stream=False)
+        self._streams[sid] = _Stream(sid, self.remote_settings.initial_window_size)
+        self._outbound_open += 1
         return sid
 
     def respond(self, stream_id: int, status: int, headers: Sequence[tuple[str, str]] = ()) -> None:
         """Server: answer a ConnectRequest. Non-200 also ends the stream."""
-        end = status != 200
         self._unanswered.discard(stream_id)
-        try:
-            self._h2.send_headers(stream_id, [(":status", str(status)), *headers], end_stream=end)
-            if end:
-                self._close_refused(stream_id)
-        except h2.exceptions.ProtocolError as exc:
-            raise HboneProtocolError(f"cannot respond on stream {stream_id}: {exc}") from exc
-        self._maybe_closed = True
+        st = self._streams.get(stream_id)
+        if self.client_side or st is None or st.responded or not st.send_open:
+            raise HboneProtocolError(f"cannot respond on stream {stream_id}: not an unanswered "
+                                     "request")
+        bad = hd.check_outgoing(headers)
+        if bad is not None:
+            raise HboneProtocolError(f"cannot respond on stream {stream_id}: {bad}")
+        end = status != 200
+        st.responded = True
+        self._send_headers(stream_id, hd.response_block(status, headers), end_stream=end)
+        if end:
+            self._refused(st)
 
-    def _close_refused(self, stream_id: int) -> None:
-        """After a complete refusal, RST_STREAM NO_ERROR (RFC 9113 §8.1) closes our receive
-        side too: a client that never ends refused streams would otherwise keep them counted
-        against SETTINGS_MAX_CONCURRENT_STREAMS."""
-        stream = self._h2.streams.get(stream_id)
-        if stream is not None and not stream.closed:
-            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+    def _refused(self, st: _Stream) -> None:
+        """After a complete refusal (END_STREAM sent), RST_STREAM NO_ERROR (RFC 9113 §8.1)
+        closes our receive side too: a client that never ends refused streams would
+        otherwise keep them counted against SETTINGS_MAX_CONCURRENT_STREAMS."""
+        st.send_open = False
+        if st.recv_open:
+            self._out.append(fr.rst_stream(st.sid, ErrorCodes.NO_ERROR))
+            self._close(st, reset_by_us=True)
+        else:
+            self._close(st, reset_by_us=False)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview,
                   end_stream: bool = False) -> int:
         """Queue DATA frames; return how many bytes the windows accepted (the caller keeps
         the rest and retries after WindowOpened). ``data`` must not be mutated before the
         next :meth:`data_to_send`. END_STREAM is sent only if everything was accepted."""
-        conn = self._h2
-        stream = conn.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in _SEND_STATES:
+        st = self._streams.get(stream_id)
+        if st is None or not st.send_open or (not self.client_side and not st.responded):
             raise HboneProtocolError(f"stream {stream_id} is not open for sending")
         size = len(data)
-        window = min(conn.outbound_flow_control_window, stream.outbound_flow_control_window)
+        window = min(self._send_window, st.send_window)
         n = size if size <= window else max(window, 0)
         if n:
-            self._flush_h2_out()
             mv = memoryview(data)
-            max_frame = conn.max_outbound_frame_size
+            if mv.format != "B" or mv.ndim != 1:
+                mv = mv.cast("B")
+            max_frame = self.remote_settings.max_frame_size
             out = self._out
-            off = 0
-            if not self.fast_path:
-                while off < n:
-                    k = min(max_frame, n - off)
-                    conn.send_data(stream_id, mv[off:off + k])
-                    off += k
+            header = fr.data_header
+            if n <= max_frame:
+                out.append(header(n, 0, stream_id))
+                out.append(mv[:n] if n < size else mv)
             else:
+                off = 0
                 while off < n:
                     k = min(max_frame, n - off)
-                    out.append(_data_header(k, 0, stream_id))
+                    out.append(header(k, 0, stream_id))
                     out.append(mv[off:off + k])
                     off += k
-                # Same bookkeeping as H2Connection.send_data / H2Stream.send_data.
-                conn.outbound_flow_control_window -= n
-                stream.outbound_flow_control_window -= n
+            self._send_window -= n
+            st.send_window -= n
         if end_stream and n == size:
             self.end_stream(stream_id)
         return n
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side (empty DATA with END_STREAM)."""
-        try:
-            self._flush_h2_out()
-            self._h2.end_stream(stream_id)
-        except h2.exceptions.ProtocolError as exc:
-            raise HboneProtocolError(f"cannot end stream {stream_id}: {exc}") from exc
-        self._maybe_closed = True
+        st = self._streams.get(stream_id)
+        if st is None or not st.send_open or (not self.client_side and not st.responded):
+            raise HboneProtocolError(f"cannot end stream {stream_id}: not open for sending")
+        self._out.append(fr.data_header(0, _END_STREAM, stream_id))
+        st.send_open = False
+        if not st.recv_open:
+            self._close(st, reset_by_us=False)
 
     def reset_stream(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
         """RST_STREAM; a no-op if the stream is already closed."""
-        stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.closed:
+        st = self._streams.get(stream_id)
+        if st is None or self.dead:
             return
-        self._flush_h2_out()
-        self._h2.reset_stream(stream_id, code)
-        self._maybe_closed = True
+        self._out.append(fr.rst_stream(stream_id, code))
+        self._close(st, reset_by_us=True)
 
     def acknowledge(self, stream_id: int, nbytes: int) -> None:
         """The consumer processed ``nbytes`` of StreamData: hand window back to the peer."""
-        if nbytes > 0 and not self.dead:
-            self._h2.acknowledge_received_data(nbytes, stream_id)
+        if nbytes <= 0 or self.dead:
+            return
+        st = self._streams.get(stream_id)
+        if st is not None:
+            n = min(nbytes, st.outstanding)
+            st.outstanding -= n
+            self._credit_stream(st, n)
+        else:
+            closed = self._closed.get(stream_id)
+            if closed is None:
+                return
+            n = min(nbytes, closed.outstanding)
+            closed.outstanding -= n
+        self._credit_connection(n)
 
     def ping(self) -> None:
         """Send a keepalive PING (its ACK is awaited by :meth:`tick`)."""
@@ -301,25 +384,20 @@ class HboneConnection:
             return
         self._ping_payload = os.urandom(8)
         self._ping_sent_at = self._clock()
-        self._h2.ping(self._ping_payload)
+        self._out.append(fr.ping(self._ping_payload))
 
     def goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
         """NO_ERROR: graceful (no new streams, in-flight ones finish). Else: fatal."""
         if self.dead:
             return
         if code != ErrorCodes.NO_ERROR:
-            self._h2.close_connection(error_code=code)
+            self._out.append(fr.goaway(self._highest_inbound, code))
             self.dead = True
             return
         if self.goaway_sent_last_id is not None:
             return
-        last = self._h2.highest_inbound_stream_id
-        self.goaway_sent_last_id = last
-        # Built here: h2's close_connection would refuse every later frame of in-flight streams.
-        self._flush_h2_out()
-        payload = struct.pack(">II", last, ErrorCodes.NO_ERROR)
-        self._out.append(struct.pack(">I", (8 << 8) | _GOAWAY) + b"\x00" + b"\x00\x00\x00\x00")
-        self._out.append(payload)
+        self.goaway_sent_last_id = self._highest_inbound
+        self._out.append(fr.goaway(self._highest_inbound, ErrorCodes.NO_ERROR))
 
     def tick(self, now: float) -> list[ev.Event]:
         """Keepalive: PING after KEEPALIVE_INTERVAL of silence; error after KEEPALIVE_TIMEOUT."""
@@ -341,12 +419,10 @@ class HboneConnection:
 
     def pending_events(self) -> list[ev.Event]:
         """Events produced by commands (StreamClosed after a local half-close, ...)."""
-        self._check_closed()
         return self._take_events()
 
     def data_to_send(self) -> bytes:
-        """Bytes to write to the transport, in order."""
-        self._flush_h2_out()
+        """Bytes to write to the transport, in order (everything queued, joined once)."""
         out = self._out
         if not out:
             return b""
@@ -374,7 +450,8 @@ class HboneConnection:
             while pos < n and not self.dead:
                 if self._data_left:
                     take = min(self._data_left, n - pos)
-                    self._deliver(mv[pos:pos + take])
+                    if self._data_st is not None:
+                        self._deliver(self._data_st, mv[pos:pos + take])
                     pos += take
                     self._data_left -= take
                     if not self._data_left:
@@ -388,25 +465,18 @@ class HboneConnection:
                     self._partial_need = 9
                     break
                 pos = self._on_header(mv, pos)
-            self._flush_acc()
-            self._feed_h2()
-        except h2.exceptions.ProtocolError as exc:
-            self._flush_acc()
-            self._fail(f"HTTP/2 protocol error from peer: {exc}", exc.error_code)
-        if self._maybe_closed:
-            self._check_closed()
+        except _ConnError as exc:
+            self._fail(str(exc), exc.code, kind=exc.kind)
+        self._flush_acc()
         return self._take_events()
 
     def _take_preface(self, mv: memoryview) -> int:
         take = min(self._preface_left, len(mv))
         start = len(PREFACE) - self._preface_left
         if bytes(mv[:take]) != PREFACE[start:start + take]:
-            self._fail("peer did not send the HTTP/2 client preface (not an HBONE client?)",
-                       ErrorCodes.PROTOCOL_ERROR)
-            return len(mv)
+            raise _ConnError("peer did not send the HTTP/2 client preface (not an HBONE "
+                             "client?)", ErrorCodes.PROTOCOL_ERROR)
         self._preface_left -= take
-        if not self._preface_left:
-            self._h2_in += PREFACE  # h2's frame buffer expects to strip it itself
         return take
 
     def _fill_partial(self, mv: memoryview, pos: int) -> int:
@@ -423,7 +493,7 @@ class HboneConnection:
             length = self._classify(memoryview(hdr), 0)
             if length >= 0:  # needs the whole frame
                 if length == 0:
-                    self._whole_frame(hdr)
+                    self._on_frame(hdr, 0)
                 else:
                     part += hdr
                     self._partial_need = 9 + length
@@ -431,240 +501,579 @@ class HboneConnection:
         frame = bytes(part)
         part.clear()
         self._partial_need = 0
-        self._whole_frame(frame)
+        self._on_frame(frame, 0)
         return pos
 
     def _on_header(self, mv: memoryview, pos: int) -> int:
         length = self._classify(mv, pos)
-        if length < 0:  # fast-path DATA (or error): header consumed
+        if length < 0:  # streamed or dropped DATA: header consumed
             return pos + 9
         total = 9 + length
         if len(mv) - pos >= total:
-            self._whole_frame(mv[pos:pos + total])
+            self._on_frame(mv, pos)
             return pos + total
         self._partial[:] = mv[pos:]
         self._partial_need = total
         return len(mv)
 
     def _classify(self, mv: memoryview, pos: int) -> int:
-        """Decide what to do with the frame whose header is at ``pos``. Returns the payload
-        length if the whole frame must be collected, or -1 if the header was consumed (fast
-        DATA started, or a connection error)."""
-        word: int = _HDR.unpack_from(mv, pos)[0]
-        length = word >> 8
+        """Check the frame whose header is at ``pos``. Returns the payload length if the
+        whole frame must be collected, or -1 if the header was consumed (DATA streamed or
+        dropped). Raises _ConnError."""
+        word, flags, sid = _FRAME.unpack_from(mv, pos)
+        length: int = word >> 8
         ftype = word & 0xFF
-        flags = mv[pos + 4]
-        sid: int = _HDR.unpack_from(mv, pos + 5)[0] & 0x7FFFFFFF
-        if length > self._h2.max_inbound_frame_size:
-            self._fail(f"frame of {length} bytes exceeds our max frame size "
-                       f"{self._h2.max_inbound_frame_size}", ErrorCodes.FRAME_SIZE_ERROR)
-            return -1
+        sid &= 0x7FFFFFFF
+        if length > cfg.MAX_FRAME_SIZE:
+            raise _ConnError(f"frame of {length} bytes exceeds our max frame size "
+                             f"{cfg.MAX_FRAME_SIZE}", ErrorCodes.FRAME_SIZE_ERROR)
+        if self._await_settings and (ftype != _SETTINGS or flags & fr.FLAG_ACK):
+            raise _ConnError(f"first frame from the peer is type {ftype}, not SETTINGS",
+                             ErrorCodes.PROTOCOL_ERROR)
+        if self._hb_sid and (ftype != _CONTINUATION or sid != self._hb_sid):
+            raise _ConnError(f"frame type {ftype} on stream {sid} inside the header block of "
+                             f"stream {self._hb_sid}", ErrorCodes.PROTOCOL_ERROR)
         if self._costs_work(ftype, flags, length) and self._control_frames.hit(self._clock()):
             limits = self.flood_limits
-            self._fail(f"peer sent more than {limits.max_control_frames} control frames "
-                       f"(PING/SETTINGS/PRIORITY/empty DATA) within {limits.window:g}s",
-                       ErrorCodes.ENHANCE_YOUR_CALM, kind="control_flood")
-            return -1
-        if (ftype == _DATA and sid and self.fast_path and not self._in_header_block
-                and not flags & _FLAG_PADDED):
-            self._feed_h2()  # h2 must know about streams opened by earlier frames
-            if self.dead:
-                return -1
-            stream = self._h2.streams.get(sid)
-            if stream is not None and stream.state_machine.state in _RECV_STATES:
-                try:
-                    self._conn_window.window_consumed(length)
-                    stream._inbound_window_manager.window_consumed(length)
-                except h2.exceptions.FlowControlError as exc:
-                    self._fail(f"peer overran the flow-control window: {exc}",
-                               ErrorCodes.FLOW_CONTROL_ERROR)
-                    return -1
-                self._data_sid = sid
-                self._data_stream = stream
-                self._data_end = bool(flags & _FLAG_END_STREAM)
-                self._data_left = length
-                if not length:
-                    self._finish_data_frame()
-                return -1
-        elif ftype in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
-            self._in_header_block = not flags & _FLAG_END_HEADERS
+            raise _ConnError(f"peer sent more than {limits.max_control_frames} control frames "
+                             "(PING/SETTINGS/PRIORITY/empty DATA/CONTINUATION) within "
+                             f"{limits.window:g}s", ErrorCodes.ENHANCE_YOUR_CALM,
+                             kind="control_flood")
+        if ftype == _DATA:
+            return self._data_header(length, flags, sid)
         return length
 
     @staticmethod
     def _costs_work(ftype: int, flags: int, length: int) -> bool:
         """Frames that make us answer or work while carrying no payload (flood classes)."""
-        if ftype in (_PING, _SETTINGS):
-            return not flags & _FLAG_ACK
-        if ftype == _PRIORITY:
+        if ftype in (_SETTINGS, fr.PING):
+            return not flags & fr.FLAG_ACK
+        if ftype == fr.PRIORITY:
             return True
-        return ftype == _DATA and length == 0 and not flags & _FLAG_END_STREAM
+        if ftype == _CONTINUATION:
+            return length == 0 and not flags & fr.FLAG_END_HEADERS
+        return ftype == _DATA and length == 0 and not flags & _END_STREAM
 
-    def _whole_frame(self, frame: bytes | memoryview) -> None:
-        if frame[3] == _GOAWAY and not self._in_header_block:
-            self._feed_h2()
-            self._on_goaway(bytes(frame))
+    def _data_header(self, length: int, flags: int, sid: int) -> int:
+        if sid == 0:
+            raise _ConnError("DATA frame on stream 0", ErrorCodes.PROTOCOL_ERROR)
+        if length > self._recv_window:
+            raise _ConnError(f"peer overran the connection flow-control window ({length} > "
+                             f"{self._recv_window})", ErrorCodes.FLOW_CONTROL_ERROR)
+        st = self._streams.get(sid)
+        if st is not None and st.recv_open:
+            if length > st.recv_window:
+                raise _ConnError(f"peer overran the flow-control window of stream {sid} "
+                                 f"({length} > {st.recv_window})", ErrorCodes.FLOW_CONTROL_ERROR)
+            self._recv_window -= length
+            st.recv_window -= length
+            if self.fast_path and not flags & _PADDED:
+                self._data_st = st
+                self._data_end = bool(flags & _END_STREAM)
+                self._data_left = length
+                if not length:
+                    self._finish_data_frame()
+                return -1
+            return length  # collected whole (padding, or the reference path)
+        if self._is_idle(sid):
+            raise _ConnError(f"DATA on stream {sid}, which is not open",
+                             ErrorCodes.PROTOCOL_ERROR)
+        # Closed or half-closed (remote): the bytes count against the connection window
+        # (RFC 9113 §6.9), are dropped, and their window handed back at once.
+        self._recv_window -= length
+        self._credit_connection(length)
+        if st is not None:
+            self._stream_error(st, ErrorCodes.STREAM_CLOSED)
         else:
-            self._h2_in += frame
+            self._late_frame(sid)
+        self._data_st = None
+        self._data_end = False
+        self._data_left = length
+        return -1
 
-    def _deliver(self, chunk: memoryview) -> None:
-        stream = self._data_stream
-        if stream is None or stream.state_machine.state not in _RECV_STATES:  # type: ignore[attr-defined]
+    def _deliver(self, st: _Stream, chunk: memoryview) -> None:
+        if st.closed:
             # Reset locally mid-frame: drop the bytes but return their connection window.
-            self._h2.acknowledge_received_data(len(chunk), self._data_sid)
+            self._credit_connection(len(chunk))
             return
-        if self._acc and self._acc_sid != self._data_sid:
+        st.outstanding += len(chunk)
+        if self._acc and self._acc_st is not st:
             self._flush_acc()
-        self._acc_sid = self._data_sid
+        self._acc_st = st
         self._acc.append(chunk)
 
     def _finish_data_frame(self) -> None:
-        if self._data_end:
-            self._flush_acc()
-            # Let h2 see END_STREAM (state machine); zero length, so no window accounting.
-            self._h2_in += _data_header(0, _FLAG_END_STREAM, self._data_sid)
-            self._feed_h2()
-        self._data_stream = None
+        st = self._data_st
+        self._data_st = None
+        if self._data_end and st is not None and not st.closed:
+            self._end_remote(st)
 
     def _flush_acc(self) -> None:
-        if self._acc:
-            parts = self._acc
+        parts = self._acc
+        if parts:
             data = b"".join(parts) if len(parts) > 1 else bytes(parts[0])
-            self._events.append(ev.StreamData(self._acc_sid, data))
+            assert self._acc_st is not None
+            self._events.append(ev.StreamData(self._acc_st.sid, data))
             parts.clear()
+            self._acc_st = None
 
-    def _feed_h2(self) -> None:
-        if not self._h2_in:
-            return
-        if self.dead:
-            self._h2_in.clear()
-            return
-        self._flush_acc()
-        frames = bytes(self._h2_in)
-        self._h2_in.clear()
-        for event in self._h2.receive_data(frames):
-            self._translate(event)
+    def _emit(self, event: ev.Event) -> None:
+        if self._acc:
+            self._flush_acc()
+        self._events.append(event)
 
-    def _translate(self, e: H2Event) -> None:
-        out = self._events
-        if isinstance(e, h2.events.DataReceived):
-            if e.data:
-                out.append(ev.StreamData(e.stream_id, bytes(e.data)))
-            pad = (e.flow_controlled_length or 0) - len(e.data or b"")
-            if pad > 0:  # padding is never seen by the consumer: return its window now
-                self._h2.acknowledge_received_data(pad, e.stream_id)
-        elif isinstance(e, h2.events.RequestReceived):
-            self._on_request(e)
-        elif isinstance(e, h2.events.ResponseReceived):
-            headers = tuple((str(k), str(v)) for k, v in e.headers or ())
-            status = int(dict(headers).get(":status", "0"))
-            out.append(ev.ConnectResponse(e.stream_id, status, headers))
-        elif isinstance(e, h2.events.StreamEnded):
-            out.append(ev.StreamEnded(e.stream_id))
-            self._maybe_closed = True
-        elif isinstance(e, h2.events.StreamReset):
-            out.append(ev.StreamReset(e.stream_id, int(e.error_code or 0), e.remote_reset))
-            self._maybe_closed = True
-            if e.remote_reset and e.stream_id in self._unanswered:
-                self._unanswered.discard(e.stream_id)
-                self._on_premature_reset()
-        elif isinstance(e, h2.events.WindowUpdated):
-            out.append(ev.WindowOpened(e.stream_id or None))
-        elif isinstance(e, h2.events.RemoteSettingsChanged):
-            self.settings_received = True
-            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings:
-                out.append(ev.WindowOpened(None))
-        elif isinstance(e, h2.events.PingAckReceived):
-            if e.ping_data == self._ping_payload:
-                self._ping_sent_at = None
-        elif isinstance(e, h2.events.ConnectionTerminated):  # pragma: no cover - intercepted
-            out.append(ev.GoAway(e.last_stream_id or 0, int(e.error_code or 0)))
-        elif isinstance(e, h2.events.TrailersReceived):
-            pass  # CONNECT tunnels carry no trailers; END_STREAM arrives as StreamEnded
+    # ------------------------------------------------------------- whole frames
 
-    def _on_request(self, e: RequestReceived) -> None:
-        sid = e.stream_id
-        headers = tuple((str(k), str(v)) for k, v in e.headers or ())
-        if self.goaway_sent_last_id is not None and sid > self.goaway_sent_last_id:
-            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+    def _on_frame(self, buf: bytes | memoryview, pos: int) -> None:
+        word, flags, sid = _FRAME.unpack_from(buf, pos)
+        length = word >> 8
+        ftype = word & 0xFF
+        sid &= 0x7FFFFFFF
+        payload = memoryview(buf)[pos + 9:pos + 9 + length]
+        if ftype == _DATA:
+            self._on_data_frame(flags, sid, payload)
+        elif ftype == fr.HEADERS:
+            self._on_headers(flags, sid, payload)
+        elif ftype == _CONTINUATION:
+            self._on_continuation(flags, sid, payload)
+        elif ftype == fr.WINDOW_UPDATE:
+            self._on_window_update(sid, payload)
+        elif ftype == fr.RST_STREAM:
+            self._on_rst_stream(sid, payload)
+        elif ftype == _SETTINGS:
+            self._on_settings(flags, sid, payload)
+        elif ftype == fr.PING:
+            self._on_ping(flags, sid, payload)
+        elif ftype == fr.GOAWAY:
+            self._on_goaway(sid, payload)
+        elif ftype == fr.PRIORITY:
+            if sid == 0:
+                raise _ConnError("PRIORITY frame on stream 0", ErrorCodes.PROTOCOL_ERROR)
+            if length != 5:
+                self._stream_error_by_id(sid, ErrorCodes.FRAME_SIZE_ERROR)
+        elif ftype == fr.PUSH_PROMISE:
+            raise _ConnError("PUSH_PROMISE received, but push is disabled",
+                             ErrorCodes.PROTOCOL_ERROR)
+        # any other type: ignored (RFC 9113 §5.5)
+
+    def _on_data_frame(self, flags: int, sid: int, payload: memoryview) -> None:
+        """A DATA frame collected whole: already charged to the windows at its header."""
+        length = len(payload)
+        data = payload
+        pad = 0
+        if flags & _PADDED:
+            if length < 1 or payload[0] >= length:
+                raise _ConnError("DATA padding exceeds the frame", ErrorCodes.PROTOCOL_ERROR)
+            pad = payload[0] + 1
+            data = payload[1:length - payload[0]]
+        st = self._streams.get(sid)
+        if st is None or st.closed:  # reset locally while the frame was arriving
+            self._credit_connection(length)
             return
-        self._live.add(sid)
-        pseudo = {k: v for k, v in headers if k.startswith(":")}
-        reason = None
-        if pseudo.get(":method") != "CONNECT":
-            reason = f"method {pseudo.get(':method')!r} is not CONNECT"
-        elif not pseudo.get(":authority"):
-            reason = "CONNECT without :authority"
-        elif e.stream_ended is not None:
-            reason = "CONNECT request ended the stream"
+        if pad:  # padding is never seen by the consumer: return its window now
+            self._credit_connection(pad)
+            self._credit_stream(st, pad)
+        if data:
+            self._deliver(st, data)
+        if flags & _END_STREAM:
+            self._end_remote(st)
+
+    def _on_headers(self, flags: int, sid: int, payload: memoryview) -> None:
+        if sid == 0:
+            raise _ConnError("HEADERS frame on stream 0", ErrorCodes.PROTOCOL_ERROR)
+        start, end = 0, len(payload)
+        if flags & _PADDED:
+            if end < 1:
+                raise _ConnError("HEADERS frame too short", ErrorCodes.FRAME_SIZE_ERROR)
+            end -= payload[0]
+            start = 1
+        if flags & fr.FLAG_PRIORITY:
+            start += 5
+        if end < start:
+            raise _ConnError("HEADERS padding exceeds the frame", ErrorCodes.PROTOCOL_ERROR)
+        fragment = bytes(payload[start:end])
+        self._check_block_size(len(fragment))
+        end_stream = bool(flags & _END_STREAM)
+        if flags & fr.FLAG_END_HEADERS:
+            self._on_header_block(sid, end_stream, fragment)
         else:
-            try:
-                host, port = parse_authority(pseudo[":authority"])
-            except ValueError as exc:
-                reason = str(exc)
-        if reason is not None:
-            self._h2.send_headers(sid, [(":status", "400")], end_stream=True)
-            self._close_refused(sid)
-            self._maybe_closed = True
-            self._events.append(ev.BadRequest(sid, reason, headers))
-            return
-        extra = tuple((k, v) for k, v in headers if not k.startswith(":"))
-        self._unanswered.add(sid)
-        self._events.append(ev.ConnectRequest(sid, pseudo[":authority"], extra, host, port))
+            self._hb_sid = sid
+            self._hb_end_stream = end_stream
+            self._hb_parts = [fragment]
+            self._hb_size = len(fragment)
+            self._hb_frames = 0
 
-    def _on_goaway(self, frame: bytes) -> None:
-        sid = _HDR.unpack_from(frame, 5)[0] & 0x7FFFFFFF
-        if sid != 0 or len(frame) < 17:
-            self._fail("malformed GOAWAY frame", ErrorCodes.PROTOCOL_ERROR)
+    def _on_continuation(self, flags: int, sid: int, payload: memoryview) -> None:
+        if not self._hb_sid:
+            raise _ConnError(f"CONTINUATION on stream {sid} without a header block in "
+                             "progress", ErrorCodes.PROTOCOL_ERROR)
+        self._hb_frames += 1
+        if self._hb_frames > MAX_CONTINUATIONS:
+            raise _ConnError(f"more than {MAX_CONTINUATIONS} CONTINUATION frames in one header "
+                             "block", ErrorCodes.ENHANCE_YOUR_CALM, kind="control_flood")
+        self._hb_size += len(payload)
+        self._check_block_size(self._hb_size)
+        self._hb_parts.append(bytes(payload))
+        if flags & fr.FLAG_END_HEADERS:
+            block = b"".join(self._hb_parts)
+            self._hb_sid = 0
+            self._hb_parts = []
+            self._on_header_block(sid, self._hb_end_stream, block)
+
+    @staticmethod
+    def _check_block_size(size: int) -> None:
+        # An HPACK block is not larger than the header list it encodes (literals cost their
+        # length plus a few bytes, list entries count 32 more), so the list limit bounds
+        # the bytes we buffer and decode too.
+        if size > cfg.MAX_HEADER_LIST_SIZE:
+            raise _ConnError(f"header block of more than {cfg.MAX_HEADER_LIST_SIZE} bytes",
+                             ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _decode(self, block: bytes) -> hd.Headers | None:
+        """Decode a complete block (always: the HPACK context must stay in sync). None if
+        a field is not UTF-8 (a malformed message, not a connection error)."""
+        try:
+            raw = self._decoder.decode(block, raw=True)
+        except OversizedHeaderListError as exc:
+            raise _ConnError(f"header list larger than {cfg.MAX_HEADER_LIST_SIZE} bytes",
+                             ErrorCodes.ENHANCE_YOUR_CALM) from exc
+        except (HPACKError, IndexError, ValueError, TypeError) as exc:
+            raise _ConnError(f"HPACK decoding failed: {exc}",
+                             ErrorCodes.COMPRESSION_ERROR) from exc
+        try:
+            return tuple((bytes(k).decode(), bytes(v).decode()) for k, v in raw)
+        except UnicodeDecodeError:
+            return None
+
+    def _on_header_block(self, sid: int, end_stream: bool, block: bytes) -> None:
+        headers = self._decode(block)
+        st = self._streams.get(sid)
+        if st is None:
+            if not self.client_side and sid % 2 == 1 and sid > self._highest_inbound:
+                self._on_request(sid, end_stream, headers)
+            elif self._is_idle(sid):
+                raise _ConnError(f"HEADERS on stream {sid}, which the peer may not open",
+                                 ErrorCodes.PROTOCOL_ERROR)
+            else:
+                self._late_frame(sid)
             return
-        last, code = struct.unpack_from(">II", frame, 9)
-        last &= 0x7FFFFFFF
+        if not st.recv_open:
+            self._stream_error(st, ErrorCodes.STREAM_CLOSED)
+            return
+        if self.client_side and not st.responded:
+            self._on_response(st, end_stream, headers)
+            return
+        # Trailers: they must end the stream; CONNECT tunnels carry no fields in them.
+        if not end_stream:
+            self._stream_error(st, ErrorCodes.PROTOCOL_ERROR)
+            return
+        self._end_remote(st)
+
+    def _on_request(self, sid: int, end_stream: bool, headers: hd.Headers | None) -> None:
+        self._highest_inbound = sid
+        if self.goaway_sent_last_id is not None and sid > self.goaway_sent_last_id:
+            self._refuse_new(sid)
+            return
+        if self._inbound_open >= cfg.SERVER_MAX_CONCURRENT_STREAMS:
+            # RFC 9113 §5.1.2: a stream error (REFUSED_STREAM: the client may retry).
+            if self._control_frames.hit(self._clock()):
+                raise _ConnError("peer keeps opening streams beyond "
+                                 f"{cfg.SERVER_MAX_CONCURRENT_STREAMS}",
+                                 ErrorCodes.ENHANCE_YOUR_CALM, kind="control_flood")
+            self._refuse_new(sid)
+            return
+        st = _Stream(sid, self.remote_settings.initial_window_size)
+        self._streams[sid] = st
+        self._inbound_open += 1
+        if end_stream:
+            st.recv_open = False
+        host, port = "", 0
+        pseudo: dict[str, str] = {}
+        extra: hd.Headers = ()
+        reason: str | None = "header field is not UTF-8"
+        if headers is not None:
+            pseudo, extra, reason = hd.split_fields(headers, request=True)
+        if reason is None:
+            method = pseudo.get(":method")
+            authority = pseudo.get(":authority")
+            if method != "CONNECT":
+                reason = f"method {method!r} is not CONNECT"
+            elif not authority:
+                reason = "CONNECT without :authority"
+            elif ":scheme" in pseudo or ":path" in pseudo:
+                reason = "CONNECT with :scheme or :path (extended CONNECT is not supported)"
+            elif end_stream:
+                reason = "CONNECT request ended the stream"
+            else:
+                try:
+                    host, port = parse_authority(authority)
+                except ValueError as exc:
+                    reason = str(exc)
+        if reason is not None:
+            self._emit(ev.BadRequest(sid, reason, headers or ()))
+            st.responded = True
+            self._send_headers(sid, hd.status_block(400), end_stream=True)
+            self._refused(st)
+            return
+        self._unanswered.add(sid)
+        self._emit(ev.ConnectRequest(sid, pseudo[":authority"], extra, host, port))
+
+    def _refuse_new(self, sid: int) -> None:
+        self._out.append(fr.rst_stream(sid, ErrorCodes.REFUSED_STREAM))
+        self._remember_closed(sid, _Closed(True, 0))
+
+    def _on_response(self, st: _Stream, end_stream: bool, headers: hd.Headers | None) -> None:
+        status = 0  # stays 0 for a malformed response (RFC 9113 §8.1.1: stream error)
+        if headers is not None:
+            pseudo, _extra, malformed = hd.split_fields(headers, request=False)
+            raw_status = pseudo.get(":status", "")
+            if malformed is None and len(raw_status) == 3 and raw_status.isdigit():
+                status = int(raw_status)
+        if not status or status == 101:
+            self._stream_error(st, ErrorCodes.PROTOCOL_ERROR)
+            return
+        if status < 200:  # informational (1xx): the final response follows
+            if end_stream:
+                self._stream_error(st, ErrorCodes.PROTOCOL_ERROR)
+            return
+        st.responded = True
+        assert headers is not None
+        self._emit(ev.ConnectResponse(st.sid, status, headers))
+        if end_stream:
+            self._end_remote(st)
+
+    def _on_window_update(self, sid: int, payload: memoryview) -> None:
+        if len(payload) != 4:
+            raise _ConnError("WINDOW_UPDATE frame is not 4 bytes", ErrorCodes.FRAME_SIZE_ERROR)
+        increment = fr.unpack_u32(payload) & 0x7FFFFFFF
+        if sid == 0:
+            if increment == 0:
+                raise _ConnError("WINDOW_UPDATE of 0 on the connection",
+                                 ErrorCodes.PROTOCOL_ERROR)
+            self._send_window += increment
+            if self._send_window > fr.MAX_WINDOW:
+                raise _ConnError("peer grew the connection send window beyond 2^31-1",
+                                 ErrorCodes.FLOW_CONTROL_ERROR)
+            self._emit(ev.WindowOpened(None))
+            return
+        st = self._streams.get(sid)
+        if st is None:
+            if self._is_idle(sid):
+                raise _ConnError(f"WINDOW_UPDATE on idle stream {sid}",
+                                 ErrorCodes.PROTOCOL_ERROR)
+            return  # closed: may still be in flight (RFC 9113 §6.9)
+        if increment == 0:
+            self._stream_error(st, ErrorCodes.PROTOCOL_ERROR)
+            return
+        st.send_window += increment
+        if st.send_window > fr.MAX_WINDOW:
+            self._stream_error(st, ErrorCodes.FLOW_CONTROL_ERROR)
+            return
+        self._emit(ev.WindowOpened(sid))
+
+    def _on_rst_stream(self, sid: int, payload: memoryview) -> None:
+        if sid == 0:
+            raise _ConnError("RST_STREAM on stream 0", ErrorCodes.PROTOCOL_ERROR)
+        if len(payload) != 4:
+            raise _ConnError("RST_STREAM frame is not 4 bytes", ErrorCodes.FRAME_SIZE_ERROR)
+        st = self._streams.get(sid)
+        if st is None:
+            if self._is_idle(sid):
+                raise _ConnError(f"RST_STREAM on idle stream {sid}", ErrorCodes.PROTOCOL_ERROR)
+            return  # already closed
+        code = fr.unpack_u32(payload)
+        premature = sid in self._unanswered
+        self._emit(ev.StreamReset(sid, code, True))
+        self._close(st, reset_by_us=False)
+        if premature:
+            self._on_premature_reset()
+
+    def _on_settings(self, flags: int, sid: int, payload: memoryview) -> None:
+        if sid != 0:
+            raise _ConnError(f"SETTINGS frame on stream {sid}", ErrorCodes.PROTOCOL_ERROR)
+        if flags & fr.FLAG_ACK:
+            if payload:
+                raise _ConnError("SETTINGS ACK with a payload", ErrorCodes.FRAME_SIZE_ERROR)
+            return
+        if len(payload) % 6:
+            raise _ConnError("SETTINGS payload is not a multiple of 6 bytes",
+                             ErrorCodes.FRAME_SIZE_ERROR)
+        remote = self.remote_settings
+        window_changed = False
+        for ident, value in fr.unpack_settings(payload):
+            if ident == fr.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > fr.MAX_WINDOW:
+                    raise _ConnError(f"SETTINGS_INITIAL_WINDOW_SIZE {value} exceeds 2^31-1",
+                                     ErrorCodes.FLOW_CONTROL_ERROR)
+                delta = value - remote.initial_window_size
+                remote.initial_window_size = value
+                if delta:
+                    for st in self._streams.values():
+                        st.send_window += delta
+                        if st.send_window > fr.MAX_WINDOW:
+                            raise _ConnError(f"SETTINGS_INITIAL_WINDOW_SIZE {value} overflows "
+                                             f"the send window of stream {st.sid}",
+                                             ErrorCodes.FLOW_CONTROL_ERROR)
+                window_changed = True
+            elif ident == fr.SETTINGS_MAX_FRAME_SIZE:
+                if not fr.DEFAULT_MAX_FRAME_SIZE <= value <= fr.MAX_MAX_FRAME_SIZE:
+                    raise _ConnError(f"SETTINGS_MAX_FRAME_SIZE {value} out of range",
+                                     ErrorCodes.PROTOCOL_ERROR)
+                remote.max_frame_size = value
+            elif ident == fr.SETTINGS_ENABLE_PUSH:
+                if value > 1 or (value and self.client_side):
+                    raise _ConnError(f"SETTINGS_ENABLE_PUSH {value} not allowed",
+                                     ErrorCodes.PROTOCOL_ERROR)
+                remote.enable_push = value
+            elif ident == fr.SETTINGS_MAX_CONCURRENT_STREAMS:
+                remote.max_concurrent_streams = value
+            elif ident == fr.SETTINGS_HEADER_TABLE_SIZE:
+                if value != remote.header_table_size:
+                    self._table_update_due = True
+                remote.header_table_size = value
+            elif ident == fr.SETTINGS_MAX_HEADER_LIST_SIZE:
+                remote.max_header_list_size = value
+            # unknown identifiers: ignored (RFC 9113 §6.5.2)
+        self._out.append(fr.SETTINGS_ACK)
+        self._await_settings = False
+        self.settings_received = True
+        if window_changed:
+            self._emit(ev.WindowOpened(None))
+
+    def _on_ping(self, flags: int, sid: int, payload: memoryview) -> None:
+        if sid != 0:
+            raise _ConnError(f"PING frame on stream {sid}", ErrorCodes.PROTOCOL_ERROR)
+        if len(payload) != 8:
+            raise _ConnError("PING frame is not 8 bytes", ErrorCodes.FRAME_SIZE_ERROR)
+        if flags & fr.FLAG_ACK:
+            if bytes(payload) == self._ping_payload:
+                self._ping_sent_at = None
+        else:
+            self._out.append(fr.ping(bytes(payload), ack=True))
+
+    def _on_goaway(self, sid: int, payload: memoryview) -> None:
+        if sid != 0 or len(payload) < 8:
+            raise _ConnError("malformed GOAWAY frame", ErrorCodes.PROTOCOL_ERROR)
+        last = fr.unpack_u32(payload) & 0x7FFFFFFF
+        code = fr.unpack_u32(payload, 4)
         event = ev.GoAway(last, code)
         self.goaway_received = event
-        self._events.append(event)
+        self._emit(event)
         # Our streams above last_stream_id were never processed by the peer.
-        for stream_id in sorted(self._live):
-            if stream_id > last and (stream_id % 2 == 1) == self.client_side:
-                self._live.discard(stream_id)
-                self._events.append(ev.StreamReset(stream_id, ErrorCodes.REFUSED_STREAM, True))
-                self._events.append(ev.StreamClosed(stream_id))
+        mine = 1 if self.client_side else 0
+        for stream_id in sorted(self._streams):
+            if stream_id > last and stream_id % 2 == mine:
+                self._emit(ev.StreamReset(stream_id, ErrorCodes.REFUSED_STREAM, True))
+                self._close(self._streams[stream_id], reset_by_us=False)
 
     # ------------------------------------------------------------------ helpers
+
+    def _send_headers(self, sid: int, block: bytes, *, end_stream: bool) -> None:
+        if self._table_update_due:
+            self._table_update_due = False
+            block = hd.TABLE_SIZE_ZERO + block
+        self._out.extend(fr.headers_frames(sid, block, end_stream,
+                                           self.remote_settings.max_frame_size))
+
+    def _is_used(self, sid: int) -> bool:
+        """The id belongs to a stream that was opened at some point."""
+        if sid % 2 == (1 if self.client_side else 0):
+            return 0 < sid < self._next_outbound
+        return 0 < sid <= self._highest_inbound
+
+    def _is_idle(self, sid: int) -> bool:
+        return not self._is_used(sid)
+
+    def _late_frame(self, sid: int) -> None:
+        """A frame on a closed stream: ignored after our RST_STREAM (frames in flight),
+        else a stream error STREAM_CLOSED (RFC 9113 §5.1)."""
+        closed = self._closed.get(sid)
+        if closed is not None and closed.reset_by_us:
+            return
+        if self._control_frames.hit(self._clock()):
+            raise _ConnError("peer keeps sending frames on closed streams",
+                             ErrorCodes.ENHANCE_YOUR_CALM, kind="control_flood")
+        self._out.append(fr.rst_stream(sid, ErrorCodes.STREAM_CLOSED))
+        self._remember_closed(sid, _Closed(True, 0) if closed is None else closed)
+        if closed is not None:
+            closed.reset_by_us = True
+
+    def _stream_error(self, st: _Stream, code: int) -> None:
+        """RST_STREAM ``code``; the consumer learns it as a (local) StreamReset."""
+        self._out.append(fr.rst_stream(st.sid, code))
+        self._emit(ev.StreamReset(st.sid, code, False))
+        self._close(st, reset_by_us=True)
+
+    def _stream_error_by_id(self, sid: int, code: int) -> None:
+        st = self._streams.get(sid)
+        if st is not None:
+            self._stream_error(st, code)
+        else:
+            self._out.append(fr.rst_stream(sid, code))
+
+    def _end_remote(self, st: _Stream) -> None:
+        self._emit(ev.StreamEnded(st.sid))
+        st.recv_open = False
+        if not st.send_open:
+            self._close(st, reset_by_us=False)
+
+    def _close(self, st: _Stream, *, reset_by_us: bool) -> None:
+        sid = st.sid
+        st.closed = True
+        st.send_open = st.recv_open = False
+        del self._streams[sid]
+        if sid % 2 == (1 if self.client_side else 0):
+            self._outbound_open -= 1
+        else:
+            self._inbound_open -= 1
+        self._unanswered.discard(sid)
+        # Window the peer may no longer use on this stream stays charged to the connection
+        # until the consumer acknowledges what it was handed (or the entry is forgotten).
+        self._remember_closed(sid, _Closed(reset_by_us, st.outstanding))
+        self._emit(ev.StreamClosed(sid))
+
+    def _remember_closed(self, sid: int, entry: _Closed) -> None:
+        closed = self._closed
+        closed[sid] = entry
+        if len(closed) > MAX_CLOSED_STREAMS:
+            oldest = next(iter(closed))
+            self._credit_connection(closed.pop(oldest).outstanding)
+
+    def _credit_stream(self, st: _Stream, n: int) -> None:
+        if not st.recv_open:  # the peer sends no more DATA here: no window to return
+            return
+        st.recv_pending += n
+        if st.recv_pending >= cfg.STREAM_WINDOW // _UPDATE_DIVISOR:
+            self._out.append(fr.window_update(st.sid, st.recv_pending))
+            st.recv_window += st.recv_pending
+            st.recv_pending = 0
+
+    def _credit_connection(self, n: int) -> None:
+        if n <= 0:
+            return
+        self._recv_pending += n
+        if self._recv_pending >= cfg.CONNECTION_WINDOW // _UPDATE_DIVISOR and not self.dead:
+            self._out.append(fr.window_update(0, self._recv_pending))
+            self._recv_window += self._recv_pending
+            self._recv_pending = 0
 
     def _on_premature_reset(self) -> None:
         if self._premature_resets.hit(self._clock()):
             limits = self.flood_limits
-            self._fail(f"peer reset more than {limits.max_premature_resets} streams before "
-                       f"they were answered within {limits.window:g}s (HTTP/2 rapid reset)",
-                       ErrorCodes.ENHANCE_YOUR_CALM, kind="reset_flood")
+            raise _ConnError(f"peer reset more than {limits.max_premature_resets} streams "
+                             f"before they were answered within {limits.window:g}s (HTTP/2 "
+                             "rapid reset)", ErrorCodes.ENHANCE_YOUR_CALM, kind="reset_flood")
 
     def _fail(self, reason: str, code: int, *, kind: str = "protocol") -> None:
         if self.dead:
             return
+        self._flush_acc()
         self.dead = True
         self._data_left = 0
         self._partial_need = 0
         self._unanswered.clear()
-        with contextlib.suppress(h2.exceptions.ProtocolError):  # already closed by h2
-            self._h2.close_connection(error_code=code)
+        self._out.append(fr.goaway(self._highest_inbound, code))
         self._events.append(ev.ConnectionError(reason, int(code), kind))
-
-    def _flush_h2_out(self) -> None:
-        pending = self._h2.data_to_send()
-        if pending:
-            self._out.append(pending)
-
-    def _check_closed(self) -> None:
-        self._maybe_closed = False
-        streams = self._h2.streams
-        closed = [s for s in self._live if s not in streams or streams[s].closed]
-        for sid in closed:
-            self._live.discard(sid)
-            self._unanswered.discard(sid)
-            self._events.append(ev.StreamClosed(sid))
-        if closed:
-            # h2 drops closed streams from its table only when it counts open ones; without
-            # this an idle pooled connection kept every stream it ever carried (~1 KB each).
-            _ = self._h2.open_inbound_streams
 
     def _take_events(self) -> list[ev.Event]:
         events = self._events

@@ -62,5 +62,5 @@ def run_tls_cases(total: int) -> list[tuple[str, float]]:
             for fast in (False, True):
                 with asyncio.Runner(loop_factory=factory) as r:
                     secs = r.run(_one(total, fast, Path(d)))
-                out.append((f"{loop_name} {'fast path' if fast else 'pure h2'}", secs))
+                out.append((f"{loop_name} {'fast path' if fast else 'whole frames'}", secs))
     return out
