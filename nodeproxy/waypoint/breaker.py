@@ -130,6 +130,10 @@ class CircuitBreaker:
     def try_acquire_connection(self) -> bool:
         return self._connections.try_acquire()
 
+    def connection_room(self) -> bool:
+        """Whether another connection may open now (nothing acquired, nothing counted)."""
+        return self._connections.active < self._connections.limit
+
     def release_connection(self) -> None:
         self._connections.release()
 

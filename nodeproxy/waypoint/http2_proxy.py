@@ -189,9 +189,9 @@ class Http2Pool:
             if pending is not None:
                 await asyncio.shield(pending)
                 continue
-            if not breaker.try_acquire_connection() and (
-                    not await self._evict_idle_elsewhere(endpoint.address)
-                    or not breaker.try_acquire_connection()):
+            if not breaker.connection_room():
+                await self._evict_idle_elsewhere(endpoint.address)
+            if not breaker.try_acquire_connection():
                 raise Overflow("connections (maxConnections)")
             return await self._open(endpoint, headers)
 
