@@ -314,7 +314,10 @@ def _hop_from_route(
     snapshot: Snapshot, source: Workload, src_ip: IPAddress, r: Route
 ) -> Hop:
     dst = r.destination
-    address = _hostport(r.target_ip, r.target_port)
+    # Through a waypoint the tunnel's :authority is the original destination (VIP or pod):
+    # that is the address the waypoint serves, not the waypoint's IP with the service port.
+    address = r.authority if r.kind is RouteKind.WAYPOINT and r.authority else (
+        _hostport(r.target_ip, r.target_port))
     idents = tuple(str(i) for i in r.expected_identities)
     base: dict[str, Any] = {
         "endpoint": dst.key if dst else "",

@@ -258,6 +258,10 @@ def test_waypoint_hop_without_http_defers_to_the_waypoint(snapshot: Snapshot) ->
     assert e.l7 is None
     text = " ".join([e.selection, *(h.reason for h in e.hops)])
     assert "pass --http METHOD PATH" in text
+    # The waypoint serves the original destination: that is the hop's address.
+    waypoint_hops = [h for h in e.hops if h.path is Path.WAYPOINT]
+    assert waypoint_hops
+    assert {h.address for h in waypoint_hops} == {"10.96.0.20:80"}
 
 
 L7_CONFIG = textwrap.dedent("""
