@@ -208,12 +208,6 @@ class HboneConnection:
 
     # ------------------------------------------------------------------ queries
 
-    @property
-    def h2(self) -> HboneConnection:
-        """Compatibility alias for callers that read ``conn.h2.remote_settings`` (the pool's
-        ``peer_max_streams`` in nodeproxy/proxy/tunnel.py); use :attr:`remote_settings`."""
-        return self
-
     def streams_available(self) -> int:
         """How many more streams this side may open now (0 while going away)."""
         if self.dead or self.goaway_received is not None or self.goaway_sent_last_id is not None:

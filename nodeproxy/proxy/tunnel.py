@@ -43,7 +43,7 @@ class ClientConnection:
 
     @property
     def peer_max_streams(self) -> int:
-        return int(self._conn.protocol.conn.h2.remote_settings.max_concurrent_streams)
+        return int(self._conn.protocol.conn.remote_settings.max_concurrent_streams)
 
     async def open_stream(self, authority: str, headers: Sequence[tuple[str, str]]) -> Stream:
         return await self._conn.open_stream(authority, headers)
