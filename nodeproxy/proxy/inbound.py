@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from nodeproxy.errors import ProxyError, RejectedError
 from nodeproxy.proxy import tunnel
 from nodeproxy.sockets import close_with_reset
-from ztunnel_cfg.admission import admit_inbound
+from ztunnel_cfg.admission import Admission, admit_inbound
 from ztunnel_cfg.authz import ConnectionInfo
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.hostport import HostPortError, parse_host_port
@@ -45,12 +45,7 @@ async def serve_connect(pod: PodProxy, stream: tunnel.ServerStream, authority: s
         admission = admit_inbound(snapshot, dst, ConnectionInfo(peer, src_ip, host, port),
                                   pod.capture_ports)
         conn.policy = admission.policy or ""
-        if not admission.allowed:
-            if admission.rejection:
-                raise RejectedError(admission.reason, reason=admission.rejection,
-                                    status=admission.status, flags=admission.response_flags)
-            raise ProxyError(admission.reason, status=admission.status,
-                             flags=admission.response_flags)
+        raise_if_refused(admission)
         upstream = await _dial_for(pod, stream, host, port, src_ip)
         if stream.stream.is_reset:
             raise ProxyError("the peer reset the stream while the agent dialled the pod",
@@ -84,6 +79,17 @@ async def _dial_for(pod: PodProxy, stream: tunnel.ServerStream, host: str, port:
         proto.closed.add_done_callback(lambda _f: pod.dial_slots.pop(proto, None))
     async with slots:
         return await pod.connect_local(host, port, src_ip)
+
+
+def raise_if_refused(admission: Admission) -> None:
+    """A refused admission as the error the tracker accounts: a safety-rule refusal is a
+    rejection (counted by reason), a policy or mTLS denial a plain failure."""
+    if admission.allowed:
+        return
+    if admission.rejection:
+        raise RejectedError(admission.reason, reason=admission.rejection,
+                            status=admission.status, flags=admission.response_flags)
+    raise ProxyError(admission.reason, status=admission.status, flags=admission.response_flags)
 
 
 def parse_authority(authority: str) -> tuple[str, int]:

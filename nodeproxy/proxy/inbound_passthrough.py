@@ -8,8 +8,9 @@ import contextlib
 import socket
 from typing import TYPE_CHECKING
 
-from nodeproxy.errors import ProxyError, RejectedError
+from nodeproxy.errors import ProxyError
 from nodeproxy.proxy import tunnel
+from nodeproxy.proxy.inbound import raise_if_refused
 from nodeproxy.proxy.tracker import peer_text
 from nodeproxy.sockets import close_with_reset
 from ztunnel_cfg.admission import admit_inbound
@@ -37,12 +38,7 @@ async def serve_inbound_plaintext(pod: PodProxy, sock: socket.socket) -> None:
         admission = admit_inbound(snapshot, pod.workload, ConnectionInfo(None, peer_ip, host, port),
                                   pod.capture_ports)
         conn.policy = admission.policy or ""
-        if not admission.allowed:
-            if admission.rejection:
-                raise RejectedError(admission.reason, reason=admission.rejection,
-                                    status=admission.status, flags=admission.response_flags)
-            raise ProxyError(admission.reason, status=admission.status,
-                             flags=admission.response_flags)
+        raise_if_refused(admission)
         upstream = await pod.connect_local(host, port, peer_ip)
         tracker.opened(conn)
         result = await tunnel.relay_sockets(upstream, sock, env.idle_timeout)

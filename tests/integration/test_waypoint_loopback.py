@@ -16,7 +16,7 @@ import socket
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -608,6 +608,17 @@ def _active_requests(lab: Lab) -> dict[str, int]:
     return dict(active)
 
 
+async def _read_until(reader: asyncio.StreamReader, got: bytes,
+                      done: Callable[[bytes], bool]) -> bytes:
+    """Read onto ``got`` until ``done(got)``; the peer closing first fails the test."""
+    async with asyncio.timeout(10):
+        while not done(got):
+            data = await reader.read(65536)
+            assert data, got
+            got += data
+    return got
+
+
 def _requests_in_flight(lab: Lab, service: str) -> int:
     """The circuit breaker's requests gauge of the service's clusters (/config_dump)."""
     return sum(cluster["circuitBreaker"]["requests"]["active"]
@@ -622,20 +633,12 @@ async def test_a_request_is_active_until_its_response_has_been_sent(lab: Lab) ->
     try:
         writer.write(b"GET /stream/x HTTP/1.1\r\nHost: echo\r\n\r\n")
         got = b""
-        async with asyncio.timeout(10):
-            while b"first|" not in got:
-                data = await reader.read(65536)
-                assert data, got
-                got += data
+        got = await _read_until(reader, got, lambda got: b"first|" in got)
         assert got.startswith(b"HTTP/1.1 200 ")
         # Head and a first piece are at the client; the rest is held by the endpoint.
         assert sum(_active_requests(lab).values()) == 1, _active_requests(lab)
         lab.gate.set()
-        async with asyncio.timeout(10):
-            while not got.endswith(b"rest\r\n0\r\n\r\n"):
-                data = await reader.read(65536)
-                assert data, got
-                got += data
+        got = await _read_until(reader, got, lambda got: got.endswith(b"rest\r\n0\r\n\r\n"))
         await eventually(lambda: sum(_active_requests(lab).values()) == 0, 5,
                          lambda: f"still active after the response: {_active_requests(lab)}")
     finally:
@@ -657,11 +660,7 @@ async def test_expect_100_continue_with_a_streamed_body(lab: Lab, framing: str) 
         writer.write(b"POST /upload HTTP/1.1\r\nHost: echo\r\nExpect: 100-continue\r\n"
                      + framing_header + b"\r\nConnection: close\r\n\r\n")
         got = b""
-        async with asyncio.timeout(10):
-            while b"\r\n\r\n" not in got:
-                data = await reader.read(65536)
-                assert data, got
-                got += data
+        got = await _read_until(reader, got, lambda got: b"\r\n\r\n" in got)
         interim, _sep, got = got.partition(b"\r\n\r\n")
         assert interim == b"HTTP/1.1 100 Continue", interim
         body = b"x" * size
@@ -741,20 +740,12 @@ async def test_http2_max_requests_overflow_answers_503_uo(lab: Lab) -> None:
     try:
         writer.write(b"GET /stream/held HTTP/1.1\r\nHost: limited\r\n\r\n")
         got = b""
-        async with asyncio.timeout(10):
-            while b"first|" not in got:
-                data = await reader.read(65536)
-                assert data, got
-                got += data
+        got = await _read_until(reader, got, lambda got: b"first|" in got)
         status, _h, body = await lab.request((LIMITED_VIP, 80), "GET", "/second")
         assert status == 503, body
         assert body == b"upstream overflow (circuit breaker)\n"
         lab.gate.set()
-        async with asyncio.timeout(10):
-            while not got.endswith(b"rest\r\n0\r\n\r\n"):
-                data = await reader.read(65536)
-                assert data, got
-                got += data
+        got = await _read_until(reader, got, lambda got: got.endswith(b"rest\r\n0\r\n\r\n"))
     finally:
         lab.gate.set()
         writer.close()
