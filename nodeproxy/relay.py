@@ -1,13 +1,22 @@
 """Byte relay between two byte streams (plain TCP <-> HBONE stream, or TCP <-> TCP).
 
+The relay is a splice of protocol callbacks, not a pair of pump tasks: bytes received on one
+side are handed to the other side's write path inside the receiving callback, and back-pressure
+is pause/resume of the receiving side (``pause_reading`` on a TCP transport; on an HBONE stream,
+holding back its WINDOW_UPDATEs). The task that called :func:`relay` sleeps on one future until
+the relay ends: no task wake-up per message (issue 13 measured one wake-up per message per
+direction as the largest single cost of the old pumps).
+
 * Reads are up to 256 KiB: large reads took C proxies from ~4 to ~6.5 Gbit/s on this
   machine kind (issue 3); asyncio and uvloop both read 256 KiB per ``data_received``.
 * FIN <-> END_STREAM: EOF read on one side becomes ``write_eof()`` on the other; the relay
   ends when both directions have ended.
 * Resets: a reset (TCP RST / RST_STREAM) or error on either side resets both: an HBONE
   stream gets RST_STREAM CANCEL, a TCP socket is aborted with SO_LINGER 0 (RST).
-* Idle timeout: no byte in either direction for ``idle_timeout`` seconds resets both.
-* Byte counters are exact: bytes fully handed to the other side's write path.
+* Idle timeout: no byte in either direction for ``idle_timeout`` seconds resets both. One
+  shared sweep per loop checks every relay (a flag set per chunk, no clock read per chunk and
+  no timer per relay).
+* Byte counters are exact: bytes handed to the other side's write path.
 """
 
 from __future__ import annotations
@@ -19,19 +28,36 @@ from typing import Protocol
 
 from nodeproxy.hbone.settings import RELAY_READ_SIZE
 from nodeproxy.sockets import linger_zero
+from ztunnel_cfg.errors import NodeproxyError
 
-#: Pause reading a TCP socket when this much is buffered and not yet relayed.
+#: Pause reading a TCP socket when this much is buffered and not yet relayed (before the
+#: stream is spliced, e.g. while the agent dials the destination).
 TCP_READ_HIGH_WATER = 4 * RELAY_READ_SIZE
+
+
+class Splice(Protocol):
+    """What a spliced side reports to the relay (see :class:`_Splice`)."""
+
+    def data(self, side: int, data: bytes) -> None: ...
+    def eof(self, side: int) -> None: ...
+    def fail(self, side: int, error: str) -> None: ...
+    def writable(self, side: int) -> None: ...
 
 
 class ByteStream(Protocol):
     """What the relay needs from each side (TcpStream and HboneStream implement it)."""
 
-    async def read(self, max_bytes: int = ...) -> bytes: ...
     async def write(self, data: bytes) -> None: ...
     def write_eof(self) -> None: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...
+    # splice API: deliver received bytes to ``splice`` as side ``side`` from now on
+    def attach(self, splice: Splice, side: int) -> None: ...
+    def detach(self) -> None: ...
+    def send(self, data: bytes) -> bool: ...
+    def send_eof(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
 
 
 class PeerResetError(ConnectionResetError):
@@ -47,11 +73,12 @@ class RelayResult:
 
 
 class TcpStream(asyncio.Protocol):
-    """Plain TCP side of a relay, with bounded read buffering and write back-pressure."""
+    """Plain TCP side of a relay: an async stream API until spliced, then callbacks."""
 
     # Slotted: one per open tunnel side (a __dict__ cost ~300 bytes more each).
     __slots__ = ("_buf", "_buffered", "_closed", "_drain_waiter", "_eof", "_lost",
-                 "_read_paused", "_read_waiter", "_write_paused", "closed", "transport")
+                 "_read_paused", "_read_waiter", "_side", "_splice", "_write_paused", "closed",
+                 "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -65,6 +92,8 @@ class TcpStream(asyncio.Protocol):
         self._write_paused = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._splice: Splice | None = None
+        self._side = 0
         self.closed = asyncio.get_running_loop().create_future()
 
     # protocol callbacks
@@ -72,6 +101,9 @@ class TcpStream(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._splice is not None:
+            self._splice.data(self._side, data)
+            return
         self._buf.append(data)
         self._buffered += len(data)
         if self._buffered > TCP_READ_HIGH_WATER and not self._read_paused:
@@ -82,6 +114,8 @@ class TcpStream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self._splice is not None:
+            self._splice.eof(self._side)
         self._wake(self._read_waiter)
         return True  # keep the write side open: half-close
 
@@ -89,6 +123,8 @@ class TcpStream(asyncio.Protocol):
         if exc is not None or not self._eof:
             self._lost = exc or PeerResetError("connection closed")
         self._closed = True
+        if self._splice is not None and self._lost is not None:
+            self._splice.fail(self._side, f"TCP peer reset: {self._lost}")
         self._wake(self._read_waiter)
         self._wake(self._drain_waiter)
         if not self.closed.done():
@@ -99,6 +135,8 @@ class TcpStream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._splice is not None:
+            self._splice.writable(self._side)
         self._wake(self._drain_waiter)
 
     @staticmethod
@@ -106,7 +144,7 @@ class TcpStream(asyncio.Protocol):
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    # stream API
+    # stream API (before a splice)
     async def read(self, max_bytes: int = RELAY_READ_SIZE) -> bytes:
         while not self._buf:
             if self._eof:
@@ -130,10 +168,7 @@ class TcpStream(asyncio.Protocol):
         return data
 
     async def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or self._closed or transport.is_closing():
-            raise PeerResetError("TCP connection is closed")
-        transport.write(data)
+        self.send(data)
         while self._write_paused and not self._closed:
             self._drain_waiter = asyncio.get_running_loop().create_future()
             try:
@@ -163,6 +198,45 @@ class TcpStream(asyncio.Protocol):
         if t is not None and not t.is_closing():
             t.close()
 
+    # splice API
+    def attach(self, splice: Splice, side: int) -> None:
+        """Hand every byte received from now on (and what is buffered) to ``splice``."""
+        self._splice, self._side = splice, side
+        buffered, self._buf, self._buffered = self._buf, [], 0
+        if self._read_paused:  # paused for buffering; the splice decides from now on
+            self.resume_reading()
+        for chunk in buffered:
+            splice.data(side, chunk)
+        if self._eof:
+            splice.eof(side)
+        elif self._lost is not None:
+            splice.fail(side, f"TCP peer reset: {self._lost}")
+
+    def detach(self) -> None:
+        self._splice = None
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data``; False when the transport asks to stop (resume: ``writable``)."""
+        transport = self.transport
+        if transport is None or self._closed or transport.is_closing():
+            raise PeerResetError("TCP connection is closed")
+        transport.write(data)
+        return not self._write_paused
+
+    def send_eof(self) -> None:
+        self.write_eof()
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self._closed:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            if self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+
 
 async def wrap_socket(sock: socket.socket) -> TcpStream:
     """Attach a connected (or accepted) socket to the running loop as a TcpStream."""
@@ -177,91 +251,138 @@ async def open_tcp(host: str, port: int) -> TcpStream:
     return proto
 
 
-class _Relay:
-    """State of one relay: one slotted object instead of closures, cell lists, an idle task
-    and an ``asyncio.wait`` per wake-up (a relay is held by every open tunnel; these cost
-    ~2 KB per tunnel, measured with tracemalloc)."""
+class _Splice:
+    """One relay: the two sides' callbacks meet here. Slotted: held by every open tunnel."""
 
-    __slots__ = ("counts", "error", "idle", "idle_timeout", "last", "loop", "timer", "wake")
+    __slots__ = ("active", "counts", "done", "eofs", "error", "idle_timeout", "quiet_since",
+                 "reset", "sides")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float | None) -> None:
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, down: ByteStream, up: ByteStream,
+                 idle_timeout: float | None) -> None:
+        self.sides = (down, up)
         self.counts = [0, 0]
-        self.last = loop.time()
+        self.eofs = [False, False]
         self.error: str | None = None
-        self.idle = False
+        self.reset = False
+        self.done: asyncio.Future[None] = loop.create_future()
         self.idle_timeout = idle_timeout
-        self.timer: asyncio.TimerHandle | None = None
-        self.wake: asyncio.Future[None] = loop.create_future()
-        if idle_timeout is not None:
-            self.timer = loop.call_later(idle_timeout, self.check_idle)
+        self.active = False
+        self.quiet_since = loop.time()
 
-    async def pump(self, src: ByteStream, dst: ByteStream, idx: int) -> None:
-        while True:
-            data = await src.read(RELAY_READ_SIZE)
-            if not data:
-                dst.write_eof()
-                return
-            await dst.write(data)
-            self.counts[idx] += len(data)
-            self.last = self.loop.time()
+    def data(self, side: int, data: bytes) -> None:
+        if self.done.done():
+            return
+        self.active = True
+        try:
+            more = self.sides[1 - side].send(data)
+        except (OSError, NodeproxyError) as exc:
+            self.finish(str(exc) or type(exc).__name__, reset=True)
+            return
+        self.counts[side] += len(data)
+        if not more:
+            self.sides[side].pause_reading()
 
-    def wake_up(self, _task: object = None) -> None:
-        if not self.wake.done():
-            self.wake.set_result(None)
+    def writable(self, side: int) -> None:
+        if not self.done.done():
+            self.sides[1 - side].resume_reading()
 
-    def check_idle(self) -> None:
-        assert self.idle_timeout is not None
-        remaining = self.last + self.idle_timeout - self.loop.time()
-        if remaining <= 0:
-            self.timer = None
-            self.idle = True
-            self.wake_up()
-        else:
-            self.timer = self.loop.call_later(remaining, self.check_idle)
+    def eof(self, side: int) -> None:
+        if self.done.done() or self.eofs[side]:
+            return
+        self.eofs[side] = True
+        try:
+            self.sides[1 - side].send_eof()
+        except (OSError, NodeproxyError) as exc:
+            self.finish(str(exc) or type(exc).__name__, reset=True)
+            return
+        if self.eofs[0] and self.eofs[1]:
+            self.finish(None, reset=False)
+
+    def fail(self, side: int, error: str) -> None:
+        self.finish(error, reset=True)
+
+    def finish(self, error: str | None, *, reset: bool) -> None:
+        if not self.done.done():
+            self.error, self.reset = error, reset
+            self.done.set_result(None)
+
+
+class _IdleSweep:
+    """The idle check of every relay on one loop: one timer, one pass over the relays."""
+
+    __slots__ = ("handle", "interval", "loop", "splices")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.splices: set[_Splice] = set()
+        self.interval = 30.0
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, splice: _Splice, timeout: float) -> None:
+        self.splices.add(splice)
+        # Detection is late by at most one interval: a tenth of the timeout, 50 ms to 30 s.
+        interval = min(max(timeout / 10, 0.05), 30.0)
+        if self.handle is None or interval < self.interval:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.interval = interval
+            self.handle = self.loop.call_later(interval, self.sweep)
+
+    def remove(self, splice: _Splice) -> None:
+        self.splices.discard(splice)
+        if not self.splices:
+            if self.handle is not None:
+                self.handle.cancel()
+                self.handle = None
+            _sweeps.pop(id(self.loop), None)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for splice in self.splices:
+            if splice.active:
+                splice.active = False
+                splice.quiet_since = now
+            elif now - splice.quiet_since >= splice.idle_timeout:  # type: ignore[operator]
+                splice.finish(f"idle for {splice.idle_timeout}s", reset=True)
+        self.handle = self.loop.call_later(self.interval, self.sweep)
+
+
+_sweeps: dict[int, _IdleSweep] = {}  # by id(loop); an entry lives while its loop has relays
+
+
+def _idle_sweep(loop: asyncio.AbstractEventLoop) -> _IdleSweep:
+    sweep = _sweeps.get(id(loop))
+    if sweep is None or sweep.loop is not loop:
+        sweep = _sweeps[id(loop)] = _IdleSweep(loop)
+    return sweep
 
 
 async def relay(downstream: ByteStream, upstream: ByteStream, *,
                 idle_timeout: float | None = None) -> RelayResult:
     """Copy bytes both ways until both directions ended, a side reset, or idle timeout."""
     loop = asyncio.get_running_loop()
-    state = _Relay(loop, idle_timeout)
-    up = loop.create_task(state.pump(downstream, upstream, 0))
-    down = loop.create_task(state.pump(upstream, downstream, 1))
-    up.add_done_callback(state.wake_up)
-    down.add_done_callback(state.wake_up)
-    reset = False
+    splice = _Splice(loop, downstream, upstream, idle_timeout)
+    sweep = _idle_sweep(loop) if idle_timeout is not None else None
+    if sweep is not None:
+        assert idle_timeout is not None
+        sweep.add(splice, idle_timeout)
     try:
-        while True:
-            await state.wake
-            if state.idle:
-                state.error = f"idle for {idle_timeout}s"
-                reset = True
-                break
-            for task in (up, down):
-                if task.done() and (exc := task.exception()) is not None:
-                    state.error = state.error or str(exc) or type(exc).__name__
-                    reset = True
-            if reset or (up.done() and down.done()):
-                break
-            state.wake = loop.create_future()
+        downstream.attach(splice, 0)
+        upstream.attach(splice, 1)
+        await splice.done
     except asyncio.CancelledError:
-        reset = True
-        state.error = state.error or "relay cancelled"
+        splice.finish(splice.error or "relay cancelled", reset=True)
         raise
     finally:
-        if state.timer is not None:
-            state.timer.cancel()
-        # Close both sides before the first await: this task may be cancelled again while it
-        # waits for the pumps (the HBONE connection died), and the sockets must not depend on
-        # getting past that await (it leaked one upstream socket per stream).
-        if reset:
+        if sweep is not None:
+            sweep.remove(splice)
+        downstream.detach()
+        upstream.detach()
+        # Close both sides here, whatever ended the relay: the sockets must not outlive it.
+        if splice.reset or not splice.done.done():
             downstream.reset()
             upstream.reset()
         else:
             downstream.close()
             upstream.close()
-        up.cancel()
-        down.cancel()
-        await asyncio.gather(up, down, return_exceptions=True)
-    return RelayResult(state.counts[0], state.counts[1], reset, state.error)
+    return RelayResult(splice.counts[0], splice.counts[1], splice.reset, splice.error)

@@ -35,5 +35,7 @@ POOL_IDLE_TIMEOUT: Final = 300.0
 #: Read size for plain TCP and TLS sides of a relay: 256 KiB reads took C proxies from
 #: ~4 to ~6.5 Gbit/s on this machine kind (issue 3).
 RELAY_READ_SIZE: Final = 256 * 1024
+#: A spliced stream stops its source once this much waits for window or transport.
+SPLICE_PENDING_HIGH_WATER: Final = 4 * RELAY_READ_SIZE
 
 HBONE_PORT: Final = 15008
