@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from cli.ebpf_wiring import EbpfRedirector, check_ebpf, use_map_original_dst
 from cli.identity_opts import DEV_CA_WARNING, IdentitySource, identity_options
 from cli.logsetup import background_logging
 from nodeproxy.app import AgentApp, AgentOptions
@@ -50,8 +51,9 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
               help="cluster config YAML (watched; SIGHUP forces a reload)")
 @click.option("--node", required=True, help="this node's name (workloads with node: NAME)")
 @identity_options
-@click.option("--redirect", "backend", type=click.Choice(["iptables", "nftables"]),
-              default="iptables", show_default=True, help="capture rules backend")
+@click.option("--redirect", "backend", type=click.Choice(["iptables", "nftables", "ebpf"]),
+              default="iptables", show_default=True,
+              help="capture backend (ebpf: bcc programs on each pod's cgroup and netns)")
 @click.option("--no-redirect", is_flag=True,
               help="install no rules; open listeners on workload IPs in this namespace "
                    "(loopback testing and debugging)")
@@ -132,8 +134,15 @@ def command(
     apps: list[AgentApp] = []
     # Node restriction (dev CA) against the agent's live snapshot (the file it enrolls from).
     client, renewer = identity.client(node, lambda: apps[0].env.snapshot())
-    redirector = None if no_redirect else OpsRedirector(backend)
-    app = AgentApp(options, client, redirector, node_renewer=renewer)
+    redirector: OpsRedirector | EbpfRedirector | None = None
+    overrides = None
+    if backend == "ebpf" and not no_redirect:
+        check_ebpf()  # a missing kernel feature stops start-up with its name
+        redirector = EbpfRedirector(lambda: apps[0].env.snapshot(), node)
+        overrides = use_map_original_dst
+    elif not no_redirect:
+        redirector = OpsRedirector(backend)
+    app = AgentApp(options, client, redirector, node_renewer=renewer, env_overrides=overrides)
     apps.append(app)
     try:
         import uvloop
