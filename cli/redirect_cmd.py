@@ -144,6 +144,7 @@ def remove(netns: str, backend: str | None, cgroup: str | None) -> None:
         report = ebpf_ops.remove(netns, cgroup)
         if backend == "ebpf" or report.removed:
             click.echo(str(report))
+        if backend == "ebpf":
             return
     click.echo(str(ops.remove(netns, backend)))
 
@@ -158,4 +159,6 @@ def show(netns: str, backend: str | None, cgroup: str | None) -> None:
     if backend == "ebpf":
         click.echo(ebpf_ops.show(netns, cgroup))
         return
+    if backend is None and ebpf_ops.pinned(netns):
+        click.echo(ebpf_ops.show(netns, cgroup) + "\n")
     click.echo(ops.show(netns))

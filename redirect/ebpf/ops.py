@@ -296,16 +296,37 @@ def verify(netns: str, spec: RedirectSpec, cgroup: str | None, *,
     route_be = routing or Pyroute2Routing()
     if not _check(netns):
         raise RedirectError(f"network namespace {netns} does not exist", netns=netns)
-    cg = check_cgroup(cgroup, paths.cgroup_root, netns)
+    if cgroup is None:
+        cgroup = attached_cgroup(netns, paths, run)
+    problems = []
+    if cgroup is None:
+        problems.append("missing program: np_connect4 is attached to no cgroup")
+        cg = None
+    else:
+        cg = check_cgroup(cgroup, paths.cgroup_root, netns)
     facts = netns_facts(netns)
     want = pod_config(spec, facts.cookie, facts.pod_ip4)
     seen = observe(netns, cg, facts, paths, run)
-    problems = [*drift(want, seen), *routing_plan(spec).diff(route_be.capture(netns)),
+    problems += [*drift(want, seen), *routing_plan(spec).diff(route_be.capture(netns)),
                 *_preflight(netns, run)]
     if not problems and not _maps_match(paths.pod_dir(netns), spec.exclude_inbound_ports,
                                         spec.exclude_uids):
         problems.append("skip maps differ from the exclusions asked for")
     return Drift(netns, NAME, tuple(problems))
+
+
+def pinned(netns: str, paths: EbpfPaths | None = None) -> bool:
+    """Whether this pod has a pin directory (something of the eBPF backend's)."""
+    return os.path.isdir((paths or EbpfPaths()).pod_dir(netns))
+
+
+def attached_cgroup(netns: str, paths: EbpfPaths, run: Runner) -> str | None:
+    """The cgroup the pod's pinned connect4 program is attached to, if any."""
+    prog_id = bpfsys.pinned_id(os.path.join(paths.pod_dir(netns), "connect4"))
+    if prog_id is None:
+        return None
+    found = bpfsys.cgroups_with({prog_id}, paths.cgroup_root, run)
+    return found[0][0] if found else None
 
 
 def remove(netns: str, cgroup: str | None = None, *, paths: EbpfPaths | None = None,
@@ -347,7 +368,7 @@ def show(netns: str, cgroup: str | None = None, *, paths: EbpfPaths | None = Non
     return "\n".join(lines)
 
 
-__all__ = ["MAPS", "EbpfPaths", "install", "preflight", "remove", "show", "verify"]
+__all__ = ["MAPS", "EbpfPaths", "install", "pinned", "preflight", "remove", "show", "verify"]
 
 
 def preflight(paths: EbpfPaths | None = None, runner: Runner | None = None) -> None:
