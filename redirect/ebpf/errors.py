@@ -24,11 +24,11 @@ class EbpfUnsupportedError(EbpfError):
 class VerifierError(EbpfError):
     """The kernel's verifier refused a program; ``log`` is what it said."""
 
-    def __init__(self, program: str, reason: str, log: str) -> None:
+    def __init__(self, program: str, reason: str, log: str, *,
+                 source: str = "nodeproxy_redirect.c") -> None:
         text = log.strip() or "(no verifier log)"
         super().__init__(f"the kernel refused BPF program {program}: {reason}\n"
                          f"verifier log:\n{text}",
-                         hint=f"this kernel's verifier rejects bpf/nodeproxy_redirect.c; "
-                              f"{FALLBACK_HINT}")
+                         hint=f"this kernel's verifier rejects bpf/{source}; {FALLBACK_HINT}")
         self.program = program
         self.log = log

@@ -72,32 +72,32 @@ class LoadedPod:
             self.bpf.cleanup()
 
 
-def _compile(bcc: Any) -> Any:
-    if not SOURCE.exists():
-        raise EbpfError(f"BPF source {SOURCE} is missing", hint="reinstall nodeproxy")
+def _compile(bcc: Any, source: Path) -> Any:
+    if not source.exists():
+        raise EbpfError(f"BPF source {source} is missing", hint="reinstall nodeproxy")
     try:
-        return bcc.BPF(src_file=str(SOURCE).encode(), cflags=["-w"])
+        return bcc.BPF(src_file=str(source).encode(), cflags=["-w"])
     except Exception as exc:
         src = os.environ.get("BCC_KERNEL_SOURCE", f"/lib/modules/{platform.release()}/build")
         raise EbpfUnsupportedError(
             "kernel headers bcc can compile against",
-            f"compiling {SOURCE.name} failed ({exc}); headers looked up in {src}",
+            f"compiling {source.name} failed ({exc}); headers looked up in {src}",
             hint="run 'make' (installs linux-headers-amd64 and merges them with "
                  "scripts/ensure-bcc-headers.sh)") from None
 
 
-def _load_error(name: str, exc: Exception) -> EbpfError:
-    log = verifier_log(PROGRAMS[name][0])
+def _load_error(name: str, exc: Exception, source: Path) -> EbpfError:
+    log = verifier_log(PROGRAMS[name][0], source)
     if "processed" in log or "R1" in log or "invalid" in log.lower():
-        return VerifierError(PROGRAMS[name][0], str(exc), log)
+        return VerifierError(PROGRAMS[name][0], str(exc), log, source=source.name)
     return EbpfUnsupportedError(_FEATURES[name], f"loading {PROGRAMS[name][0]} failed: {exc}"
                                 + (f"\n{log.strip()}" if log.strip() else ""))
 
 
 def load(config: PodConfig, skip_inbound: Iterable[int] = (), skip_uids: Iterable[int] = (),
-         programs: Iterable[str] = tuple(PROGRAMS)) -> LoadedPod:
+         programs: Iterable[str] = tuple(PROGRAMS), source: Path = SOURCE) -> LoadedPod:
     bcc = _bcc()
-    bpf = _compile(bcc)
+    bpf = _compile(bcc, source)
     loaded = LoadedPod(bpf)
     for name in programs:
         func, _where = PROGRAMS[name]
@@ -106,7 +106,7 @@ def load(config: PodConfig, skip_inbound: Iterable[int] = (), skip_uids: Iterabl
             fn = bpf.load_func(func.encode(), ptype, attach_type=atype)
         except Exception as exc:
             loaded.close()
-            raise _load_error(name, exc) from None
+            raise _load_error(name, exc, source) from None
         loaded.prog_fds[name] = fn.fd
     import ctypes
 
@@ -125,28 +125,28 @@ def load(config: PodConfig, skip_inbound: Iterable[int] = (), skip_uids: Iterabl
     return loaded
 
 
-def verifier_log(func: str) -> str:
+def verifier_log(func: str, source: Path = SOURCE) -> str:
     """Load ``func`` alone in a child process and return what bcc printed (the verifier log
     when the kernel refused it)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE.parents[1]),
                                                       env.get("PYTHONPATH")]))
     try:
-        proc = subprocess.run([sys.executable, "-m", "redirect.ebpf.loader", func],
+        proc = subprocess.run([sys.executable, "-m", "redirect.ebpf.loader", str(source), func],
                               capture_output=True, text=True, timeout=120, env=env,
                               check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"(could not obtain the verifier log: {exc})"
-    return proc.stderr
+    return proc.stderr.split("Traceback (most recent call last)")[0]
 
 
 def _main(argv: list[str]) -> int:
     bcc = _bcc()
-    names = {func: name for name, (func, _) in PROGRAMS.items()}
-    name = names[argv[0]]
-    ptype, atype = _PROG_TYPES[name]
-    bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=["-w"], debug=bcc.DEBUG_BPF)
-    bpf.load_func(argv[0].encode(), ptype, attach_type=atype)
+    source, func = argv
+    names = {f: name for name, (f, _) in PROGRAMS.items()}
+    ptype, atype = _PROG_TYPES[names[func]]
+    bpf = bcc.BPF(src_file=source.encode(), cflags=["-w"], debug=bcc.DEBUG_BPF)
+    bpf.load_func(func.encode(), ptype, attach_type=atype)
     return 0
 
 

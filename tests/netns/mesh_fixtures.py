@@ -27,6 +27,7 @@ from meshlab import (
     ClusterSpec,
     PodRole,
     ServiceDef,
+    cgroups,
     plan_cluster,
     random_prefix,
     render_config,
@@ -307,6 +308,8 @@ def destroy_cluster(cluster: Cluster) -> None:
         raise
     left = [n for n in list_netns() if is_lab_netns(n, cluster.prefix)]
     assert not left, f"lab namespaces left behind: {left}"
+    state = cgroups.leftovers(cluster.prefix)
+    assert not state, f"lab cgroups / eBPF pins left behind: {state}"
 
 
 @contextlib.contextmanager

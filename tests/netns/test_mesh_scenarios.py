@@ -325,6 +325,23 @@ def test_mesh_kill9_fails_closed_and_restart_adopts_rules(env: MeshEnv) -> None:
         assert verify.returncode == 0, f"redirect verify in {p}: {verify.stdout}{verify.stderr}"
 
 
+# 9b ------------------------------------------------------------------------------------------
+def test_mesh_pod_holds_only_its_backends_capture(env: MeshEnv) -> None:
+    """eBPF mode puts no iptables/nft rules in the pod netns; rule modes no BPF programs."""
+    state = netns_state(env.cluster.pod("n1p1").netns_path)
+    rules = "\n".join(state[k] for k in ("iptables-save", "iptables-legacy-save",
+                                          "nft list ruleset")).lower()
+    if env.backend == "ebpf":
+        assert "nodeproxy" not in rules, rules
+        assert "connect4" in state["bpf pins"], state
+        assert "np_connect4" in state["cgroup programs"], state
+        assert "np_ingress" in state["tc"], state
+    else:
+        assert "nodeproxy" in rules, rules
+        assert state["bpf pins"] == "", state
+        assert "np_" not in state["cgroup programs"] + state["tc"], state
+
+
 # 10 ------------------------------------------------------------------------------------------
 def test_mesh_broken_config_keeps_last_good(env: MeshEnv) -> None:
     from meshlab import dump_config
