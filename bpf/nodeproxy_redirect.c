@@ -16,6 +16,10 @@
 //                the connmark instead, so with net.ipv4.tcp_fwmark_accept=1 the pod's
 //                accepted socket carries it and policy routing sends the replies to a
 //                source-spoofed agent socket back through lo.
+//
+// tc programs answer TC_ACT_UNSPEC for every packet they leave alone, so filters of other
+// software on the same hook still run (TC_ACT_OK would end the filter chain); only a SYN
+// assigned to the agent's listener ends it (TC_ACT_OK) and a SYN with no listener is dropped.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -122,16 +126,16 @@ static __always_inline int np_parse_syn(struct __sk_buff *skb, struct iphdr **ip
 int np_ingress(struct __sk_buff *skb) {
     struct np_cfg *cfg = np_get_cfg();
     if (!cfg || cfg->inbound_port == 0)
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     struct iphdr *ip;
     struct tcphdr *tcp;
     if (!np_parse_syn(skb, &ip, &tcp))
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     u16 dport = bpf_ntohs(tcp->dest);
     if (dport == cfg->hbone_port || np_skip_inbound.lookup(&dport))
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     if (cfg->probe_ip4 && ip->saddr == cfg->probe_ip4)
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     struct bpf_sock_tuple tuple = {};
     tuple.ipv4.saddr = ip->saddr;
     tuple.ipv4.daddr = ip->daddr;
@@ -153,13 +157,13 @@ int np_ingress(struct __sk_buff *skb) {
 int np_lo_mark(struct __sk_buff *skb) {
     struct np_cfg *cfg = np_get_cfg();
     if (!cfg)
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     if ((skb->mark & cfg->mark_mask) != cfg->proxy_mark)
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     struct iphdr *ip;
     struct tcphdr *tcp;
     if (!np_parse_syn(skb, &ip, &tcp))
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     skb->mark = (skb->mark & ~cfg->mark_mask) | cfg->connmark;
-    return TC_ACT_OK;
+    return TC_ACT_UNSPEC;
 }

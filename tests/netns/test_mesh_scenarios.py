@@ -12,6 +12,7 @@ import collections
 import re
 import signal
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -336,6 +337,10 @@ def test_mesh_pod_holds_only_its_backends_capture(env: MeshEnv) -> None:
         assert "connect4" in state["bpf pins"], state
         assert "np_connect4" in state["cgroup programs"], state
         assert "np_ingress" in state["tc"], state
+        # The agent is in no pod's cgroup, so connect4 never sees its sockets.
+        for node, proc in env.mesh.agents.items():
+            cgroup = Path(f"/proc/{proc.pid}/cgroup").read_text()
+            assert "nodeproxy-lab" not in cgroup, f"agent of {node} is in {cgroup}"
     else:
         assert "nodeproxy" in rules, rules
         assert state["bpf pins"] == "", state
