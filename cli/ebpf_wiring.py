@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from nodeproxy.proxy.env import ProxyEnv
 from nodeproxy.sockets import original_destination
+from redirect.ebpf import fastpath as fast
 from redirect.ebpf import ops as ebpf_ops
 from redirect.ebpf.errors import EbpfError
 from redirect.ebpf.origdst import OriginalDst
@@ -23,10 +24,11 @@ from ztunnel_cfg.snapshot import Snapshot
 
 class EbpfRedirector:
     def __init__(self, snapshot: Callable[[], Snapshot], node: str,
-                 spec: RedirectSpec | None = None) -> None:
+                 spec: RedirectSpec | None = None, *, fastpath: bool = False) -> None:
         self._snapshot = snapshot
         self._node = node
         self.spec = spec or RedirectSpec()
+        self.fastpath = fastpath
 
     def cgroup_of(self, netns: str) -> str | None:
         for workload in self._snapshot().workloads_on_node(self._node):
@@ -40,7 +42,7 @@ class EbpfRedirector:
             raise EbpfError(f"the workload with netns {netns} names no cgroup", netns=netns,
                             hint="--redirect ebpf attaches to the pod's cgroup v2: add "
                                  "`cgroup: /sys/fs/cgroup/unified/...` to the workload")
-        ebpf_ops.install(netns, self.spec, cgroup)
+        ebpf_ops.install(netns, self.spec, cgroup, fastpath=self.fastpath)
 
     def remove(self, netns: str) -> None:
         ebpf_ops.remove(netns, self.cgroup_of(netns))
@@ -57,5 +59,9 @@ def use_map_original_dst(env: ProxyEnv) -> None:
     env.original_dst = original_dst
 
 
-def check_ebpf() -> None:
+def check_ebpf(*, fastpath: bool = False, outbound_port: int = 15001) -> None:
+    """Start-up: every program through the verifier; with ``fastpath`` the node's same-node
+    fast path installed on the agent's own cgroup."""
     ebpf_ops.preflight()
+    if fastpath:
+        fast.install(fast.own_cgroup(), outbound_port=outbound_port)

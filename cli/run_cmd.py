@@ -54,6 +54,10 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
 @click.option("--redirect", "backend", type=click.Choice(["iptables", "nftables", "ebpf"]),
               default="iptables", show_default=True,
               help="capture backend (ebpf: bcc programs on each pod's cgroup and netns)")
+@click.option("--ebpf-fastpath", is_flag=True,
+              help="with --redirect ebpf: short-circuit the loopback hop between a pod's "
+                   "sockets and the agent with sk_msg (sock_ops on the agent's own cgroup, "
+                   "which must not be the root cgroup)")
 @click.option("--no-redirect", is_flag=True,
               help="install no rules; open listeners on workload IPs in this namespace "
                    "(loopback testing and debugging)")
@@ -98,7 +102,7 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
               help="bytes of answers an HBONE peer may leave unread before the agent stops "
                    "reading it")
 def command(
-    config_path: str, node: str, backend: str,
+    config_path: str, node: str, backend: str, ebpf_fastpath: bool,
     no_redirect: bool, cleanup_on_exit: bool, readiness_addr: str, metrics_addr: str,
     admin_addr: str, drain_timeout: float, hbone_port: int,
     outbound_port: int, inbound_port: int, idle_timeout: float, max_conns_per_pod: int,
@@ -107,6 +111,8 @@ def command(
     max_peer_backlog: int, **identity_kwargs: Any,
 ) -> None:
     """Run the node agent: enroll this node's pods and proxy their traffic."""
+    if ebpf_fastpath and backend != "ebpf":
+        raise click.BadParameter("needs --redirect ebpf", param_hint="--ebpf-fastpath")
     identity = IdentitySource.pop(identity_kwargs)
     identity.check()
     options = AgentOptions(
@@ -137,8 +143,10 @@ def command(
     redirector: OpsRedirector | EbpfRedirector | None = None
     overrides = None
     if backend == "ebpf" and not no_redirect:
-        check_ebpf()  # a missing kernel feature stops start-up with its name
-        redirector = EbpfRedirector(lambda: apps[0].env.snapshot(), node)
+        # A missing kernel feature stops start-up with its name.
+        check_ebpf(fastpath=ebpf_fastpath, outbound_port=outbound_port)
+        redirector = EbpfRedirector(lambda: apps[0].env.snapshot(), node,
+                                    fastpath=ebpf_fastpath)
         overrides = use_map_original_dst
     elif not no_redirect:
         redirector = OpsRedirector(backend)

@@ -332,7 +332,8 @@ class Cluster:
         if host_mounts:
             # nsenter keeps this mount namespace (``ip netns exec`` remounts /sys, which
             # hides bpffs and cgroup2: the eBPF-mode agent needs both).
-            cmd = ["nsenter", f"--net={NETNS_DIR}/{ns}", *argv]
+            # In its own cgroup when the lab made one for this namespace (the fast path).
+            cmd = cgroups.wrap(["nsenter", f"--net={NETNS_DIR}/{ns}", *argv], ns)
         else:
             cmd = cgroups.wrap(["ip", "netns", "exec", ns, *argv], ns)
         proc = subprocess.Popen(cmd, **kw)

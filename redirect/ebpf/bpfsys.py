@@ -48,8 +48,9 @@ def obj_pin(fd: int, path: str) -> None:
          f"cannot pin BPF object at {path}")
 
 
-def prog_attach(prog_fd: int, target_fd: int, attach_type: int, what: str) -> None:
-    _bpf(_PROG_ATTACH, struct.pack("=IIII", target_fd, prog_fd, attach_type, BPF_F_ALLOW_MULTI),
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, what: str,
+                flags: int = BPF_F_ALLOW_MULTI) -> None:
+    _bpf(_PROG_ATTACH, struct.pack("=IIII", target_fd, prog_fd, attach_type, flags),
          f"cannot attach {what}")
 
 

@@ -72,11 +72,27 @@ class LoadedPod:
             self.bpf.cleanup()
 
 
-def _compile(bcc: Any, source: Path) -> Any:
+def table_fd(bpf: Any, name: str) -> int:
+    """fd of a map of a compiled object (bcc's Python tables do not know every map type,
+    e.g. sockhash)."""
+    from bcc.libbcc import lib  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    fd = int(lib.bpf_table_fd(bpf.module, name.encode()))
+    if fd < 0:
+        raise EbpfError(f"BPF object has no map {name}")
+    return fd
+
+
+def load_object(source: Path, cflags: Iterable[str] = ()) -> Any:
+    """Compile ``source`` with bcc (a ``bcc.BPF``), errors translated."""
+    return _compile(_bcc(), source, tuple(cflags))
+
+
+def _compile(bcc: Any, source: Path, cflags: tuple[str, ...] = ()) -> Any:
     if not source.exists():
         raise EbpfError(f"BPF source {source} is missing", hint="reinstall nodeproxy")
     try:
-        return bcc.BPF(src_file=str(source).encode(), cflags=["-w"])
+        return bcc.BPF(src_file=str(source).encode(), cflags=["-w", *cflags])
     except Exception as exc:
         src = os.environ.get("BCC_KERNEL_SOURCE", f"/lib/modules/{platform.release()}/build")
         raise EbpfUnsupportedError(

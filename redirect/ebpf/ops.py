@@ -18,10 +18,12 @@ import struct
 from dataclasses import dataclass
 
 from redirect.ebpf import bpfsys
+from redirect.ebpf import fastpath as fast
 from redirect.ebpf.errors import EbpfError, EbpfUnsupportedError
 from redirect.ebpf.loader import load
 from redirect.ebpf.plan import (
     CGROUP_ATTACH,
+    FASTPATH_PREFIX,
     MAPS,
     PIN_SUBDIR,
     PROGRAMS,
@@ -152,7 +154,19 @@ def _preflight(netns: str, runner: Runner) -> list[str]:
 
 def install(netns: str, spec: RedirectSpec, cgroup: str | None, *,
             paths: EbpfPaths | None = None, routing: Routing | None = None,
-            runner: Runner | None = None) -> InstallReport:
+            runner: Runner | None = None, fastpath: bool = False) -> InstallReport:
+    """Converge the pod's capture; with ``fastpath`` also put the node's fast path sock_ops
+    on the pod's cgroup (:mod:`redirect.ebpf.fastpath` must be installed)."""
+    report = _install(netns, spec, cgroup, paths=paths, routing=routing, runner=runner)
+    if fastpath and fast.attach_pod(check_cgroup(cgroup, (paths or EbpfPaths()).cgroup_root,
+                                                 netns), runner=runner):
+        return InstallReport(report.netns, report.backend, True, report.rules, report.routing)
+    return report
+
+
+def _install(netns: str, spec: RedirectSpec, cgroup: str | None, *,
+             paths: EbpfPaths | None = None, routing: Routing | None = None,
+             runner: Runner | None = None) -> InstallReport:
     paths = paths or EbpfPaths()
     run = runner or subprocess_runner
     route_be = routing or Pyroute2Routing()
@@ -260,7 +274,8 @@ def _teardown(netns: str, cgroup: str | None, facts: NetnsFacts | None, paths: E
         # np_ programs on the pod's cgroup whose pins are gone (an install interrupted
         # between attach and pin, or pins removed by hand): detach by id.
         for kind, prog_id, name in bpfsys.cgroup_programs(cgroup, run):
-            if name.startswith("np_") and prog_id not in by_id:
+            if name.startswith("np_") and not name.startswith(FASTPATH_PREFIX) \
+                    and prog_id not in by_id:
                 bpfsys.detach_by_id(cgroup, kind, prog_id, run)
                 removed.append(f"stale {name} (id {prog_id}) from cgroup {cgroup}")
     if facts is not None:
@@ -338,7 +353,10 @@ def remove(netns: str, cgroup: str | None = None, *, paths: EbpfPaths | None = N
     route_be = routing or Pyroute2Routing()
     alive = _check(netns)
     facts = netns_facts(netns) if alive else None
+    cgroup = cgroup or attached_cgroup(netns, paths, run)
     removed = _teardown(netns, cgroup, facts, paths, run)
+    if cgroup and fast.detach_pod(cgroup, runner=run):
+        removed.append(f"np_fast_sockops from cgroup {cgroup}")
     if alive:
         routes = route_be.capture(netns)
         if routes:

@@ -41,6 +41,8 @@ MAPS: dict[str, str] = {
 # pin -> attach type as bpftool names it
 CGROUP_ATTACH = {"connect4": "cgroup_inet4_connect", "sockops": "cgroup_sock_ops"}
 
+FASTPATH_PREFIX = "np_fast_"  # the node's fast path programs (redirect/ebpf/fastpath.py)
+
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -172,7 +174,8 @@ def drift(want: PodConfig | None, seen: Observed) -> tuple[str, ...]:
             problems.append(f"missing program: {PROGRAMS[pin][0]} not attached to the cgroup "
                             f"({kind})")
         for k, i, name in seen.cgroup_progs:
-            if k == kind and i not in ours and name.startswith("np_"):
+            if k == kind and i not in ours and name.startswith("np_") \
+                    and not name.startswith(FASTPATH_PREFIX):
                 problems.append(f"foreign program: {name} (id {i}) on the cgroup ({kind}) is "
                                 "not the pinned one (left by an earlier install?)")
     for iface in seen.interfaces:
