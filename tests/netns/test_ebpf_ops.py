@@ -180,3 +180,81 @@ def test_ebpf_verifier_rejection_carries_the_log(tmp_path: Path) -> None:
              source=bad)
     assert "map_value_or_null" in info.value.log
     assert "verifier log" in str(info.value)
+
+
+RELAY = r"""
+import json, socket, subprocess, sys
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 15001)); l.listen(); print("listening", flush=True)
+c, _ = l.accept()
+data = b""
+while not data.endswith(b"END"):
+    chunk = c.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+dump = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", sys.argv[1]],
+                      capture_output=True, text=True)
+print(json.dumps({"received": len(data), "dump": dump.stdout, "err": dump.stderr}), flush=True)
+c.sendall(data.upper())
+c.close()
+"""
+CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), 5)
+s.sendall(b"fast-" * 40000 + b"END")
+got = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    got += chunk
+print(len(got), got == (b"fast-" * 40000 + b"END").upper())
+"""
+
+
+def test_ebpf_fastpath_short_circuits_the_app_agent_hop(lab_cluster: MakeCluster) -> None:
+    from meshlab import cgroups
+    from redirect.ebpf import fastpath
+
+    cluster, netns, cgroup = _pod(lab_cluster)
+    with pytest.raises(EbpfError, match="not below the cgroup v2 root"):
+        fastpath.install("/sys/fs/cgroup/unified")  # never the root cgroup
+    node_ns = cluster.nodes[0].netns
+    [agent_cgroup] = cgroups.create([node_ns])  # the "agent": its own cgroup
+    paths = fastpath.FastPaths()
+    try:
+        assert fastpath.install(agent_cgroup)
+        assert not fastpath.install(agent_cgroup)  # converges
+        assert ops.install(netns, SPEC, cgroup, fastpath=True).changed
+        assert ops.verify(netns, SPEC, cgroup).ok  # the fast path is not drift
+        fast_id = fastpath.sockops_id()
+        relay = subprocess.Popen(
+            cgroups.wrap(["nsenter", f"--net={netns}", sys.executable, "-c", RELAY,
+                          os.path.join(paths.dir, "sockhash")], node_ns),
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert relay.stdout is not None
+            assert relay.stdout.readline().strip() == "listening"
+            out = cluster.exec(cluster.pods[0].name,
+                               [sys.executable, "-c", CLIENT, "10.200.0.1"], timeout=30)
+            assert out.stdout.split() == ["200003", "True"], out.stdout + out.stderr
+            seen = json.loads(relay.stdout.readline())
+        finally:
+            relay.wait(10)
+            if relay.stdout is not None:
+                relay.stdout.close()
+        assert seen["received"] == 200003
+        # Both ends of the connection were in the sockhash while it was open.
+        keys = [bytes(int(b, 16) for b in e["key"]) for e in json.loads(seen["dump"])]
+        ports = sorted(int.from_bytes(k[8:10], "little") for k in keys)
+        assert len(keys) == 2, seen
+        assert 15001 in ports, ports  # the agent's end (local 15001) and the app's end
+        removed = ops.remove(netns, cgroup)
+        assert any("np_fast_sockops" in r for r in removed.removed), removed
+    finally:
+        gone = fastpath.remove()
+    assert any("np_fast_sockops" in r for r in gone), gone
+    assert not os.path.exists(paths.dir)
+    assert fast_id is not None
+    wait_until(lambda: not _exists("prog:x", fast_id), 10, "np_fast_sockops still loaded")
