@@ -41,7 +41,7 @@ class EbpfRedirector:
         if cgroup is None:
             raise EbpfError(f"the workload with netns {netns} names no cgroup", netns=netns,
                             hint="--redirect ebpf attaches to the pod's cgroup v2: add "
-                                 "`cgroup: /sys/fs/cgroup/unified/...` to the workload")
+                                 "`cgroup: <cgroup2 mount>/...` to the workload")
         ebpf_ops.install(netns, self.spec, cgroup, fastpath=self.fastpath)
 
     def remove(self, netns: str) -> None:

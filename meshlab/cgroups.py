@@ -14,7 +14,20 @@ import shutil
 import time
 from collections.abc import Sequence
 
-CGROUP_ROOT = "/sys/fs/cgroup/unified"
+
+def _cgroup2_root() -> str:
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    return parts[1]
+    except OSError:
+        pass
+    return "/sys/fs/cgroup/unified"
+
+
+CGROUP_ROOT = _cgroup2_root()  # /sys/fs/cgroup/unified here (hybrid), /sys/fs/cgroup (unified)
 LAB_SUBTREE = "nodeproxy-lab"
 BPF_PINS = "/sys/fs/bpf/nodeproxy"
 

@@ -108,6 +108,17 @@ def pinned_id(path: str) -> int | None:
         os.close(fd)
 
 
+def detected_cgroup_root(mounts: str = "/proc/self/mounts") -> str:
+    """Where this machine mounts the cgroup v2 hierarchy."""
+    from redirect.ebpf.plan import cgroup2_root
+
+    try:
+        with open(mounts) as f:
+            return cgroup2_root(f.read())
+    except OSError:
+        return cgroup2_root("")
+
+
 # -- bpffs -------------------------------------------------------------------------------------
 
 def bpffs_mounted(root: str, mounts: str = "/proc/self/mounts") -> bool:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from redirect.ebpf import bpfsys
+from redirect.ebpf.bpfsys import detected_cgroup_root
 from redirect.ebpf.errors import EbpfError
 from redirect.ebpf.loader import SOURCE, load_object, table_fd
 from redirect.ebpf.plan import PIN_SUBDIR, check_cgroup
@@ -32,15 +33,16 @@ _PROG_SOCK_OPS, _PROG_SK_MSG = 13, 16
 @dataclass(frozen=True, slots=True)
 class FastPaths:
     bpffs: str = "/sys/fs/bpf"
-    cgroup_root: str = "/sys/fs/cgroup/unified"
+    cgroup_root: str = field(default_factory=detected_cgroup_root)
 
     @property
     def dir(self) -> str:
         return os.path.join(self.bpffs, PIN_SUBDIR, "fastpath")
 
 
-def own_cgroup(root: str = "/sys/fs/cgroup/unified", proc: str = "/proc") -> str:
+def own_cgroup(root: str | None = None, proc: str = "/proc") -> str:
     """This process's cgroup v2 directory."""
+    root = root or detected_cgroup_root()
     for line in Path(f"{proc}/self/cgroup").read_text().splitlines():
         if line.startswith("0::"):
             return os.path.join(root, line[3:].lstrip("/")).rstrip("/") or root

@@ -15,10 +15,11 @@ import os
 import shutil
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redirect.ebpf import bpfsys
 from redirect.ebpf import fastpath as fast
+from redirect.ebpf.bpfsys import detected_cgroup_root
 from redirect.ebpf.errors import EbpfError, EbpfUnsupportedError
 from redirect.ebpf.loader import load
 from redirect.ebpf.plan import (
@@ -48,10 +49,11 @@ NAME = "ebpf"
 
 @dataclass(frozen=True, slots=True)
 class EbpfPaths:
-    """File roots (injected: tests and other machines may differ)."""
+    """File roots (injected: tests and other machines may differ).  The cgroup v2 root is
+    where this machine mounts it."""
 
     bpffs: str = "/sys/fs/bpf"
-    cgroup_root: str = "/sys/fs/cgroup/unified"
+    cgroup_root: str = field(default_factory=detected_cgroup_root)
 
     def pod_dir(self, netns: str) -> str:
         return os.path.join(self.bpffs, PIN_SUBDIR, pod_key(netns))
@@ -396,6 +398,7 @@ def preflight(paths: EbpfPaths | None = None, runner: Runner | None = None) -> N
     if not os.path.exists(os.path.join(paths.cgroup_root, "cgroup.procs")):
         raise EbpfUnsupportedError("a cgroup v2 hierarchy",
                                    f"{paths.cgroup_root} is not a mounted cgroup2",
-                                   hint="mount -t cgroup2 none /sys/fs/cgroup/unified")
+                                   hint="mount a cgroup2 hierarchy (e.g. "
+                                        "mount -t cgroup2 none /sys/fs/cgroup/unified)")
     bpfsys.ensure_bpffs(paths.bpffs, runner or subprocess_runner)
     load(PodConfig(0, "0.0.0.0", 1, 2, 3, None, 0, 0, 0)).close()

@@ -57,6 +57,16 @@ def pod_key(netns_path: str) -> str:
     return "ns-" + hashlib.sha256(netns_path.encode()).hexdigest()[:16]
 
 
+def cgroup2_root(mounts_text: str, default: str = "/sys/fs/cgroup/unified") -> str:
+    """Where the cgroup v2 hierarchy is mounted (``/proc/self/mounts`` text): /sys/fs/cgroup
+    on a systemd host in unified mode, /sys/fs/cgroup/unified in hybrid mode."""
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] == "cgroup2":
+            return parts[1]
+    return default
+
+
 def check_cgroup(cgroup: str | None, cgroup_root: str, netns: str) -> str:
     """The pod's cgroup v2 directory; never the root of the hierarchy (that would capture the
     whole machine, agent included)."""

@@ -151,3 +151,17 @@ def test_errors_are_redirect_errors_with_a_fallback_hint() -> None:
     refused = VerifierError("np_connect4", "Permission denied", "0: R1=ctx\ninvalid access")
     assert "invalid access" in str(refused)
     assert "np_connect4" in str(refused)
+
+
+@pytest.mark.parametrize(("mounts", "root"), [
+    # hybrid (this machine): v1 controllers under /sys/fs/cgroup, v2 at .../unified
+    ("tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+     "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n", "/sys/fs/cgroup/unified"),
+    # unified (Debian 12 with systemd, the Vagrant guests)
+    ("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n", "/sys/fs/cgroup"),
+    ("", "/sys/fs/cgroup/unified"),
+])
+def test_cgroup2_root(mounts: str, root: str) -> None:
+    from redirect.ebpf.plan import cgroup2_root
+
+    assert cgroup2_root(mounts) == root
