@@ -26,6 +26,10 @@ HTTP_CASES = ("haproxy-http1", "l4-http1", "waypoint-http1", "waypoint-http2")
 # leftovers are removed before them).
 CASES = ("direct", "haproxy", "haproxy-http1", "nodeproxy", "l4-http1", "waypoint-http1",
          "waypoint-http2", *EBPF_CASES)
+# Cases whose bulk (iperf3) measurements may fail without failing the case: with the sk_msg
+# fast path, a sender faster than its receiver gets ENOMEM from the kernel's sockmap ingress
+# redirect (bpf/README.md); the failure is recorded in the case's detail.
+BULK_MAY_FAIL = ("same-node-fastpath",)
 # (case, reference) pairs whose ratios are reported.
 RATIO_PAIRS = (
     ("haproxy", "direct"), ("nodeproxy", "direct"), ("nodeproxy", "haproxy"),
@@ -380,7 +384,7 @@ def check_result_document(doc: Mapping[str, Any]) -> list[str]:
         if not res.get("ok"):
             continue
         required = HTTP_REQUIRED[name] if name in HTTP_REQUIRED else tuple(
-            m.key for m in METRICS)
+            m.key for m in METRICS if not (name in BULK_MAY_FAIL and m.key.startswith("tput")))
         for key in required:
             v = res.get("metrics", {}).get(key)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
