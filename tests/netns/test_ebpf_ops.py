@@ -258,3 +258,26 @@ def test_ebpf_fastpath_short_circuits_the_app_agent_hop(lab_cluster: MakeCluster
     assert not os.path.exists(paths.dir)
     assert fast_id is not None
     wait_until(lambda: not _exists("prog:x", fast_id), 10, "np_fast_sockops still loaded")
+
+
+def test_agent_start_up_names_the_missing_feature(tmp_path: Path) -> None:
+    """`nodeproxy run --redirect ebpf` on a machine bcc cannot compile for: a clear error
+    naming what is missing and the rule backends as the way out, before anything is
+    enrolled."""
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo, "BCC_KERNEL_SOURCE": str(tmp_path / "none")}
+    cli = [sys.executable, "-m", "cli.main"]
+    subprocess.run([*cli, "ca", "init", "--dir", str(tmp_path / "ca")], env=env, check=True,
+                   capture_output=True, timeout=60)
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("workloads: []\n")
+    proc = subprocess.run(
+        [*cli, "run", "--config", str(cfg), "--node", "n1", "--dev-ca-dir",
+         str(tmp_path / "ca"), "--redirect", "ebpf", "--state-dir", str(tmp_path / "state"),
+         "--readiness-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+         "--admin-addr", "127.0.0.1:0"],
+        env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "kernel headers bcc can compile against" in err, err[-2000:]
+    assert "--redirect iptables" in err, err[-2000:]
