@@ -18,7 +18,7 @@ from meshlab.demo import DEMO_GLOB, DemoError, DemoOptions, run_demo, teardown_l
 @click.option("--keep", is_flag=True, help="Leave the cluster, agents and apps running.")
 @click.option("--nodes", type=click.IntRange(2, 50), default=2, show_default=True,
               help="Number of node namespaces.")
-@click.option("--backend", type=click.Choice(["iptables", "nftables"]), default="iptables",
+@click.option("--backend", type=click.Choice(["iptables", "nftables", "ebpf"]), default="iptables",
               show_default=True, help="Redirection rules the agents install in the pods.")
 @click.option("--down", "down", is_flag=True,
               help="Tear down demos left running by --keep, then exit.")

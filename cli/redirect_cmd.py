@@ -9,11 +9,13 @@ from typing import Any
 import click
 
 from redirect import ops
+from redirect.ebpf import ops as ebpf_ops
 from redirect.spec import RedirectSpec
 
+_CHOICES = (*ops.BACKENDS, "ebpf")
 _BACKEND = click.option(
     "--backend",
-    type=click.Choice(ops.BACKENDS),
+    type=click.Choice(_CHOICES),
     default="iptables",
     show_default=True,
     help="iptables follows the flavour (nft/legacy) the namespace already uses.",
@@ -23,6 +25,11 @@ _NETNS = click.option(
     "netns",
     required=True,
     help="network namespace path, e.g. /var/run/netns/NAME or /proc/PID/ns/net",
+)
+_CGROUP = click.option(
+    "--cgroup",
+    default=None,
+    help="the pod's cgroup v2 directory (--backend ebpf attaches there)",
 )
 
 
@@ -96,19 +103,27 @@ def command() -> None:
 @command.command()
 @_NETNS
 @_BACKEND
+@_CGROUP
 @_spec_options
-def install(netns: str, backend: str, **kw: Any) -> None:
+def install(netns: str, backend: str, cgroup: str | None, **kw: Any) -> None:
     """Install (or converge) capture rules and policy routing."""
+    if backend == "ebpf":
+        click.echo(str(ebpf_ops.install(netns, _spec(kw), cgroup)))
+        return
     click.echo(str(ops.install(netns, _spec(kw), backend)))
 
 
 @command.command()
 @_NETNS
 @_BACKEND
+@_CGROUP
 @_spec_options
-def verify(netns: str, backend: str, **kw: Any) -> None:
+def verify(netns: str, backend: str, cgroup: str | None, **kw: Any) -> None:
     """Compare installed rules with the plan; exit 1 and list the drift if they differ."""
-    drift = ops.verify(netns, _spec(kw), backend)
+    if backend == "ebpf":
+        drift = ebpf_ops.verify(netns, _spec(kw), cgroup)
+    else:
+        drift = ops.verify(netns, _spec(kw), backend)
     click.echo(str(drift))
     if not drift.ok:
         sys.exit(1)
@@ -118,17 +133,32 @@ def verify(netns: str, backend: str, **kw: Any) -> None:
 @_NETNS
 @click.option(
     "--backend",
-    type=click.Choice(ops.BACKENDS),
+    type=click.Choice(_CHOICES),
     default=None,
     help="only this backend's rules (default: whatever nodeproxy installed)",
 )
-def remove(netns: str, backend: str | None) -> None:
-    """Remove nodeproxy's rules and policy routing; nothing else is touched."""
+@_CGROUP
+def remove(netns: str, backend: str | None, cgroup: str | None) -> None:
+    """Remove nodeproxy's rules, programs and policy routing; nothing else is touched."""
+    if backend in (None, "ebpf"):
+        report = ebpf_ops.remove(netns, cgroup)
+        if backend == "ebpf" or report.removed:
+            click.echo(str(report))
+        if backend == "ebpf":
+            return
     click.echo(str(ops.remove(netns, backend)))
 
 
 @command.command()
 @_NETNS
-def show(netns: str) -> None:
-    """Print nodeproxy's rules and policy routing in the namespace."""
+@click.option("--backend", type=click.Choice(_CHOICES), default=None,
+              help="only this backend (default: all)")
+@_CGROUP
+def show(netns: str, backend: str | None, cgroup: str | None) -> None:
+    """Print nodeproxy's rules, programs and policy routing in the namespace."""
+    if backend == "ebpf":
+        click.echo(ebpf_ops.show(netns, cgroup))
+        return
+    if backend is None and ebpf_ops.pinned(netns):
+        click.echo(ebpf_ops.show(netns, cgroup) + "\n")
     click.echo(ops.show(netns))

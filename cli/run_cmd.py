@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from cli.ebpf_wiring import EbpfRedirector, check_ebpf, use_map_original_dst
 from cli.identity_opts import DEV_CA_WARNING, IdentitySource, identity_options
 from cli.logsetup import background_logging
 from nodeproxy.app import AgentApp, AgentOptions
@@ -50,8 +51,13 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
               help="cluster config YAML (watched; SIGHUP forces a reload)")
 @click.option("--node", required=True, help="this node's name (workloads with node: NAME)")
 @identity_options
-@click.option("--redirect", "backend", type=click.Choice(["iptables", "nftables"]),
-              default="iptables", show_default=True, help="capture rules backend")
+@click.option("--redirect", "backend", type=click.Choice(["iptables", "nftables", "ebpf"]),
+              default="iptables", show_default=True,
+              help="capture backend (ebpf: bcc programs on each pod's cgroup and netns)")
+@click.option("--ebpf-fastpath", is_flag=True,
+              help="with --redirect ebpf: short-circuit the loopback hop between a pod's "
+                   "sockets and the agent with sk_msg (sock_ops on the agent's own cgroup, "
+                   "which must not be the root cgroup)")
 @click.option("--no-redirect", is_flag=True,
               help="install no rules; open listeners on workload IPs in this namespace "
                    "(loopback testing and debugging)")
@@ -96,7 +102,7 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
               help="bytes of answers an HBONE peer may leave unread before the agent stops "
                    "reading it")
 def command(
-    config_path: str, node: str, backend: str,
+    config_path: str, node: str, backend: str, ebpf_fastpath: bool,
     no_redirect: bool, cleanup_on_exit: bool, readiness_addr: str, metrics_addr: str,
     admin_addr: str, drain_timeout: float, hbone_port: int,
     outbound_port: int, inbound_port: int, idle_timeout: float, max_conns_per_pod: int,
@@ -105,6 +111,8 @@ def command(
     max_peer_backlog: int, **identity_kwargs: Any,
 ) -> None:
     """Run the node agent: enroll this node's pods and proxy their traffic."""
+    if ebpf_fastpath and backend != "ebpf":
+        raise click.BadParameter("needs --redirect ebpf", param_hint="--ebpf-fastpath")
     identity = IdentitySource.pop(identity_kwargs)
     identity.check()
     options = AgentOptions(
@@ -132,8 +140,17 @@ def command(
     apps: list[AgentApp] = []
     # Node restriction (dev CA) against the agent's live snapshot (the file it enrolls from).
     client, renewer = identity.client(node, lambda: apps[0].env.snapshot())
-    redirector = None if no_redirect else OpsRedirector(backend)
-    app = AgentApp(options, client, redirector, node_renewer=renewer)
+    redirector: OpsRedirector | EbpfRedirector | None = None
+    overrides = None
+    if backend == "ebpf" and not no_redirect:
+        # A missing kernel feature stops start-up with its name.
+        check_ebpf(fastpath=ebpf_fastpath, outbound_port=outbound_port)
+        redirector = EbpfRedirector(lambda: apps[0].env.snapshot(), node,
+                                    fastpath=ebpf_fastpath)
+        overrides = use_map_original_dst
+    elif not no_redirect:
+        redirector = OpsRedirector(backend)
+    app = AgentApp(options, client, redirector, node_renewer=renewer, env_overrides=overrides)
     apps.append(app)
     try:
         import uvloop

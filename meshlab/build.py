@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from linuxns import setns
+from meshlab import cgroups
 from meshlab.capture import Capture
 from meshlab.topology import (
     NETNS_DIR,
@@ -206,7 +207,9 @@ def sweep(prefix_glob: str) -> list[str]:
     """Remove the lab namespaces of every prefix matching ``prefix_glob`` (an exact prefix
     such as ``np3fa9-`` or a glob such as ``np????-``), e.g. leftovers of crashed runs.
     Returns the names removed."""
-    return remove_netns([n for n in list_netns() if is_lab_netns(n, prefix_glob)])
+    removed = remove_netns([n for n in list_netns() if is_lab_netns(n, prefix_glob)])
+    cgroups.sweep(prefix_glob)
+    return removed
 
 
 class Cluster:
@@ -237,6 +240,7 @@ class Cluster:
             )
             for stage in stages[1:]:
                 _run_batches(stage)
+            cgroups.create([p.netns for p in plan.pods])
         except BaseException:
             cluster.destroy()
             raise
@@ -259,8 +263,10 @@ class Cluster:
             write_sysctls([(p.netns_path, _POD_SYSCTLS) for p in added])
             for stage in stages[1:]:
                 _run_batches(stage)
+            cgroups.create([p.netns for p in added])
         except BaseException:
             remove_netns([p.netns for p in added if p.netns in set(list_netns())])
+            cgroups.remove([p.netns for p in added])
             raise
         self.plan = plan
         return added
@@ -270,6 +276,7 @@ class Cluster:
         node-side veths and routes go with their namespaces."""
         pods = [self.plan.pod(n) for n in names]
         remove_netns([p.netns for p in pods])
+        cgroups.remove([p.netns for p in pods])
         self.plan = without_pods(self.plan, [p.name for p in pods])
 
     # -- lookup ---------------------------------------------------------------------------
@@ -314,11 +321,22 @@ class Cluster:
         kw.setdefault("text", True)
         kw.setdefault("timeout", 30)
         kw.setdefault("check", False)
-        return subprocess.run(["ip", "netns", "exec", self._netns(netns), *argv], **kw)
+        ns = self._netns(netns)
+        return subprocess.run(cgroups.wrap(["ip", "netns", "exec", ns, *argv], ns), **kw)
 
-    def popen(self, netns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-        """``subprocess.Popen`` inside ``netns``; the process is killed by :meth:`destroy`."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self._netns(netns), *argv], **kw)
+    def popen(self, netns: str, argv: Sequence[str], *, host_mounts: bool = False,
+              **kw: Any) -> subprocess.Popen[Any]:
+        """``subprocess.Popen`` inside ``netns`` (and, for a pod, inside its cgroup); the
+        process is killed by :meth:`destroy`."""
+        ns = self._netns(netns)
+        if host_mounts:
+            # nsenter keeps this mount namespace (``ip netns exec`` remounts /sys, which
+            # hides bpffs and cgroup2: the eBPF-mode agent needs both).
+            # In its own cgroup when the lab made one for this namespace (the fast path).
+            cmd = cgroups.wrap(["nsenter", f"--net={NETNS_DIR}/{ns}", *argv], ns)
+        else:
+            cmd = cgroups.wrap(["ip", "netns", "exec", ns, *argv], ns)
+        proc = subprocess.Popen(cmd, **kw)
         self._procs.append(proc)
         return proc
 
@@ -450,6 +468,8 @@ class Cluster:
                     stream.close()
         self._procs.clear()
         remove_netns([n for n in list_netns() if is_lab_netns(n, self.prefix)])
+        cgroups.remove([p.netns for p in self.plan.pods])
+        cgroups.sweep(self.prefix)
 
     def __enter__(self) -> Cluster:
         return self

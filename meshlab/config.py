@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from meshlab.cgroups import pod_cgroup
 from meshlab.topology import ClusterPlan, LabError, PodPlan
 
 HBONE_PORT = 15008
@@ -147,6 +148,7 @@ def render_config(
             wl["labels"] = dict(role.labels)
         if role.mesh:
             wl["netns"] = pod.netns_path
+            wl["cgroup"] = pod_cgroup(pod.netns)
         if pod.name in memberships:
             wl["services"] = memberships[pod.name]
         workloads.append(wl)

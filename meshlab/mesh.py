@@ -155,7 +155,7 @@ class Mesh:
              "--state-dir", str(self.workdir / f"state-{node}"),
              "--redirect", self.backend, "--drain-timeout", "1",
              *self.extra_agent_args, *extra],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, host_mounts=self.backend == "ebpf",
         )
         self.agents[node] = proc
         return proc

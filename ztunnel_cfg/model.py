@@ -605,6 +605,8 @@ class Workload(Doc):
     node: NodeName
     protocol: ProtocolField = Protocol.HBONE
     netns: AbsPath | None = None
+    # The pod's cgroup v2 directory: where eBPF capture (--redirect ebpf) attaches.
+    cgroup: AbsPath | None = None
     waypoint: WaypointRef | None = None
     # (("ns/hostname", ((port, target_port), ...)), ...)
     services: WorkloadServices = ()

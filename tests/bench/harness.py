@@ -49,6 +49,7 @@ from meshlab import (
     ClusterSpec,
     PodRole,
     ServiceDef,
+    cgroups,
     dump_config,
     plan_cluster,
     render_config,
@@ -57,6 +58,7 @@ from meshlab.build import write_sysctls
 from tests.bench import httpload
 from tests.bench.errors import BenchError
 from tests.bench.httpload import HttpLoad
+from tests.bench.report import BULK_MAY_FAIL, EBPF_CASES
 
 __all__ = ["BenchError"]  # the package's error family lives in errors.py; harness re-exports
 
@@ -211,7 +213,8 @@ def missing_tools(http_cases: bool = True) -> list[str]:
 # -- config (pure) ----------------------------------------------------------------------------
 
 
-def bench_config(plan: ClusterPlan, *, waypoint: bool) -> dict[str, Any]:
+def bench_config(plan: ClusterPlan, *, waypoint: bool, same_node: bool = False
+                 ) -> dict[str, Any]:
     """The agents' (and the waypoint's) config for ``plan``.  Both variants declare the HTTP
     service with the same VIP and ports, so l4-http1 and waypoint-http1 differ only in the
     waypoint; the pod-IP cases (nodeproxy) use the variant without one, since a service's
@@ -223,7 +226,8 @@ def bench_config(plan: ClusterPlan, *, waypoint: bool) -> dict[str, Any]:
              # own connections to the endpoints.
              WAYPOINT_POD: PodRole(service_account=WAYPOINT_SA, name=WAYPOINT_NAME,
                                    mesh=waypoint),
-             IDLE_POD: PodRole(mesh=False)}
+             # The same-node cases' server (a mesh pod next to A on node1).
+             IDLE_POD: PodRole(service_account=SERVER_SA, mesh=same_node)}
     waypoint_service = f"default/{WAYPOINT_NAME}.default.svc.cluster.local"
     services = [ServiceDef(HTTP_SERVICE, HTTP_VIP, HTTP_SERVICE_PORTS, [SERVER_POD],
                            extra={"waypoint": {"destination": waypoint_service}}
@@ -347,6 +351,8 @@ class Bench:
     py_spy: str = "py-spy"
     servers: list[subprocess.Popen[Any]] = field(default_factory=list)
     waypoint_extra_args: tuple[str, ...] = ()  # appended to `waypoint run` (fault injection)
+    same_node_servers: bool = False  # servers also run in pod n1p2 (same-node cases)
+    fastpath_used: bool = False  # the node-wide eBPF fast path was installed: remove it
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -357,6 +363,7 @@ class Bench:
         plan = plan_cluster(ClusterSpec(prefix, nodes=2, pods_per_node=2))
         log(f"building lab cluster {prefix} (2 nodes x 2 pods)")
         cluster = Cluster.create(plan)
+        bench: Bench | None = None
         try:
             bench = cls(params, workdir, cluster, cluster.pod(CLIENT_POD),
                         cluster.pod(SERVER_POD))
@@ -364,7 +371,13 @@ class Bench:
             yield bench
         finally:
             log(f"tearing down {prefix} (processes and namespaces)")
-            cluster.destroy()
+            try:
+                cluster.destroy()
+            finally:
+                if bench is not None and bench.fastpath_used:
+                    from redirect.ebpf import fastpath
+
+                    fastpath.remove()
 
     @property
     def waypoint_pod(self) -> Any:
@@ -406,8 +419,9 @@ class Bench:
             raise BenchError(f"{what} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
         return proc.stdout
 
-    def start_servers(self) -> None:
-        b = self.server.name
+    def start_servers(self, pod: str | None = None) -> None:
+        """iperf3, echo and HTTP servers in pod B (or ``pod``), pinned to the server CPU."""
+        b = pod or self.server.name
         self.servers.append(self.cluster.popen(
             b, self.pinned("server", ["iperf3", "-s", "-p", str(IPERF_PORT)]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -421,8 +435,8 @@ class Bench:
                                       str(self.params.http_body)]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in (IPERF_PORT, ECHO_PORT, HTTP1_PORT, H2_PORT):
-            self.wait_port(self.server.netns_path, "127.0.0.1", port,
-                           f"server on port {port} in pod B")
+            self.wait_port(self.cluster.pod(b).netns_path, "127.0.0.1", port,
+                           f"server on port {port} in pod {b}")
 
     def wait_port(self, path: str, host: str, port: int, what: str,
                   timeout: float = 10.0) -> None:
@@ -442,12 +456,13 @@ class Bench:
     # -- proxies ----------------------------------------------------------------------------
 
     def start_proxy(self, side: str, netns: str, argv: list[str], name: str, *,
-                    role: str = "", description: str = "") -> Proxy:
+                    role: str = "", description: str = "", host_mounts: bool = False) -> Proxy:
         log_path = self.workdir / f"{name}.log"
         fh = open(log_path, "wb")  # noqa: SIM115 - the child owns it; closed below
         try:
             proc = self.cluster.popen(netns, self.pinned(side, argv), stdout=fh,
-                                      stderr=subprocess.STDOUT, cwd=str(REPO))
+                                      stderr=subprocess.STDOUT, cwd=str(REPO),
+                                      host_mounts=host_mounts)
         finally:
             fh.close()
         proxy = Proxy(side, proc, log_path, role, description)
@@ -514,22 +529,30 @@ class Bench:
         self.wait_port(self.client.netns_path, "127.0.0.1", HAPROXY_A[ports[-1]], "haproxy A")
         self.check_proxies()
 
-    def write_config(self, waypoint: bool) -> Path:
-        cfg = self.workdir / ("cluster-waypoint.yaml" if waypoint else "cluster.yaml")
-        cfg.write_text(dump_config(bench_config(self.cluster.plan, waypoint=waypoint)))
+    def write_config(self, waypoint: bool, same_node: bool = False) -> Path:
+        name = "cluster-waypoint" if waypoint else "cluster-same-node" if same_node else "cluster"
+        cfg = self.workdir / f"{name}.yaml"
+        cfg.write_text(dump_config(bench_config(self.cluster.plan, waypoint=waypoint,
+                                                same_node=same_node)))
         return cfg
 
-    def nodeproxy_setup(self, pki: dict[str, Path], waypoint: bool = False) -> Path:
+    def nodeproxy_setup(self, pki: dict[str, Path], waypoint: bool = False, *,
+                        redirect: str = "iptables", same_node: bool = False,
+                        fastpath: bool = False) -> Path:
         """The two agents and, with ``waypoint``, the waypoint in pod W (server side: CPU 1).
         Returns the config file they run with."""
-        cfg = self.write_config(waypoint)
+        cfg = self.write_config(waypoint, same_node)
+        ebpf = redirect == "ebpf"
+        if fastpath:  # the fast path's sock_ops attaches to the agents' own cgroups
+            cgroups.create([n.netns for n in self.cluster.nodes])
         for side, node in (("server", "node2"), ("client", "node1")):
             self.start_proxy(side, node, [
                 self.nodeproxy_bin(), "run", "--config", str(cfg), "--node", node,
-                "--dev-ca-dir", str(pki["ca_dir"]), "--redirect", "iptables",
+                "--dev-ca-dir", str(pki["ca_dir"]), "--redirect", redirect,
+                *(["--ebpf-fastpath"] if fastpath else []),
                 "--readiness-addr", "127.0.0.1:15021", "--metrics-addr", "127.0.0.1:15020",
                 "--admin-addr", "127.0.0.1:15000", "--drain-timeout", "1",
-            ], f"agent-{node}", description=f"agent on {node}")
+            ], f"agent-{node}", description=f"agent on {node}", host_mounts=ebpf)
         if waypoint:
             pod = self.waypoint_pod
             # Like the agents: the dev CA signs in-process, restricted to the node's
@@ -584,6 +607,8 @@ class Bench:
         """(host, iperf port, echo port) the client in A connects to for ``case``."""
         if case == "haproxy":
             return "127.0.0.1", HAPROXY_A[IPERF_PORT], HAPROXY_A[ECHO_PORT]
+        if case.startswith("same-node"):
+            return self.cluster.pod(IDLE_POD).ip, IPERF_PORT, ECHO_PORT
         return self.server.ip, IPERF_PORT, ECHO_PORT
 
     def run_client(self, what: str, argv: list[str], timeout: float,
@@ -892,9 +917,18 @@ class Bench:
         elif case == "nodeproxy":
             log("nodeproxy: starting agents on node1 (CPU 0) and node2 (CPU 1)")
             self.nodeproxy_setup(pki)
+        elif case in EBPF_CASES:
+            self.ebpf_setup(case, pki)
         metrics, detail, cpu = result["metrics"], result["detail"], result["proxy_cpu_percent"]
         for streams in (1, 4):
-            res, cpu[f"tput{streams}"] = self.iperf(case, streams)
+            try:
+                res, cpu[f"tput{streams}"] = self.iperf(case, streams)
+            except BenchError as exc:
+                if case not in BULK_MAY_FAIL:
+                    raise
+                detail[f"iperf_{streams}"] = {"error": str(exc)}
+                log(f"{case}: iperf3 {streams} stream(s) FAILED (recorded): {exc}")
+                continue
             metrics[f"tput{streams}_gbps"] = res["gbps"]
             detail[f"iperf_{streams}"] = res
             log(f"{case}: iperf3 {streams} stream(s): {res['gbps']:.2f} Gbit/s"
@@ -913,12 +947,32 @@ class Bench:
             raise BenchError(f"no connection succeeded: {res['error_kinds']}")
         if case == "nodeproxy" and self.profile_dir is not None:
             result["profile"] = self.profile_agents(case)
-        if case == "nodeproxy":
+        if case == "nodeproxy" or case in EBPF_CASES:
             opened = self.mesh_connections("node1")
             detail["mesh_connections_opened_node1"] = opened
             if opened <= 0:
                 raise BenchError("agent on node1 counted no connection: traffic was not "
                                  "captured (check the REDIRECT rules in pod A)")
+
+    def ebpf_setup(self, case: str, pki: dict[str, Path]) -> None:
+        """Agents with --redirect ebpf (the rule modes' capture removed from the pods first);
+        same-node cases serve from pod n1p2 (a mesh pod there); the fastpath case also
+        starts the agents with --ebpf-fastpath (each agent in its own cgroup)."""
+        from redirect import ops
+
+        for pod in self.cluster.pods:  # rules of an earlier agent case stay (fail closed)
+            ops.remove(pod.netns_path)
+        same_node = case.startswith("same-node")
+        fastpath = case == "same-node-fastpath"
+        if same_node and not self.same_node_servers:
+            self.start_servers(IDLE_POD)
+            self.same_node_servers = True
+        log(f"{case}: starting agents with --redirect ebpf"
+            f"{' --ebpf-fastpath' if fastpath else ''}"
+            f"{'; server in pod ' + IDLE_POD + ' on node1' if same_node else ''}")
+        self.nodeproxy_setup(pki, redirect="ebpf", same_node=same_node, fastpath=fastpath)
+        if fastpath:
+            self.fastpath_used = True
 
     def run_case(self, case: str, pki: dict[str, Path]) -> dict[str, Any]:
         """Set the case up, take every measurement, tear its proxies down."""

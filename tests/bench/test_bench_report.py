@@ -231,3 +231,33 @@ def test_l4_required_metrics_do_not_apply_to_http_cases() -> None:
     assert "tput1_gbps" not in report.HTTP_REQUIRED["l4-http1"]
     assert "paced_rps" not in report.HTTP_REQUIRED["waypoint-http2"]
     assert "added_p50_us" not in report.HTTP_REQUIRED["waypoint-http1"]  # derived, may be < 0
+
+
+EBPF = {
+    **FULL,
+    "nodeproxy-ebpf": _case(tput1_gbps=2.5, tput4_gbps=5.0, rr_p50_us=200.0, rr_p99_us=900.0,
+                            cps=1500.0),
+    "same-node-ebpf": _case(tput1_gbps=2.0, tput4_gbps=2.0, rr_p50_us=300.0,
+                            rr_p99_us=600.0, cps=500.0),
+    "same-node-fastpath": _case(tput1_gbps=3.0, tput4_gbps=2.0, rr_p50_us=150.0,
+                                rr_p99_us=600.0, cps=500.0),
+}
+
+
+@pytest.mark.parametrize(("case", "ref", "metric", "want"), [
+    ("nodeproxy-ebpf", "nodeproxy", "tput1_gbps", 0.5),
+    ("nodeproxy-ebpf", "nodeproxy", "cps", 1.5),
+    ("nodeproxy-ebpf", "direct", "rr_p50_us", 4.0),
+    ("same-node-fastpath", "same-node-ebpf", "tput1_gbps", 1.5),
+    ("same-node-fastpath", "same-node-ebpf", "rr_p50_us", 0.5),
+])
+def test_ebpf_ratios(case: str, ref: str, metric: str, want: float) -> None:
+    assert report.ratios(EBPF)[case][f"vs_{ref}"][metric] == pytest.approx(want)
+
+
+def test_table_shows_the_ebpf_ratios_only_when_an_ebpf_case_ran() -> None:
+    assert "same-node-fastpath/same-node-ebpf" not in report.table(FULL)
+    text = report.table(EBPF)
+    assert "nodeproxy-ebpf/nodeproxy" in text
+    assert "same-node-fastpath/same-node-ebpf" in text
+    assert "1.50x" in text

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from meshlab import Cluster, ClusterSpec, plan_cluster, random_prefix, sweep
+from meshlab import Cluster, ClusterSpec, cgroups, plan_cluster, random_prefix, sweep
 from meshlab.build import is_lab_netns, list_netns
 
 MakeCluster = Callable[..., Cluster]
@@ -39,5 +39,6 @@ def lab_cluster() -> Iterator[MakeCluster]:
             errors.append(exc)
             sweep(cluster.prefix)
     leftovers = [n for c in made for n in list_netns() if is_lab_netns(n, c.prefix)]
+    leftovers += [p for c in made for p in cgroups.leftovers(c.prefix)]
     assert not errors, f"teardown failed: {errors}"
     assert not leftovers, f"lab namespaces left behind: {leftovers}"

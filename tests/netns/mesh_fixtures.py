@@ -27,16 +27,18 @@ from meshlab import (
     ClusterSpec,
     PodRole,
     ServiceDef,
+    cgroups,
     plan_cluster,
     random_prefix,
     render_config,
     sweep,
 )
 from meshlab.build import is_lab_netns, list_netns
+from meshlab.cgroups import BPF_PINS, pod_cgroup
 from meshlab.mesh import Mesh
 
 NODEPROXY = [sys.executable, "-m", "cli.main"]
-BACKENDS = ["iptables", "nftables"]
+BACKENDS = ["iptables", "nftables", "ebpf"]
 
 # The shared topology: 2 nodes x 3 pods.
 #   n1p1 client (default/client)      n2p1 server (shop/server)
@@ -125,7 +127,32 @@ def netns_state(netns_path: str) -> dict[str, str]:
         text = _NFT_COUNTERS.sub("counter", text)
         state[key] = text.strip() + (f"\n[exit {proc.returncode}: {proc.stderr.strip()}]"
                                      if proc.returncode else "")
+    state.update(ebpf_state(netns_path))
     return state
+
+
+def ebpf_state(netns_path: str) -> dict[str, str]:
+    """What eBPF capture can change for a pod: tc qdiscs and ingress filters of every
+    interface, the fwmark_accept sysctl, the pod's pins and its cgroup's programs."""
+    name = Path(netns_path).name
+    links = _run(["ip", "-n", name, "-o", "link", "show"]).stdout
+    ifaces = sorted(ln.split(":")[1].strip().split("@")[0]
+                    for ln in links.splitlines() if ":" in ln)
+    tc = [_run(["ip", "netns", "exec", name, "tc", "qdisc", "show"]).stdout.strip()]
+    for iface in ifaces:
+        out = _run(["ip", "netns", "exec", name, "tc", "filter", "show", "dev", iface, "ingress"])
+        tc.append(f"{iface}: {out.stdout.strip()}")
+    pins = Path(BPF_PINS) / name
+    cgroup = pod_cgroup(name)
+    progs = _run(["bpftool", "cgroup", "show", cgroup]).stdout.strip() \
+        if Path(cgroup).is_dir() else "(no cgroup)"
+    sysctl = _run(["ip", "netns", "exec", name, "sysctl", "-n", "net.ipv4.tcp_fwmark_accept"])
+    return {
+        "tc": "\n".join(tc),
+        "tcp_fwmark_accept": sysctl.stdout.strip(),
+        "bpf pins": " ".join(sorted(p.name for p in pins.iterdir())) if pins.is_dir() else "",
+        "cgroup programs": progs,
+    }
 
 
 def state_diff(before: Mapping[str, str], after: Mapping[str, str]) -> str:
@@ -281,6 +308,8 @@ def destroy_cluster(cluster: Cluster) -> None:
         raise
     left = [n for n in list_netns() if is_lab_netns(n, cluster.prefix)]
     assert not left, f"lab namespaces left behind: {left}"
+    state = cgroups.leftovers(cluster.prefix)
+    assert not state, f"lab cgroups / eBPF pins left behind: {state}"
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import collections
 import re
 import signal
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -323,6 +324,27 @@ def test_mesh_kill9_fails_closed_and_restart_adopts_rules(env: MeshEnv) -> None:
         verify = redirect_cli("verify", "--netns", env.cluster.pod(p).netns_path,
                               "--backend", env.backend)
         assert verify.returncode == 0, f"redirect verify in {p}: {verify.stdout}{verify.stderr}"
+
+
+# 9b ------------------------------------------------------------------------------------------
+def test_mesh_pod_holds_only_its_backends_capture(env: MeshEnv) -> None:
+    """eBPF mode puts no iptables/nft rules in the pod netns; rule modes no BPF programs."""
+    state = netns_state(env.cluster.pod("n1p1").netns_path)
+    rules = "\n".join(state[k] for k in ("iptables-save", "iptables-legacy-save",
+                                          "nft list ruleset")).lower()
+    if env.backend == "ebpf":
+        assert "nodeproxy" not in rules, rules
+        assert "connect4" in state["bpf pins"], state
+        assert "np_connect4" in state["cgroup programs"], state
+        assert "np_ingress" in state["tc"], state
+        # The agent is in no pod's cgroup, so connect4 never sees its sockets.
+        for node, proc in env.mesh.agents.items():
+            cgroup = Path(f"/proc/{proc.pid}/cgroup").read_text()
+            assert "nodeproxy-lab" not in cgroup, f"agent of {node} is in {cgroup}"
+    else:
+        assert "nodeproxy" in rules, rules
+        assert state["bpf pins"] == "", state
+        assert "np_" not in state["cgroup programs"] + state["tc"], state
 
 
 # 10 ------------------------------------------------------------------------------------------

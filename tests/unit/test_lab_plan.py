@@ -192,6 +192,7 @@ def test_render_config_workloads_services_policies() -> None:
         "node": "node1",
         "protocol": "HBONE",
         "netns": "/var/run/netns/np0000-n1p1",
+        "cgroup": "/sys/fs/cgroup/unified/nodeproxy-lab/np0000-n1p1",
     }
     assert wl["legacy"]["protocol"] == "TCP"
     assert "netns" not in wl["legacy"]  # no agent may enroll a pod outside the mesh

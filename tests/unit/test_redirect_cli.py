@@ -25,10 +25,10 @@ def test_missing_namespace_exits_nonzero_with_message(tmp_path: Path) -> None:
 
 def test_bad_backend_is_rejected_by_click(tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        cli, ["redirect", "install", "--netns", str(tmp_path), "--backend", "ebpf"]
+        cli, ["redirect", "install", "--netns", str(tmp_path), "--backend", "bpfilter"]
     )
     assert result.exit_code == 2
-    assert "ebpf" in result.output
+    assert "bpfilter" in result.output
 
 
 def test_bad_spec_option_is_a_redirect_error(tmp_path: Path) -> None:
@@ -37,3 +37,11 @@ def test_bad_spec_option_is_a_redirect_error(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "invalid exclude_outbound_cidrs entry" in result.output
+
+
+def test_ebpf_install_without_cgroup_is_a_redirect_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["redirect", "install", "--netns", str(tmp_path), "--backend", "ebpf"]
+    )
+    assert result.exit_code == 1
+    assert "no cgroup given" in result.output
