@@ -100,6 +100,13 @@ class TcpStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
+    @property
+    def socket(self) -> socket.socket:
+        """The connection's socket, for socket options and addresses (reads only)."""
+        assert self.transport is not None
+        sock: socket.socket = self.transport.get_extra_info("socket")
+        return sock
+
     def data_received(self, data: bytes) -> None:
         if self._splice is not None:
             self._splice.data(self._side, data)

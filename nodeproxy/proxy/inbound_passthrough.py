@@ -4,25 +4,24 @@ relayed to the pod with the client's source IP."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from typing import TYPE_CHECKING
 
 from nodeproxy.errors import ProxyError
 from nodeproxy.proxy import tunnel
 from nodeproxy.proxy.inbound import raise_if_refused
 from nodeproxy.proxy.tracker import peer_text
-from nodeproxy.sockets import close_with_reset
 from ztunnel_cfg.admission import admit_inbound
 from ztunnel_cfg.authz import ConnectionInfo
 from ztunnel_cfg.errors import NodeproxyError
 
 if TYPE_CHECKING:
     from nodeproxy.proxy.pod import PodProxy
+    from nodeproxy.relay import TcpStream
 
 
-async def serve_inbound_plaintext(pod: PodProxy, sock: socket.socket) -> None:
+async def serve_inbound_plaintext(pod: PodProxy, down: TcpStream) -> None:
     env, tracker = pod.env, pod.tracker
+    sock = down.socket
     peer = peer_text(sock)
     peer_ip = peer.rpartition(":")[0]
     snapshot = env.snapshot()
@@ -41,13 +40,12 @@ async def serve_inbound_plaintext(pod: PodProxy, sock: socket.socket) -> None:
         raise_if_refused(admission)
         upstream = await pod.connect_local(host, port, peer_ip)
         tracker.opened(conn)
-        result = await tunnel.relay_sockets(upstream, sock, env.idle_timeout)
+        result = await tunnel.relay_sockets(upstream, down, env.idle_timeout)
         # up = pod -> client: Istio's sent (the response direction).
         tracker.closed(conn, sent=result.bytes_up, received=result.bytes_down)
     except (NodeproxyError, OSError) as exc:
         tracker.failed(conn, exc)
-        close_with_reset(sock)
+        down.reset()
     finally:
-        with contextlib.suppress(OSError):
-            sock.close()
+        down.close()
         tracker.end(conn)

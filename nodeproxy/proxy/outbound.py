@@ -6,20 +6,18 @@ to anything outside the mesh, refused when the route says so.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 from typing import TYPE_CHECKING
 
 from nodeproxy.errors import ProxyError, RejectedError
 from nodeproxy.proxy import guard, tunnel
 from nodeproxy.proxy.tracker import peer_text
-from nodeproxy.sockets import close_with_reset
 from ztunnel_cfg.errors import NodeproxyError
 from ztunnel_cfg.routing import Route, RouteKind, route
 
 if TYPE_CHECKING:
     from nodeproxy.proxy.pod import PodProxy
+    from nodeproxy.relay import TcpStream
 
 log = logging.getLogger("nodeproxy.proxy")
 
@@ -27,8 +25,9 @@ _PATHS = {RouteKind.WAYPOINT: "waypoint", RouteKind.HBONE: "hbone",
           RouteKind.PASSTHROUGH: "passthrough"}
 
 
-async def serve_outbound(pod: PodProxy, sock: socket.socket) -> None:
+async def serve_outbound(pod: PodProxy, down: TcpStream) -> None:
     env, tracker = pod.env, pod.tracker
+    sock = down.socket
     src_addr = peer_text(sock)
     conn = tracker.begin("outbound", "out", src_addr, "failed")
     conn.src = pod.workload
@@ -53,13 +52,13 @@ async def serve_outbound(pod: PodProxy, sock: socket.socket) -> None:
                                                  timeout=env.connect_timeout)
             tracker.opened(conn)
             conn.path = _PATHS[decision.kind]
-            result = await tunnel.relay_sockets(sock, upstream, env.idle_timeout)
+            result = await tunnel.relay_sockets(down, upstream, env.idle_timeout)
         else:
             stream, lease = await _open_stream(pod, decision, src_addr)
             tracker.opened(conn)
             conn.path = _PATHS[decision.kind]
             try:
-                result = await tunnel.relay_stream(sock, stream, env.idle_timeout)
+                result = await tunnel.relay_stream(down, stream, env.idle_timeout)
             finally:
                 lease.release()
         if result.reset:
@@ -68,11 +67,10 @@ async def serve_outbound(pod: PodProxy, sock: socket.socket) -> None:
         tracker.closed(conn, sent=result.bytes_down, received=result.bytes_up)
     except (NodeproxyError, OSError) as exc:
         tracker.failed(conn, exc)
-        close_with_reset(sock)
+        down.reset()
         log.info("outbound %s failed: %s", conn.conn_id, exc, extra={"component": "outbound"})
     finally:
-        with contextlib.suppress(OSError):
-            sock.close()
+        down.close()
         tracker.end(conn)
 
 

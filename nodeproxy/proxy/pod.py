@@ -9,6 +9,7 @@ the pod's netns and loopback mode (``--no-redirect``) opens them in the agent's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -27,6 +28,7 @@ from nodeproxy.proxy.inbound import serve_connect
 from nodeproxy.proxy.inbound_passthrough import serve_inbound_plaintext
 from nodeproxy.proxy.outbound import serve_outbound
 from nodeproxy.proxy.tracker import ConnectionTracker, LiveConnection, peer_text
+from nodeproxy.relay import TcpStream
 from nodeproxy.sockets import SocketFactory, close_with_reset
 from nodeproxy.tls import ContextCache
 from ztunnel_cfg.errors import NodeproxyError
@@ -35,6 +37,24 @@ from ztunnel_cfg.routing import Route
 from ztunnel_cfg.spiffe import SpiffeId
 
 log = logging.getLogger("nodeproxy.proxy")
+
+Handler = Callable[[TcpStream], Coroutine[None, None, None]]
+LISTEN_BACKLOG = 1024  # as the listener was made (create_server listens again with its own)
+
+
+class AcceptedStream(TcpStream):
+    """A connection accepted by a plaintext listener's server (``loop.create_server``): handed
+    to ``admit`` as soon as it exists; bytes that arrive meanwhile wait in the stream."""
+
+    __slots__ = ("_admit",)
+
+    def __init__(self, admit: Callable[[TcpStream], None]) -> None:
+        super().__init__()
+        self._admit = admit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._admit(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +85,7 @@ class PodProxy:
         self.pool: ConnectionPool[tunnel.ClientConnection] = ConnectionPool(self._connect_pool)
         self._listeners: list[socket.socket] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
+        self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[asyncio.Task[None]] = set()
         self._closing = False
         self._hbone: tunnel.InboundServer | None = None
@@ -90,20 +111,30 @@ class PodProxy:
             flood_limits=limits.flood, max_backlog=limits.max_peer_backlog,
             on_connection_error=self._on_hbone_error,
         )
-        specs: list[tuple[int, Callable[[socket.socket], Coroutine[None, None, None]], str]] = [
+        plaintext: list[tuple[int, Handler, str]] = [
             (ports.outbound, self._outbound, "outbound"),
             (ports.inbound_plaintext, self._inbound_plaintext, "inbound_plaintext"),
-            (ports.inbound_hbone, self._inbound_hbone, "inbound"),
         ]
         loop = asyncio.get_running_loop()
         try:
-            for port, handler, direction in specs:
+            for port, handler, direction in plaintext:
                 lsock = await self.sockets.listener(addr, port)
-                self._listeners.append(lsock)
-                self._accept_tasks.append(loop.create_task(
-                    self._accept_loop(lsock, handler, direction),
-                    name=f"accept:{self.workload.name}:{port}",
-                ))
+                admit = functools.partial(self._admit, handler, direction)
+                try:
+                    server = await loop.create_server(functools.partial(AcceptedStream, admit),
+                                                      sock=lsock, backlog=LISTEN_BACKLOG)
+                except BaseException:
+                    lsock.close()
+                    raise
+                self._servers.append(server)  # it owns the socket from now on
+            # 15008 keeps an accept loop: the handshake limit must refuse a connection before
+            # its TLS handshake starts, and a TLS server starts it before our code sees it.
+            lsock = await self.sockets.listener(addr, ports.inbound_hbone)
+            self._listeners.append(lsock)
+            self._accept_tasks.append(loop.create_task(
+                self._accept_loop(lsock, self._inbound_hbone, "inbound"),
+                name=f"accept:{self.workload.name}:{ports.inbound_hbone}",
+            ))
         except BaseException:
             await self.close(0)
             raise
@@ -118,6 +149,8 @@ class PodProxy:
 
     async def close(self, drain_timeout: float) -> None:
         self._closing = True
+        for server in self._servers:
+            server.close()  # and its listening socket
         for task in self._accept_tasks:
             task.cancel()
         for lsock in self._listeners:
@@ -134,8 +167,31 @@ class PodProxy:
             await asyncio.gather(*self._conns, return_exceptions=True)
         await asyncio.gather(*self._accept_tasks, return_exceptions=True)
         self._accept_tasks.clear()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
         await self.pool.aclose(timeout=max(drain_timeout, 0.5))
         self.sockets.close()
+
+    def _admit(self, handler: Handler, direction: str, stream: TcpStream) -> None:
+        """A connection a plaintext listener accepted: refused over the pod's connection limit,
+        else served by ``handler`` in one task."""
+        limit = self.env.limits.max_connections_per_pod
+        if self._closing or len(self._conns) >= limit:
+            peer = peer_text(stream.socket)
+            stream.reset()
+            if not self._closing:
+                self.tracker.rejected(direction, self._over_limit(limit), peer)
+            return
+        task = asyncio.get_running_loop().create_task(handler(stream))
+        self._conns.add(task)
+        task.add_done_callback(self._conns.discard)
+
+    def _over_limit(self, limit: int) -> RejectedError:
+        return RejectedError(
+            f"{self.workload.key} has {len(self._conns)} connections open through the agent "
+            f"(limit {limit}, --max-conns-per-pod)",
+            reason="pod_connection_limit", status=503, flags="UO")
 
     async def _accept_loop(
         self, lsock: socket.socket,
@@ -154,10 +210,7 @@ class PodProxy:
                 await asyncio.sleep(0.05)
                 continue
             if len(self._conns) >= limit:
-                self._reject(conn, direction, RejectedError(
-                    f"{self.workload.key} has {len(self._conns)} connections open through the "
-                    f"agent (limit {limit}, --max-conns-per-pod)",
-                    reason="pod_connection_limit", status=503, flags="UO"))
+                self._reject(conn, direction, self._over_limit(limit))
                 continue
             conn.setblocking(False)
             task = loop.create_task(handler(conn))
@@ -180,11 +233,11 @@ class PodProxy:
         self.tracker.rejected(direction, exc, peer)
 
     # -- the three listeners' handlers --------------------------------------------------------
-    async def _outbound(self, sock: socket.socket) -> None:
-        await serve_outbound(self, sock)
+    async def _outbound(self, stream: TcpStream) -> None:
+        await serve_outbound(self, stream)
 
-    async def _inbound_plaintext(self, sock: socket.socket) -> None:
-        await serve_inbound_plaintext(self, sock)
+    async def _inbound_plaintext(self, stream: TcpStream) -> None:
+        await serve_inbound_plaintext(self, stream)
 
     # -- inbound HBONE connections (15008) ----------------------------------------------------
     async def _inbound_hbone(self, sock: socket.socket) -> None:

@@ -17,7 +17,7 @@ from nodeproxy.hbone import glue
 from nodeproxy.hbone.events import ConnectRequest
 from nodeproxy.hbone.flood import FloodLimits
 from nodeproxy.pool import Lease
-from nodeproxy.relay import RelayResult, relay, wrap_socket
+from nodeproxy.relay import RelayResult, TcpStream, relay, wrap_socket
 from nodeproxy.sockets import close_with_reset
 from nodeproxy.tls import PeerIdentityError, verify_peer
 from ztunnel_cfg.model import Workload
@@ -158,33 +158,49 @@ def inbound_server(
         on_connection_error=on_connection_error, max_backlog=max_backlog))
 
 
-async def relay_sockets(downstream: socket.socket, upstream: socket.socket,
-                        idle_timeout: float) -> RelayResult:
-    """Relay two sockets; both are closed whatever happens (also on cancellation)."""
+async def relay_sockets(downstream: TcpStream | socket.socket,
+                        upstream: TcpStream | socket.socket, idle_timeout: float) -> RelayResult:
+    """Relay two TCP connections; both are closed whatever happens (also on cancellation)."""
     try:
-        down = await wrap_socket(downstream)
+        down = await _stream_of(downstream)
     except BaseException:
-        close_with_reset(downstream)
-        close_with_reset(upstream)
+        _reset(upstream)
         raise
     try:
-        up = await wrap_socket(upstream)
+        up = await _stream_of(upstream)
     except BaseException:
         down.reset()
-        close_with_reset(upstream)
         raise
     return await relay(down, up, idle_timeout=idle_timeout)
 
 
-async def relay_stream(sock: socket.socket, stream: Stream | ServerStream,
+async def relay_stream(downstream: TcpStream | socket.socket, stream: Stream | ServerStream,
                        idle_timeout: float) -> RelayResult:
-    """Relay a plain socket (downstream) and an HBONE stream (upstream); the socket is closed
-    and the stream ended whatever happens (also on cancellation)."""
+    """Relay a TCP connection (downstream) and an HBONE stream (upstream); the connection is
+    closed and the stream ended whatever happens (also on cancellation)."""
     hbone = stream.stream if isinstance(stream, ServerStream) else stream
     try:
-        tcp = await wrap_socket(sock)
+        tcp = await _stream_of(downstream)
     except BaseException:
-        close_with_reset(sock)
         hbone.reset()
         raise
     return await relay(tcp, hbone, idle_timeout=idle_timeout)
+
+
+async def _stream_of(conn: TcpStream | socket.socket) -> TcpStream:
+    """A connection accepted by a listener's server is a TcpStream already; a dialled socket
+    is attached to the loop here (and reset if that fails)."""
+    if isinstance(conn, TcpStream):
+        return conn
+    try:
+        return await wrap_socket(conn)
+    except BaseException:
+        close_with_reset(conn)
+        raise
+
+
+def _reset(conn: TcpStream | socket.socket) -> None:
+    if isinstance(conn, TcpStream):
+        conn.reset()
+    else:
+        close_with_reset(conn)
