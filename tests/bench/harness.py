@@ -353,6 +353,7 @@ class Bench:
     waypoint_extra_args: tuple[str, ...] = ()  # appended to `waypoint run` (fault injection)
     same_node_servers: bool = False  # servers also run in pod n1p2 (same-node cases)
     fastpath_used: bool = False  # the node-wide eBPF fast path was installed: remove it
+    last_usage: Usage | None = None  # the proxies' usage during the last measure()
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -642,6 +643,7 @@ class Bench:
                              f"{out.stderr.strip()[-400:] or out.stdout[-400:]}") from None
         if out.returncode != 0 or doc.get("error"):
             raise BenchError(f"{what} failed: {doc.get('error') or out.stderr.strip()[-400:]}")
+        self.last_usage = usage
         return doc, usage.cpu_percent()
 
     def iperf(self, case: str, streams: int) -> tuple[dict[str, Any], dict[str, float]]:
@@ -930,16 +932,28 @@ class Bench:
                 log(f"{case}: iperf3 {streams} stream(s) FAILED (recorded): {exc}")
                 continue
             metrics[f"tput{streams}_gbps"] = res["gbps"]
+            if streams == 1:  # CPU per GiB moved, per agent (a regression shows as a number)
+                gib_per_s = res["gbps"] * 1e9 / 8 / 2**30
+                for account, pct in cpu["tput1"].items():
+                    metrics[f"tput1_cpu_s_per_gib_{account}"] = pct / 100 / gib_per_s
             detail[f"iperf_{streams}"] = res
             log(f"{case}: iperf3 {streams} stream(s): {res['gbps']:.2f} Gbit/s"
                 f"{_cpu_text(cpu[f'tput{streams}'])}")
         res, cpu["rr"] = self.rr(case)
         metrics["rr_p50_us"], metrics["rr_p99_us"] = res["p50_us"], res["p99_us"]
+        round_trips = self.params.rr_count + self.params.rr_warmup
+        assert self.last_usage is not None
+        for account, seconds in self.last_usage.cpu_seconds.items():
+            metrics[f"rr_cpu_us_{account}"] = seconds / round_trips * 1e6
         detail["rr"] = res
         log(f"{case}: request/response p50 {res['p50_us']:.0f} us, "
             f"p99 {res['p99_us']:.0f} us{_cpu_text(cpu['rr'])}")
         res, cpu["cps"] = self.cps(case)
         metrics["cps"] = res["per_second"]
+        assert self.last_usage is not None
+        for account, seconds in self.last_usage.cpu_seconds.items():
+            if res["connections"]:
+                metrics[f"cps_cpu_us_{account}"] = seconds / res["connections"] * 1e6
         detail["cps"] = res
         log(f"{case}: {res['per_second']:,.0f} connections/s "
             f"({res['errors']} errors){_cpu_text(cpu['cps'])}")

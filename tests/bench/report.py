@@ -36,6 +36,7 @@ RATIO_PAIRS = (
     ("nodeproxy-ebpf", "direct"), ("nodeproxy-ebpf", "nodeproxy"),
     ("same-node-fastpath", "same-node-ebpf"),
 )
+PROXYLESS = ("direct",)  # cases with no proxy process (no per-proxy CPU figures)
 L4_REFERENCE = "l4-http1"  # the waypoint's added latency is measured over this path
 
 
@@ -45,6 +46,7 @@ class Metric:
     label: str
     unit: str
     higher_is_better: bool
+    per_proxy: bool = False  # measured on the proxies: a case without proxies has none
 
 
 METRICS = (
@@ -53,6 +55,13 @@ METRICS = (
     Metric("rr_p50_us", "100 B req/resp p50", "us", False),
     Metric("rr_p99_us", "100 B req/resp p99", "us", False),
     Metric("cps", "new connections", "conn/s", True),
+    # CPU cost per unit of work, per proxy process (client side: pod A's node; server side).
+    Metric("tput1_cpu_s_per_gib_client", "client proxy CPU per GiB", "CPU s", False, True),
+    Metric("tput1_cpu_s_per_gib_server", "server proxy CPU per GiB", "CPU s", False, True),
+    Metric("rr_cpu_us_client", "client proxy CPU per round trip", "CPU us", False, True),
+    Metric("rr_cpu_us_server", "server proxy CPU per round trip", "CPU us", False, True),
+    Metric("cps_cpu_us_client", "client proxy CPU per connection", "CPU us", False, True),
+    Metric("cps_cpu_us_server", "server proxy CPU per connection", "CPU us", False, True),
 )
 
 
@@ -384,7 +393,8 @@ def check_result_document(doc: Mapping[str, Any]) -> list[str]:
         if not res.get("ok"):
             continue
         required = HTTP_REQUIRED[name] if name in HTTP_REQUIRED else tuple(
-            m.key for m in METRICS if not (name in BULK_MAY_FAIL and m.key.startswith("tput")))
+            m.key for m in METRICS if not (name in BULK_MAY_FAIL and m.key.startswith("tput"))
+            and not (m.per_proxy and name in PROXYLESS))
         for key in required:
             v = res.get("metrics", {}).get(key)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
