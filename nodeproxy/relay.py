@@ -77,8 +77,7 @@ class TcpStream(asyncio.Protocol):
 
     # Slotted: one per open tunnel side (a __dict__ cost ~300 bytes more each).
     __slots__ = ("_buf", "_buffered", "_closed", "_drain_waiter", "_eof", "_lost",
-                 "_read_paused", "_read_waiter", "_side", "_splice", "_write_paused", "closed",
-                 "transport")
+                 "_read_paused", "_read_waiter", "_side", "_splice", "_write_paused", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -94,7 +93,6 @@ class TcpStream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._splice: Splice | None = None
         self._side = 0
-        self.closed = asyncio.get_running_loop().create_future()
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -134,8 +132,6 @@ class TcpStream(asyncio.Protocol):
             self._splice.fail(self._side, f"TCP peer reset: {self._lost}")
         self._wake(self._read_waiter)
         self._wake(self._drain_waiter)
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
