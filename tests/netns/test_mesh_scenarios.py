@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from meshlab import Packet
+from tests.helpers.waiting import wait_until
 from tests.netns.mesh_fixtures import (
     BACKENDS,
     ROLES,
@@ -214,7 +215,9 @@ def test_mesh_authorization_deny_allow_and_live_edit(env: MeshEnv) -> None:
     labels = {"reporter": "destination", "destination_workload": "n2p1", "response_flags": "DENY"}
     delta = metric_value(after, FAILED, **labels) - metric_value(before, FAILED, **labels)
     assert delta == 1, f"{FAILED}{labels} grew by {delta}, not 1\n{env.logs('node2')}"
-    assert "deny-default" in env.mesh.log("node2"), "the deny is not logged with its policy"
+    # The access log is written by a writer thread: the line follows the metric shortly.
+    wait_until(lambda: "deny-default" in env.mesh.log("node2"), 5,
+               "the deny is not logged with its policy")
 
     # Edit the policy in place: Allow for the client's principal.  Same agent processes.
     env.apply_config(env.doc(policies=[ALLOW_CLIENT_TO_SHOP]))
@@ -374,9 +377,7 @@ def test_mesh_broken_config_keeps_last_good(env: MeshEnv) -> None:
         grew = (metric_value(metrics, "nodeproxy_config_reloads_total", result="error")
                 - metric_value(before[node], "nodeproxy_config_reloads_total", result="error"))
         assert grew == 1, f"{node}: reload error counter grew by {grew}"
-        log = env.mesh.log(node)
-        assert re.search(rf"{re.escape(name)}:{bad_line}:\d+: .*bogusTopLevelKey", log), \
-            f"{node} log does not name {name}:{bad_line}\n{env.mesh.log_tail(node)}"
+        _wait_for_log(env, node, rf"{re.escape(name)}:{bad_line}:\d+: .*bogusTopLevelKey")
 
     # Not even YAML.
     env.apply_raw_config("workloads:\n  - name: [unclosed\n")
@@ -393,3 +394,8 @@ def test_mesh_broken_config_keeps_last_good(env: MeshEnv) -> None:
         assert "configErrors" not in env.mesh.config_dump(node)
     assert server.received() == b"still-serving" + b"still-serving-2"
 
+
+def _wait_for_log(env: MeshEnv, node: str, pattern: str) -> None:
+    """The agents' log is written by a writer thread: a line follows its event shortly."""
+    wait_until(lambda: re.search(pattern, env.mesh.log(node)), 5,
+               lambda: f"{node} log has no {pattern!r}\n{env.mesh.log_tail(node)}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.waiting import wait_until
 from tests.netns.mesh_fixtures import (
     NODEPROXY,
     ROLES,
@@ -127,7 +128,8 @@ def test_denied_connection_matches_explain_and_counts_deny(env: MeshEnv) -> None
     assert delta(before, after, FAILED, **labels) == 1
     assert delta(before, after, OPENED, reporter="destination",
                  destination_workload="n2p1") == 0
-    assert "deny-default" in env.mesh.log("node2")
+    wait_until(lambda: "deny-default" in env.mesh.log("node2"), 5,  # the log writer thread
+               lambda: env.mesh.log_tail("node2"))
 
 
 def test_service_vip_reaches_exactly_the_explained_endpoints(env: MeshEnv) -> None:
