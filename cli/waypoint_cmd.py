@@ -11,11 +11,11 @@ from cli.inspect_cmd import admin_option, config_dump, output_option
 from cli.logsetup import background_logging
 from cli.run_cmd import _hostport
 from cli.tables import render, render_table
+from nodeproxy.controlplane.wiring import load_snapshot_any
 from nodeproxy.proxy.limits import Limits
 from nodeproxy.waypoint.app import WaypointApp, WaypointOptions, choose_self
 from nodeproxy.waypoint.proxy import WaypointSettings
 from ztunnel_cfg.errors import NodeproxyError
-from ztunnel_cfg.snapshot import load_snapshot
 
 _LIMITS = Limits()
 _SETTINGS = WaypointSettings()
@@ -93,7 +93,7 @@ def run(config_path: str, name: str, node: str | None, workload: str | None, lis
         max_connections=max_connections,
     )
     # Which node's credentials: the waypoint workload's (checked again once running).
-    _waypoint, me = choose_self(load_snapshot(config_path), options)
+    _waypoint, me = choose_self(load_snapshot_any(config_path), options)
     apps: list[WaypointApp] = []
     client, renewer = identity.client(me.node, lambda: apps[0]._current())
     app = WaypointApp(options, client, node_renewer=renewer)

@@ -16,7 +16,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from nodeproxy.config_source import ConfigSource
+from nodeproxy.controlplane.wiring import AnySource, open_config_source, store_detail, store_summary
 from nodeproxy.hbone import events as hbone_events
 from nodeproxy.hbone.glue import HboneProtocol
 from nodeproxy.http_endpoints import (
@@ -116,7 +116,7 @@ class WaypointApp:
         self._snapshot: Snapshot | None = None
         self.waypoint: WaypointConfig | None = None
         self.workload: Workload | None = None
-        self.config: ConfigSource | None = None
+        self.config: AnySource | None = None
         self.upstreams = Upstreams(self._identity, self.contexts, self.sockets,
                                    connect_timeout=options.settings.connect_timeout)
         self.proxy = WaypointProxy(self._current, self._waypoint, self.upstreams, self.metrics,
@@ -173,7 +173,9 @@ class WaypointApp:
             return "starting"
         if self.config_error is not None:
             return f"config: {self.config_error}"
-        return f"serving {self.options.name} as {self.workload.key if self.workload else '?'}"
+        serving = f"serving {self.options.name} as {self.workload.key if self.workload else '?'}"
+        store = store_detail(self.config)
+        return f"{serving}; {store}" if store else serving
 
     # -- admin --------------------------------------------------------------------------------
     def config_dump(self) -> dict[str, object]:
@@ -187,6 +189,9 @@ class WaypointApp:
         }
         doc.update(self.proxy.dump())
         doc["certificates"] = certificates_document(self.certs)
+        store = store_summary(self.config)
+        if store is not None:
+            doc["configStore"] = store
         if self.config is not None:
             state = self.config.state
             doc["configReloads"] = {"ok": state.ok_count, "failed": state.fail_count}
@@ -204,7 +209,8 @@ class WaypointApp:
     async def run(self) -> None:
         opts = self.options
         check_admin_address(opts.admin_addr[0])
-        self.config = ConfigSource(opts.config, self._on_snapshot, registry=self.metrics.registry)
+        self.config = await open_config_source(opts.config, self._on_snapshot,
+                                               registry=self.metrics.registry)
         if self.workload is None:
             self.config.stop()
             await self.config.run()  # returns at once; closes the file watch

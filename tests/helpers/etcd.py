@@ -183,7 +183,7 @@ def cluster(root: Path, hosts: Sequence[str], netns: Sequence[str | None] | None
     return EtcdCluster(members, pki)
 
 
-def setup_auth(c: EtcdCluster, nodes: Sequence[str]) -> None:
+def setup_auth(c: EtcdCluster, nodes: Sequence[str], readers: Sequence[str] = ("ca",)) -> None:
     """The roles of docs/control-plane.md: admin writes config, each node reads it and writes
     its own registration key; then auth on (client-certificate CN = user)."""
     run = c.etcdctl
@@ -203,4 +203,7 @@ def setup_auth(c: EtcdCluster, nodes: Sequence[str]) -> None:
         run(["user", "add", node, "--no-password"])
         run(["user", "grant-role", node, "nodeproxy-reader"])
         run(["user", "grant-role", node, f"nodeproxy-node-{node}"])
+    for reader in readers:  # e.g. the CA service: placement only
+        run(["user", "add", reader, "--no-password"])
+        run(["user", "grant-role", reader, "nodeproxy-reader"])
     run(["auth", "enable"])
