@@ -19,7 +19,14 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from nodeproxy.agent import Agent, PodProxy, Redirector
-from nodeproxy.controlplane.wiring import AnySource, open_config_source, store_detail, store_summary
+from nodeproxy.controlplane.registration import Registrar
+from nodeproxy.controlplane.wiring import (
+    AnySource,
+    open_config_source,
+    registrar_for,
+    store_detail,
+    store_summary,
+)
 from nodeproxy.http_endpoints import (
     AdminHooks,
     HttpEndpoints,
@@ -120,6 +127,7 @@ class AgentApp:
         self.started = asyncio.Event()
         self._http = HttpEndpoints()
         self.config: AnySource | None = None
+        self.registrar: Registrar | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.notifier = notifier or Notifier()  # no-op unless run by systemd (NOTIFY_SOCKET)
         self.memory = MemoryReleaser(self._open_connection_count, glibc_trim())
@@ -261,6 +269,10 @@ class AgentApp:
         memory = loop.create_task(self._memory_loop(), name="memory-release")
         renewal = (loop.create_task(self.node_renewer.run(), name="node-cert-renewal")
                    if self.node_renewer is not None else None)
+        self.registrar = registrar_for(self.config, opts.node, "agent", _version(),
+                                       lambda: tuple(sorted(self.agent.pods)))
+        registration = (loop.create_task(self.registrar.run(), name="registration")
+                        if self.registrar is not None else None)
         sd_stop = asyncio.Event()
         sd_tasks = [
             loop.create_task(supervise(self.notifier, self._sd_ready,
@@ -292,6 +304,9 @@ class AgentApp:
                 with contextlib.suppress(BaseException):
                     await task
             await self.agent.shutdown()
+            if self.registrar is not None and registration is not None:
+                self.registrar.stop()  # leave the fleet (lease revoked)
+                await registration
             watcher.cancel()
             await asyncio.gather(watcher, retry, memory, *([renewal] if renewal else []),
                                  return_exceptions=True)

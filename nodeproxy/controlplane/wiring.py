@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from nodeproxy.config_source import ConfigSource
 from nodeproxy.controlplane.endpoint import is_store_url, parse_store_url
+from nodeproxy.controlplane.registration import Registrar, Registration
 from nodeproxy.controlplane.source import StoreConfigSource
 from ztunnel_cfg.snapshot import Snapshot
 
@@ -86,3 +87,20 @@ class StoreSnapshots:
         self.last_error = "; ".join(str(i) for i in state.last_error.issues) \
             if state.last_error else None
         return self.source.snapshot
+
+
+def registrar_for(source: AnySource | None, name: str, kind: str, version: str,
+                  enrolled: Callable[[], tuple[str, ...]]) -> Registrar | None:
+    """A fleet registration for a daemon whose config comes from the store (else None)."""
+    if not isinstance(source, StoreConfigSource):
+        return None
+
+    def info() -> Registration:
+        status = source.status
+        return Registration(name=name, kind=kind, version=version,
+                            config_revision=status.revision, enrolled=enrolled(),
+                            stale=status.stale())
+
+    registrar = Registrar(source.spec, info)
+    source.listeners.append(registrar.poke)
+    return registrar

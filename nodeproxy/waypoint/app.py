@@ -15,8 +15,15 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 
-from nodeproxy.controlplane.wiring import AnySource, open_config_source, store_detail, store_summary
+from nodeproxy.controlplane.wiring import (
+    AnySource,
+    open_config_source,
+    registrar_for,
+    store_detail,
+    store_summary,
+)
 from nodeproxy.hbone import events as hbone_events
 from nodeproxy.hbone.glue import HboneProtocol
 from nodeproxy.http_endpoints import (
@@ -98,6 +105,13 @@ def choose_self(snapshot: Snapshot, options: WaypointOptions) -> tuple[WaypointC
             "list the waypoint's workload with services: {" + waypoint.service + ": ...}, "
             "and pick it with --node or --workload")
     return waypoint, members[0]
+
+
+def _package_version() -> str:
+    try:
+        return version("nodeproxy")
+    except PackageNotFoundError:
+        return "0.0.0+source"
 
 
 class WaypointApp:
@@ -233,6 +247,10 @@ class WaypointApp:
         watcher = loop.create_task(self.config.run(), name="config-watch")
         renewal = (loop.create_task(self.node_renewer.run(), name="node-cert-renewal")
                    if self.node_renewer is not None else None)
+        registrar = registrar_for(self.config, opts.name, "waypoint", _package_version(),
+                                  tuple)
+        registration = (loop.create_task(registrar.run(), name="registration")
+                        if registrar is not None else None)
         sd_stop = asyncio.Event()
         sd_tasks = [
             loop.create_task(supervise(self.notifier, lambda: self.ready, self.readiness_detail,
@@ -280,6 +298,9 @@ class WaypointApp:
             await self.upstreams.aclose(timeout=max(opts.drain_timeout, 0.5))
             if renewal is not None:
                 renewal.cancel()
+            if registrar is not None and registration is not None:
+                registrar.stop()  # leave the fleet (lease revoked)
+                await registration
             watcher.cancel()
             await asyncio.gather(watcher, *([renewal] if renewal else []),
                                  return_exceptions=True)

@@ -259,3 +259,35 @@ async def test_a_compacted_watch_relists(store: EtcdCluster, tmp_path: Path) -> 
     finally:
         source.stop()
         await runner
+
+
+async def nodes(store: EtcdCluster, *extra: str) -> tuple[int, dict[str, object]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "nodes", "--store", store.url("admin"), "-o", "json",
+        *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    assert out, err.decode()
+    return proc.returncode, json.loads(out)
+
+
+async def test_agents_register_and_nodes_shows_convergence(
+        store: EtcdCluster, tmp_path: Path) -> None:
+    await apply(store, tmp_path, CONFIG)
+    async with running(tmp_path, store) as mesh:
+        code, fleet = await nodes(store, "--wait", "20", "--expect", "2")
+        assert code == 0, fleet
+        members = {m["name"]: m for m in fleet["members"]}  # type: ignore[attr-defined]
+        assert set(members) == {"node1", "node2"}
+        assert members["node1"]["enrolled"] == ["c1//Pod/default/client",
+                                                "c1//Pod/legacy/intruder"]
+        assert members["node2"]["configRevision"] == fleet["latestRevision"]
+        assert all(m["kind"] == "agent" and m["converged"] for m in members.values())
+        await apply(store, tmp_path, CONFIG.split("policies:")[0])
+        code, after = await nodes(store, "--wait", "20", "--expect", "2")
+        assert code == 0, after
+        assert after["latestRevision"] > fleet["latestRevision"]  # type: ignore[operator]
+        assert mesh.apps["node1"].registrar is not None
+    # A clean stop revokes the leases: the fleet is empty at once.
+    code, gone = await nodes(store)
+    assert gone["members"] == []
