@@ -34,7 +34,14 @@ from ztunnel_cfg.model import (
     describe,
 )
 
-__all__ = ["LoadResult", "load_config_file", "load_config_text", "locate", "validate_config_text"]
+__all__ = [
+    "LoadResult",
+    "load_config_file",
+    "load_config_text",
+    "locate",
+    "validate_config_data",
+    "validate_config_text",
+]
 
 # libyaml's composer is ~10x faster than the pure-Python one; nodes carry marks too.
 _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -885,6 +892,38 @@ def validate_config_text(text: str | bytes, filename: str = "<string>") -> LoadR
         raise ConfigError(sorted(doc.issues, key=lambda i: (i.line or 1 << 30, i.column or 0)))
     warnings = sorted(doc.warnings, key=lambda i: (i.line or 1 << 30, i.column or 0))
     return LoadResult(config, tuple(warnings))
+
+
+class _Unclean(Exception):
+    """The fast path met an issue or a warning: the caller takes the located path."""
+
+
+class _FastDoc(_Doc):
+    """A document without YAML nodes: any issue aborts (no position to report it at)."""
+
+    def issue(self, node: yaml.Node | None, path: str, message: str) -> ConfigIssue:
+        raise _Unclean(message)
+
+
+def validate_config_data(data: dict[str, Any]) -> LoadResult | None:
+    """Validate plain data (e.g. JSON) with the same schema and cross-reference checks as
+    :func:`validate_config_text`, without composing YAML (several times faster); ``None``
+    when anything is wrong or worth a warning: the caller then validates the text form,
+    which locates every issue."""
+    if data.get("workloads") is None:
+        return None
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        config = _validate(data)
+        doc = _FastDoc("<data>", yaml.MappingNode("tag:yaml.org,2002:map", []))
+        _Checker(doc, config, set(), {}).run()
+    except (ValidationError, _Unclean):
+        return None
+    finally:
+        if was_enabled:
+            gc.enable()
+    return LoadResult(config, ())
 
 
 def load_config_text(text: str | bytes, filename: str = "<string>") -> Config:

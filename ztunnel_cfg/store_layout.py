@@ -27,7 +27,7 @@ import yaml
 
 from ztunnel_cfg.dump import config_to_document
 from ztunnel_cfg.errors import ConfigError, ConfigIssue
-from ztunnel_cfg.loader import LoadResult, validate_config_text
+from ztunnel_cfg.loader import LoadResult, validate_config_data, validate_config_text
 from ztunnel_cfg.model import Config
 
 __all__ = [
@@ -106,6 +106,9 @@ def encode(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
+_NOT_JSON = object()
+
+
 def decode_value(key: str, raw: bytes) -> Item | ConfigIssue:
     """A stored value as an item, or the issue (naming the key) that makes it unreadable."""
     try:
@@ -113,7 +116,12 @@ def decode_value(key: str, raw: bytes) -> Item | ConfigIssue:
     except ValueError as exc:
         return ConfigIssue(key, None, None, "", f"bad key: {exc}")
     try:
-        data = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+        data = json.loads(raw)  # what apply writes; YAML (a hand-made edit) otherwise
+    except ValueError:
+        data = _NOT_JSON
+    try:
+        if data is _NOT_JSON:
+            data = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
         mark = getattr(exc, "problem_mark", None)
         return ConfigIssue(key, mark.line + 1 if mark else None, mark.column + 1 if mark else None,
@@ -213,6 +221,16 @@ def join_resources(items: Iterable[Item]) -> LoadResult:
                                   "workloads\"; apply a config with `nodeproxy config apply`)"))
     if issues:
         raise ConfigError(issues)
+    # Fast path: the data as it is; on any issue, the text below locates it.
+    fast: dict[str, Any] = {"workloads": []}
+    if trust is not None:
+        fast["trustDomain"] = trust.data.get("trustDomain")
+    for section, members in by_section.items():
+        if members:
+            fast[section] = [item.data for item in sorted(members, key=lambda i: i.key)]
+    result = validate_config_data(fast)
+    if result is not None:
+        return result
     # One resource per line: line n of the text maps to rows[n].
     lines: list[str] = []
     rows: list[tuple[Item, str, int] | None] = []

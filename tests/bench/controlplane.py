@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=5, help="policy changes timed per size")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    # SIGTERM runs the clean-up (agents, etcd, data dirs) like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     for n in (int(x) for x in args.workloads.split(",")):
         result = run_size(n, args.idle, args.changes)

@@ -94,3 +94,22 @@ def test_diff() -> None:
                        {"a": b'{ "x": 1 }', "b": b"3", "d": b"4"})
     assert (d.added, d.changed, d.removed) == (("d",), ("b",), ("c",))
     assert d.summary() == "1 added, 1 changed, 1 removed"
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "l7.yaml"])
+def test_the_fast_path_agrees_with_the_located_one(name: str) -> None:
+    import yaml
+
+    from ztunnel_cfg.loader import validate_config_data, validate_config_text
+
+    text = (EXAMPLES / name).read_text()
+    fast = validate_config_data(yaml.safe_load(text))
+    assert fast is not None
+    assert config_to_document(fast.config) == config_to_document(
+        validate_config_text(text).config)
+    broken = yaml.safe_load(text)
+    broken["workloads"][0]["workloadIps"] = ["nope"]
+    assert validate_config_data(broken) is None  # the caller then locates the issue
+    dup = yaml.safe_load(text)
+    dup["workloads"].append(dict(dup["workloads"][0]))
+    assert validate_config_data(dup) is None  # cross-reference issues too
