@@ -27,13 +27,20 @@ import yaml
 
 from ztunnel_cfg.dump import config_to_document
 from ztunnel_cfg.errors import ConfigError, ConfigIssue
-from ztunnel_cfg.loader import LoadResult, validate_config_data, validate_config_text
-from ztunnel_cfg.model import Config
+from ztunnel_cfg.loader import (
+    LoadResult,
+    validate_config_data,
+    validate_config_entries,
+    validate_config_text,
+    validate_entry,
+)
+from ztunnel_cfg.model import Config, Doc
 
 __all__ = [
     "CONFIG_PREFIX",
     "KINDS",
     "ConfigDiff",
+    "EntryCache",
     "Item",
     "ResourceKey",
     "config_to_resources",
@@ -190,7 +197,48 @@ def config_to_resources(config: Config) -> dict[str, bytes]:
 _INDEXED = re.compile(r"\b(" + "|".join(map(re.escape, _SECTION_KIND)) + r")\[(\d+)\]")
 
 
-def join_resources(items: Iterable[Item]) -> LoadResult:
+class EntryCache:
+    """Entries validated one by one, kept while their item is the same object (a watcher
+    decodes each changed value once), so a rebuild re-validates only what changed."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Any, str | None, Doc]] = {}
+
+    def entry(self, item: Item, section: str, trust_domain: str | None) -> Doc | None:
+        cached = self._entries.get(item.key)
+        if cached is not None and cached[0] is item.data and cached[1] == trust_domain:
+            return cached[2]
+        entry = validate_entry(section, item.data, trust_domain)
+        if entry is not None:
+            self._entries[item.key] = (item.data, trust_domain, entry)
+        return entry
+
+    def keep_only(self, keys: Iterable[str]) -> None:
+        wanted = set(keys)
+        for key in [k for k in self._entries if k not in wanted]:
+            del self._entries[key]
+
+
+def _from_entries(by_section: Mapping[str, list[Item]], trust: Item | None,
+                  cache: EntryCache) -> LoadResult | None:
+    td = trust.data.get("trustDomain") if trust is not None else None
+    if td is not None and not isinstance(td, str):
+        return None
+    sections: dict[str, list[Doc]] = {}
+    for section, members in by_section.items():
+        entries = []
+        for item in sorted(members, key=lambda i: i.key):
+            entry = cache.entry(item, section, td)
+            if entry is None:
+                return None
+            entries.append(entry)
+        if entries:
+            sections[section] = entries
+    cache.keep_only(item.key for members in by_section.values() for item in members)
+    return validate_config_entries(sections, td)
+
+
+def join_resources(items: Iterable[Item], cache: EntryCache | None = None) -> LoadResult:
     """Validate resources together (schema + cross references) into one :class:`Config`.
 
     Raises :class:`ConfigError` whose issues name each offending resource's key (and file:line
@@ -221,7 +269,12 @@ def join_resources(items: Iterable[Item]) -> LoadResult:
                                   "workloads\"; apply a config with `nodeproxy config apply`)"))
     if issues:
         raise ConfigError(issues)
-    # Fast path: the data as it is; on any issue, the text below locates it.
+    # Fast paths: entries validated one by one (cached), or the data as it is; on any issue,
+    # the text below locates it.
+    if cache is not None:
+        joined = _from_entries(by_section, trust, cache)
+        if joined is not None:
+            return joined
     fast: dict[str, Any] = {"workloads": []}
     if trust is not None:
         fast["trustDomain"] = trust.data.get("trustDomain")

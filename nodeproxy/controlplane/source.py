@@ -35,7 +35,13 @@ from nodeproxy.controlplane.store import list_config
 from ztunnel_cfg.errors import ConfigError, ConfigIssue
 from ztunnel_cfg.reload import ReloadState
 from ztunnel_cfg.snapshot import Snapshot
-from ztunnel_cfg.store_layout import CONFIG_PREFIX, Item, decode_value, join_resources
+from ztunnel_cfg.store_layout import (
+    CONFIG_PREFIX,
+    EntryCache,
+    Item,
+    decode_value,
+    join_resources,
+)
 
 log = logging.getLogger("nodeproxy.config")
 _EXTRA = {"component": "config"}
@@ -112,7 +118,9 @@ class StoreConfigSource:
         self._on_snapshot = on_snapshot
         self._clock = clock
         self._client_factory = client_factory
-        self._builder = builder or (lambda items: Snapshot.build(join_resources(items).config))
+        cache = EntryCache()  # used by one rebuild at a time
+        self._builder = builder or (
+            lambda items: Snapshot.build(join_resources(items, cache).config))
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
         self._probe_interval, self._probe_timeout = probe_interval, probe_timeout
         self._debounce = debounce

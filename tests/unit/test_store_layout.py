@@ -113,3 +113,23 @@ def test_the_fast_path_agrees_with_the_located_one(name: str) -> None:
     dup = yaml.safe_load(text)
     dup["workloads"].append(dict(dup["workloads"][0]))
     assert validate_config_data(dup) is None  # cross-reference issues too
+
+
+def test_the_entry_cache_revalidates_only_what_changed() -> None:
+    from ztunnel_cfg.store_layout import EntryCache
+
+    resources = config_to_resources(load_config_file(EXAMPLES / "l7.yaml"))
+    items = _items(resources)
+    cache = EntryCache()
+    first = join_resources(items, cache).config
+    assert config_to_document(first) == config_to_document(join_resources(items).config)
+    again = join_resources(items, cache).config
+    assert again.workloads[0] is first.workloads[0]  # reused, not validated again
+    # A changed value is validated (and a bad one still reported against its key).
+    key = "/nodeproxy/v1/workloads/bookinfo/productpage-0"
+    bad = json.loads(resources[key])
+    bad["workloadIps"] = ["nope"]
+    changed = [i if i.key != key else Item(key, bad, key) for i in items]
+    with pytest.raises(ConfigError) as err:
+        join_resources(changed, cache)
+    assert err.value.issues[0].file == key
