@@ -28,7 +28,8 @@ def command() -> None:
 
 @command.command(name="run")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="cluster config YAML, the same file the agents use (watched)")
+              help="cluster config YAML, the same file the agents use (watched), or the "
+                   "agents' etcd:// store (docs/control-plane.md)")
 @click.option("--name", required=True, metavar="NS/NAME",
               help="which entry of 'waypoints:' this process is")
 @click.option("--node", help="this node's name; picks the waypoint's workload on this node "
