@@ -291,3 +291,13 @@ async def test_agents_register_and_nodes_shows_convergence(
     # A clean stop revokes the leases: the fleet is empty at once.
     code, gone = await nodes(store)
     assert gone["members"] == []
+
+
+async def test_fetch_snapshot_reads_the_store_once(store: EtcdCluster, tmp_path: Path) -> None:
+    """What `waypoint run` uses to pick its workload before its loop starts."""
+    from nodeproxy.controlplane.wiring import fetch_snapshot
+
+    await apply(store, tmp_path, CONFIG)
+    snapshot = await fetch_snapshot(store.url("node1"))
+    assert {w.name for w in snapshot.config.workloads} == {"client", "intruder", "server"}
+    assert [p.name for p in snapshot.config.policies] == ["deny-legacy"]
