@@ -54,5 +54,6 @@ if [ ! -e /var/lib/npv-etcd/roles-done ]; then
   touch /var/lib/npv-etcd/roles-done
 fi
 store="etcd://127.0.0.1:2379?ca=$e/ca.pem&cert=$e/user-admin.pem&key=$e/user-admin-key.pem&server-name=etcd"
-echo "NODEPROXY_STORE=$store" > $e/admin.env
+# Quoted: an unquoted & in the URL would end the assignment when the file is sourced.
+printf "NODEPROXY_STORE='%s'\n" "$store" > $e/admin.env
 NODEPROXY_STORE=$store /opt/nodeproxy/venv/bin/nodeproxy config apply /etc/nodeproxy/config.yaml
