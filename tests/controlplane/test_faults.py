@@ -57,6 +57,8 @@ async def test_one_member_down_agents_continue_and_changes_apply(
     async with running(tmp_path, store3) as mesh:
         before = {n: mesh.source(n).status.revision for n in mesh.apps}
         store3.kill(store3.members[0])
+        # If it was the leader, the other two elect one first (a linearizable read passes).
+        store3.wait_healthy(store3.members[1:])
         await apply(store3, tmp_path, NO_POLICY)  # 2 of 3: quorum
         await eventually(lambda: all(mesh.source(n).status.revision > before[n]
                                      and not mesh.source(n).status.stale() for n in mesh.apps),
@@ -77,6 +79,7 @@ async def test_all_down_keeps_serving_then_resyncs_changes_made_meanwhile(
         store3.stop(m0)  # the agents' only endpoint: they are cut off
         await eventually(lambda: all(mesh.source(n).status.stale() for n in mesh.apps), 20,
                          "agents noticed")
+        store3.wait_healthy([m1, m2])  # a leader among the two
         await apply(store3, tmp_path, NO_POLICY)  # lands on m1 + m2 while the agents are away
         assert await mesh.talk("127.0.141.2", SERVER) == b""  # last good: still denied
         store3.stop(m1)
