@@ -114,8 +114,15 @@ class Store:
         await self.client.close()
 
     def _error(self, exc: BaseException) -> StoreError:
-        return StoreError(f"etcd at {self.spec}: {describe(exc)}",
-                          hint="is etcd running and reachable, and are the TLS files right?")
+        text = describe(exc)
+        if "permission denied" in text or "PERMISSION_DENIED" in text:
+            hint = ("the client certificate's user (its CN) has no role for this: see the "
+                    "roles in docs/control-plane.md")
+        elif "UNAUTHENTICATED" in text or "authentication" in text:
+            hint = "etcd has auth on: connect with a client certificate (cert=, key=)"
+        else:
+            hint = "is etcd running and reachable, and are the TLS files right?"
+        return StoreError(f"etcd at {self.spec}: {text}", hint=hint)
 
     async def listing(self) -> Listing:
         try:
