@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nodeproxy-installed
 APT_PACKAGES := iptables nftables iproute2 tcpdump openssl socat procps psmisc haproxy iperf3 util-linux \
-	python3-bpfcc curl nghttp2-client wrk linux-headers-amd64 bpftool
+	python3-bpfcc curl nghttp2-client wrk linux-headers-amd64 bpftool etcd-server etcd-client
 # Debian's bcc is exposed to the venv alone (a .pth naming a directory that holds only a `bcc`
 # symlink), never the rest of Debian's dist-packages.
 BCC_DIR := $(VENV)/debian-bcc

@@ -6,10 +6,13 @@ import asyncio
 import re
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from nodeproxy.controlplane.endpoint import is_store_url
+from nodeproxy.controlplane.wiring import StoreSnapshots
 from nodeproxy.errors import IdentityError
 from nodeproxy.identity.ca import (
     DEFAULT_NODE_LIFETIME,
@@ -143,9 +146,16 @@ def issue_node_cmd(
     )
 
 
+def _config_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if is_store_url(value) or Path(value).is_file():
+        return value
+    raise click.BadParameter(f"{value!r} is neither a file nor an etcd:// URL")
+
+
 @command.command("serve")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--config", "config", required=True, callback=_config_arg,
+              help="config FILE, or etcd://HOST:PORT[,...][?ca=&cert=&key=] (node placement)")
 @click.option("--listen", default="0.0.0.0:15012", show_default=True, help="ADDR:PORT")
 @_duration_option(DEFAULT_SVID_LIFETIME)
 @click.option("--node-lifetime", default="30d", show_default=True,
@@ -159,6 +169,23 @@ def serve_cmd(
 
     ca = CertificateAuthority.load(directory)
     host, port = ca_service.parse_listen(listen)
-    snapshots = ca_service.SnapshotFile(config)
-    asyncio.run(ca_service.serve(ca, snapshots, host, port, lifetime=lifetime,
-                                 node_lifetime=node_lifetime))
+    if not is_store_url(config):
+        snapshots = ca_service.SnapshotFile(config)
+        asyncio.run(ca_service.serve(ca, snapshots, host, port, lifetime=lifetime,
+                                     node_lifetime=node_lifetime))
+        return
+
+    async def from_store() -> None:
+        # Placement (which workload runs on which node) from the store, kept current by a
+        # watch; the last good snapshot stays in force while the store is unreachable.
+        placement = StoreSnapshots(config)
+        await placement.start()
+        watch = asyncio.ensure_future(placement.run())
+        try:
+            await ca_service.serve(ca, placement, host, port, lifetime=lifetime,
+                                   node_lifetime=node_lifetime)
+        finally:
+            placement.stop()
+            await watch
+
+    asyncio.run(from_store())

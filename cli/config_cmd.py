@@ -150,3 +150,13 @@ def show(file: str, fmt: str) -> None:
 def schema() -> None:
     """Print the JSON Schema of config files (for editors; docs/config.schema.json)."""
     click.echo(config_json_schema_text(), nl=False)
+
+
+def _register_store_commands() -> None:
+    from cli import config_store
+
+    for cmd in config_store.commands:
+        command.add_command(cmd)
+
+
+_register_store_commands()

@@ -58,7 +58,7 @@ def _register() -> None:
     for module in (config_cmd, ca_cmd):
         cli.add_command(module.command)
     for name in ("redirect_cmd", "hbone_cmd", "run_cmd", "demo_cmd", "inspect_cmd",
-                 "explain_cmd", "install_cmd", "waypoint_cmd"):
+                 "explain_cmd", "install_cmd", "waypoint_cmd", "nodes_cmd"):
         try:
             module = __import__(f"cli.{name}", fromlist=["command"])
         except ModuleNotFoundError as exc:

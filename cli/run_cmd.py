@@ -48,7 +48,8 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
 
 @click.command(name="run")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="cluster config YAML (watched; SIGHUP forces a reload)")
+              help="cluster config YAML (watched; SIGHUP forces a reload), or "
+                   "etcd://HOST:PORT[,...][?ca=&cert=&key=] (list + watch; docs/control-plane.md)")
 @click.option("--node", required=True, help="this node's name (workloads with node: NAME)")
 @identity_options
 @click.option("--redirect", "backend", type=click.Choice(["iptables", "nftables", "ebpf"]),

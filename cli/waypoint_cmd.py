@@ -11,11 +11,11 @@ from cli.inspect_cmd import admin_option, config_dump, output_option
 from cli.logsetup import background_logging
 from cli.run_cmd import _hostport
 from cli.tables import render, render_table
+from nodeproxy.controlplane.wiring import load_snapshot_any
 from nodeproxy.proxy.limits import Limits
 from nodeproxy.waypoint.app import WaypointApp, WaypointOptions, choose_self
 from nodeproxy.waypoint.proxy import WaypointSettings
 from ztunnel_cfg.errors import NodeproxyError
-from ztunnel_cfg.snapshot import load_snapshot
 
 _LIMITS = Limits()
 _SETTINGS = WaypointSettings()
@@ -28,7 +28,8 @@ def command() -> None:
 
 @command.command(name="run")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="cluster config YAML, the same file the agents use (watched)")
+              help="cluster config YAML, the same file the agents use (watched), or the "
+                   "agents' etcd:// store (docs/control-plane.md)")
 @click.option("--name", required=True, metavar="NS/NAME",
               help="which entry of 'waypoints:' this process is")
 @click.option("--node", help="this node's name; picks the waypoint's workload on this node "
@@ -93,7 +94,7 @@ def run(config_path: str, name: str, node: str | None, workload: str | None, lis
         max_connections=max_connections,
     )
     # Which node's credentials: the waypoint workload's (checked again once running).
-    _waypoint, me = choose_self(load_snapshot(config_path), options)
+    _waypoint, me = choose_self(load_snapshot_any(config_path), options)
     apps: list[WaypointApp] = []
     client, renewer = identity.client(me.node, lambda: apps[0]._current())
     app = WaypointApp(options, client, node_renewer=renewer)

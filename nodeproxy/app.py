@@ -19,7 +19,14 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from nodeproxy.agent import Agent, PodProxy, Redirector
-from nodeproxy.config_source import ConfigSource
+from nodeproxy.controlplane.registration import Registrar
+from nodeproxy.controlplane.wiring import (
+    AnySource,
+    open_config_source,
+    registrar_for,
+    store_detail,
+    store_summary,
+)
 from nodeproxy.http_endpoints import (
     AdminHooks,
     HttpEndpoints,
@@ -119,7 +126,8 @@ class AgentApp:
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
         self._http = HttpEndpoints()
-        self.config: ConfigSource | None = None
+        self.config: AnySource | None = None
+        self.registrar: Registrar | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.notifier = notifier or Notifier()  # no-op unless run by systemd (NOTIFY_SOCKET)
         self.memory = MemoryReleaser(self._open_connection_count, glibc_trim())
@@ -201,12 +209,27 @@ class AgentApp:
                 "failures": self.node_renewer.failures,
                 "last_error": self.node_renewer.last_error,
             }
+        store = store_summary(self.config)
+        if store is not None:
+            doc["configStore"] = store
         if self.config is not None:
             state = self.config.state
             doc["configReloads"] = {"ok": state.ok_count, "failed": state.fail_count}
             if state.last_error is not None:
                 doc["configErrors"] = [str(issue) for issue in state.last_error.issues]
         return doc
+
+    def readiness_detail(self) -> str:
+        store = store_detail(self.config)
+        detail = self.agent.readiness_detail()
+        return f"{detail}; {store}" if store else detail
+
+    def readiness_summary(self) -> str:
+        store = store_detail(self.config)
+        summary = self.agent.readiness_summary()
+        if store is None:
+            return summary
+        return f"{summary}; config stale" if store.startswith("config stale") else summary
 
     def connections(self) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
@@ -224,12 +247,12 @@ class AgentApp:
     async def run(self) -> None:
         opts = self.options
         check_admin_address(opts.admin_addr[0])
-        self.config = ConfigSource(opts.config, self._on_snapshot,
-                                   registry=self.metrics.registry)
+        self.config = await open_config_source(opts.config, self._on_snapshot,
+                                               registry=self.metrics.registry)
         hooks = AdminHooks(
             ready=lambda: self.agent.ready,
-            readiness_detail=self.agent.readiness_detail,
-            readiness_summary=self.agent.readiness_summary,
+            readiness_detail=self.readiness_detail,
+            readiness_summary=self.readiness_summary,
             config_dump=self.config_dump,
             connections=self.connections,
             quit=self.quit,
@@ -246,6 +269,10 @@ class AgentApp:
         memory = loop.create_task(self._memory_loop(), name="memory-release")
         renewal = (loop.create_task(self.node_renewer.run(), name="node-cert-renewal")
                    if self.node_renewer is not None else None)
+        self.registrar = registrar_for(self.config, opts.node, "agent", _version(),
+                                       lambda: tuple(sorted(self.agent.pods)))
+        registration = (loop.create_task(self.registrar.run(), name="registration")
+                        if self.registrar is not None else None)
         sd_stop = asyncio.Event()
         sd_tasks = [
             loop.create_task(supervise(self.notifier, self._sd_ready,
@@ -277,6 +304,9 @@ class AgentApp:
                 with contextlib.suppress(BaseException):
                     await task
             await self.agent.shutdown()
+            if self.registrar is not None and registration is not None:
+                self.registrar.stop()  # leave the fleet (lease revoked)
+                await registration
             watcher.cancel()
             await asyncio.gather(watcher, retry, memory, *([renewal] if renewal else []),
                                  return_exceptions=True)

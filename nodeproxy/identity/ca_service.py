@@ -29,7 +29,7 @@ import ssl
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -276,9 +276,17 @@ def parse_listen(listen: str) -> tuple[str, int]:
                             hint="e.g. 0.0.0.0:15012 or [::]:15012") from None
 
 
+class Placement(Protocol):
+    """Where workloads run: :class:`SnapshotFile`, or the store (controlplane.wiring)."""
+
+    path: Any
+
+    def get(self) -> Snapshot: ...
+
+
 async def serve(
     ca: CertificateAuthority,
-    snapshots: SnapshotFile,
+    snapshots: Placement,
     host: str,
     port: int,
     *,

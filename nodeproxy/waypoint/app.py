@@ -15,8 +15,15 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 
-from nodeproxy.config_source import ConfigSource
+from nodeproxy.controlplane.wiring import (
+    AnySource,
+    open_config_source,
+    registrar_for,
+    store_detail,
+    store_summary,
+)
 from nodeproxy.hbone import events as hbone_events
 from nodeproxy.hbone.glue import HboneProtocol
 from nodeproxy.http_endpoints import (
@@ -100,6 +107,13 @@ def choose_self(snapshot: Snapshot, options: WaypointOptions) -> tuple[WaypointC
     return waypoint, members[0]
 
 
+def _package_version() -> str:
+    try:
+        return version("nodeproxy")
+    except PackageNotFoundError:
+        return "0.0.0+source"
+
+
 class WaypointApp:
     def __init__(self, options: WaypointOptions, ca_client: CaClient, *,
                  metrics: WaypointMetrics | None = None, notifier: Notifier | None = None,
@@ -116,7 +130,7 @@ class WaypointApp:
         self._snapshot: Snapshot | None = None
         self.waypoint: WaypointConfig | None = None
         self.workload: Workload | None = None
-        self.config: ConfigSource | None = None
+        self.config: AnySource | None = None
         self.upstreams = Upstreams(self._identity, self.contexts, self.sockets,
                                    connect_timeout=options.settings.connect_timeout)
         self.proxy = WaypointProxy(self._current, self._waypoint, self.upstreams, self.metrics,
@@ -173,7 +187,9 @@ class WaypointApp:
             return "starting"
         if self.config_error is not None:
             return f"config: {self.config_error}"
-        return f"serving {self.options.name} as {self.workload.key if self.workload else '?'}"
+        serving = f"serving {self.options.name} as {self.workload.key if self.workload else '?'}"
+        store = store_detail(self.config)
+        return f"{serving}; {store}" if store else serving
 
     # -- admin --------------------------------------------------------------------------------
     def config_dump(self) -> dict[str, object]:
@@ -187,6 +203,9 @@ class WaypointApp:
         }
         doc.update(self.proxy.dump())
         doc["certificates"] = certificates_document(self.certs)
+        store = store_summary(self.config)
+        if store is not None:
+            doc["configStore"] = store
         if self.config is not None:
             state = self.config.state
             doc["configReloads"] = {"ok": state.ok_count, "failed": state.fail_count}
@@ -204,7 +223,8 @@ class WaypointApp:
     async def run(self) -> None:
         opts = self.options
         check_admin_address(opts.admin_addr[0])
-        self.config = ConfigSource(opts.config, self._on_snapshot, registry=self.metrics.registry)
+        self.config = await open_config_source(opts.config, self._on_snapshot,
+                                               registry=self.metrics.registry)
         if self.workload is None:
             self.config.stop()
             await self.config.run()  # returns at once; closes the file watch
@@ -227,6 +247,10 @@ class WaypointApp:
         watcher = loop.create_task(self.config.run(), name="config-watch")
         renewal = (loop.create_task(self.node_renewer.run(), name="node-cert-renewal")
                    if self.node_renewer is not None else None)
+        registrar = registrar_for(self.config, opts.name, "waypoint", _package_version(),
+                                  tuple)
+        registration = (loop.create_task(registrar.run(), name="registration")
+                        if registrar is not None else None)
         sd_stop = asyncio.Event()
         sd_tasks = [
             loop.create_task(supervise(self.notifier, lambda: self.ready, self.readiness_detail,
@@ -274,6 +298,9 @@ class WaypointApp:
             await self.upstreams.aclose(timeout=max(opts.drain_timeout, 0.5))
             if renewal is not None:
                 renewal.cancel()
+            if registrar is not None and registration is not None:
+                registrar.stop()  # leave the fleet (lease revoked)
+                await registration
             watcher.cancel()
             await asyncio.gather(watcher, *([renewal] if renewal else []),
                                  return_exceptions=True)

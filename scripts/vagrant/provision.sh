@@ -31,7 +31,22 @@ for vm in cp node1 node2; do
   s "$vm" test -x $np || { echo "install failed on $vm" >&2; exit 1; }
 done
 
-echo "--> cp: CA, node certificates ($node_lifetime), CA service (lifetime $lifetime)"
+echo "--> cp: etcd (TLS, client certificates, roles; docs/control-plane.md), config applied"
+# The PKI is made on the host with openssl (scripts/vagrant/etcd-pki.sh); each VM gets only
+# the CA certificate and its own client certificate.  Debian's etcd binaries (host package
+# etcd-server, same Debian 12) are copied to cp.
+pki=$(dirname "$bundle")/etcd-pki
+"$(dirname "$0")/etcd-pki.sh" "$pki" "$priv.10" root admin ca node1 node2
+store() {  # USER HOST: the agent-side etcd:// URL for USER
+  echo "etcd://$2:2379?ca=/etc/nodeproxy/etcd/ca.pem&cert=/etc/nodeproxy/etcd/user-$1.pem&key=/etc/nodeproxy/etcd/user-$1-key.pem&server-name=etcd"
+}
+tar -C /usr/bin -cf - etcd etcdctl | s cp 'sudo tar -C /usr/local/bin -xf -'
+tar -C "$pki" -cf - ca.pem member.pem member-key.pem user-root.pem user-root-key.pem \
+    user-admin.pem user-admin-key.pem user-ca.pem user-ca-key.pem \
+  | s cp 'sudo rm -rf /tmp/npv-etcd-pki && sudo mkdir -m 0700 /tmp/npv-etcd-pki && sudo tar -C /tmp/npv-etcd-pki -xf -'
+s cp sudo /tmp/npv/guest/etcd.sh "$priv.10" /tmp/npv-etcd-pki 2>&1 | sed "s/^/    [cp] /"
+
+echo "--> cp: CA, node certificates ($node_lifetime), CA service (lifetime $lifetime; placement from etcd)"
 s cp sudo bash -seu <<SH
 [ -d /var/lib/nodeproxy/ca ] || $np ca init --dir /var/lib/nodeproxy/ca
 install -d -m 0700 /root/npv-certs
@@ -40,7 +55,7 @@ for n in node1 node2; do
     --out-key /root/npv-certs/\$n.key --out-bundle /root/npv-certs/bundle.pem --force \
     --lifetime $node_lifetime
 done
-echo 'NODEPROXY_CA_ARGS="--dir /var/lib/nodeproxy/ca --config /etc/nodeproxy/config.yaml --listen 0.0.0.0:15012 --lifetime $lifetime"' > /etc/nodeproxy/ca.env
+echo 'NODEPROXY_CA_ARGS="--dir /var/lib/nodeproxy/ca --config $(store ca 127.0.0.1) --listen 0.0.0.0:15012 --lifetime $lifetime"' > /etc/nodeproxy/ca.env
 systemctl enable -q nodeproxy-ca
 systemctl restart nodeproxy-ca
 # The waypoint's node credentials (node "cp": only the waypoint's identity), at the paths of
@@ -79,13 +94,15 @@ for i in 1 2; do
   (
     s cp sudo tar -C /root/npv-certs -cf - "$vm.crt" "$vm.key" bundle.pem \
       | s "$vm" 'rm -rf /tmp/npv-certs && mkdir -m 0700 /tmp/npv-certs && tar -C /tmp/npv-certs -xf -'
+    tar -C "$pki" -cf - ca.pem "user-$vm.pem" "user-$vm-key.pem" \
+      | s "$vm" 'sudo install -d -m 0700 /etc/nodeproxy/etcd && sudo tar -C /etc/nodeproxy/etcd -xf -'
     s "$vm" sudo bash -seu <<SH 2>&1 | sed "s/^/    [$vm] /"
 c=/tmp/npv-certs
 install -m 0644 \$c/$vm.crt /etc/nodeproxy/node.crt
 install -m 0600 \$c/$vm.key /etc/nodeproxy/node.key
 install -m 0644 \$c/bundle.pem /etc/nodeproxy/bundle.pem
 rm -rf \$c
-echo 'NODEPROXY_RUN_ARGS="--config /etc/nodeproxy/config.yaml --node $vm --ca-address https://$priv.10:15012 --node-cert /etc/nodeproxy/node.crt --node-key /etc/nodeproxy/node.key --ca-bundle /etc/nodeproxy/bundle.pem --state-dir /var/lib/nodeproxy"' > /etc/nodeproxy/agent.env
+echo 'NODEPROXY_RUN_ARGS="--config $(store $vm $priv.10) --node $vm --ca-address https://$priv.10:15012 --node-cert /etc/nodeproxy/node.crt --node-key /etc/nodeproxy/node.key --ca-bundle /etc/nodeproxy/bundle.pem --state-dir /var/lib/nodeproxy"' > /etc/nodeproxy/agent.env
 /opt/npv-test/pods.sh $i $other $priv ${pods[$vm]}
 systemctl enable -q nodeproxy
 systemctl restart nodeproxy
