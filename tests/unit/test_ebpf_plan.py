@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,17 @@ def test_cgroup2_root(mounts: str, root: str) -> None:
     from redirect.ebpf.plan import cgroup2_root
 
     assert cgroup2_root(mounts) == root
+
+
+def test_bpf_sources_of_a_checkout_or_an_installed_wheel(tmp_path: Path) -> None:
+    from redirect.ebpf.loader import bpf_dir
+
+    checkout, site, prefix = tmp_path / "repo", tmp_path / "site-packages", tmp_path / "venv"
+    (checkout / "bpf").mkdir(parents=True)
+    (checkout / "bpf" / "nodeproxy_redirect.c").write_text("")
+    shared = prefix / "share" / "nodeproxy" / "bpf"  # pyproject's data-files
+    shared.mkdir(parents=True)
+    (shared / "nodeproxy_redirect.c").write_text("")
+    assert bpf_dir(checkout, str(prefix)) == checkout / "bpf"
+    assert bpf_dir(site, str(prefix)) == shared
+    assert bpf_dir(site, str(tmp_path / "elsewhere")) == site / "bpf"  # "missing" names it
