@@ -37,10 +37,11 @@ def bpf_dir(root: Path = _ROOT, prefix: str = sys.prefix) -> Path:
 SOURCE = bpf_dir() / "nodeproxy_redirect.c"
 MERGED_HEADERS = "/usr/src/nodeproxy-bcc-headers"  # scripts/ensure-bcc-headers.sh
 # bcc program types / expected attach types (enum bpf_prog_type, bpf_attach_type)
-_PROG_TYPES = {"connect4": (18, 10), "sockops": (13, -1), "ingress": (3, -1),
-               "lo_mark": (3, -1)}
+_PROG_TYPES = {"connect4": (18, 10), "connect6": (18, 11), "sockops": (13, -1),
+               "ingress": (3, -1), "lo_mark": (3, -1)}
 _FEATURES = {
     "connect4": "cgroup/connect4 programs (CONFIG_CGROUP_BPF, bpf_get_netns_cookie: 5.7+)",
+    "connect6": "cgroup/connect6 programs (CONFIG_CGROUP_BPF, bpf_get_netns_cookie: 5.7+)",
     "sockops": "sock_ops programs (CONFIG_CGROUP_BPF)",
     "ingress": "tc programs with bpf_sk_assign (CONFIG_NET_CLS_BPF, 5.7+)",
     "lo_mark": "tc programs (CONFIG_NET_CLS_BPF)",
