@@ -17,7 +17,7 @@ _NR_BPF = 321  # x86_64
 _MAP_LOOKUP_ELEM, _MAP_UPDATE_ELEM, _MAP_DELETE_ELEM = 1, 2, 3
 _OBJ_PIN, _OBJ_GET, _PROG_ATTACH, _PROG_DETACH = 6, 7, 8, 9
 BPF_F_ALLOW_MULTI = 2
-ATTACH_TYPES = {"connect4": 10, "sockops": 3}  # pin name -> enum bpf_attach_type
+ATTACH_TYPES = {"connect4": 10, "connect6": 11, "sockops": 3}  # pin name -> enum bpf_attach_type
 _BPF_FS_MAGIC = "bpf"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -189,7 +189,8 @@ def detach_by_id(cgroup: str, kind: str, prog_id: int, runner: Runner = subproce
 
 
 # bpftool prints libbpf's attach type names but parses its own short ones
-_BPFTOOL_TYPES = {"cgroup_inet4_connect": "connect4", "cgroup_sock_ops": "sock_ops"}
+_BPFTOOL_TYPES = {"cgroup_inet4_connect": "connect4", "cgroup_inet6_connect": "connect6",
+                  "cgroup_sock_ops": "sock_ops"}
 
 
 def tc_programs(netns: str, iface: str, runner: Runner = subprocess_runner

@@ -22,13 +22,26 @@ from redirect.ebpf.bpfsys import fd_id
 from redirect.ebpf.errors import EbpfError, EbpfUnsupportedError, VerifierError
 from redirect.ebpf.plan import MAPS, PROGRAMS, PodConfig
 
-SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "nodeproxy_redirect.c"
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages when installed
+
+
+def bpf_dir(root: Path = _ROOT, prefix: str = sys.prefix) -> Path:
+    """bpf/ of the checkout; an installed wheel puts the sources in its data files,
+    ``<prefix>/share/nodeproxy/bpf`` (pyproject's data-files), not next to the packages."""
+    for candidate in (root / "bpf", Path(prefix) / "share" / "nodeproxy" / "bpf"):
+        if (candidate / "nodeproxy_redirect.c").exists():
+            return candidate
+    return root / "bpf"
+
+
+SOURCE = bpf_dir() / "nodeproxy_redirect.c"
 MERGED_HEADERS = "/usr/src/nodeproxy-bcc-headers"  # scripts/ensure-bcc-headers.sh
 # bcc program types / expected attach types (enum bpf_prog_type, bpf_attach_type)
-_PROG_TYPES = {"connect4": (18, 10), "sockops": (13, -1), "ingress": (3, -1),
-               "lo_mark": (3, -1)}
+_PROG_TYPES = {"connect4": (18, 10), "connect6": (18, 11), "sockops": (13, -1),
+               "ingress": (3, -1), "lo_mark": (3, -1)}
 _FEATURES = {
     "connect4": "cgroup/connect4 programs (CONFIG_CGROUP_BPF, bpf_get_netns_cookie: 5.7+)",
+    "connect6": "cgroup/connect6 programs (CONFIG_CGROUP_BPF, bpf_get_netns_cookie: 5.7+)",
     "sockops": "sock_ops programs (CONFIG_CGROUP_BPF)",
     "ingress": "tc programs with bpf_sk_assign (CONFIG_NET_CLS_BPF, 5.7+)",
     "lo_mark": "tc programs (CONFIG_NET_CLS_BPF)",
@@ -145,7 +158,7 @@ def verifier_log(func: str, source: Path = SOURCE) -> str:
     """Load ``func`` alone in a child process and return what bcc printed (the verifier log
     when the kernel refused it)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE.parents[1]),
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT),
                                                       env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run([sys.executable, "-m", "redirect.ebpf.loader", str(source), func],

@@ -11,6 +11,7 @@ nobody listens on (connections are refused, SYNs to the pod dropped): fail close
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from redirect.ebpf.errors import EbpfError, EbpfUnsupportedError
 from redirect.ebpf.loader import load
 from redirect.ebpf.plan import (
     CGROUP_ATTACH,
+    CONFIG_SIZE,
     FASTPATH_PREFIX,
     MAPS,
     PIN_SUBDIR,
@@ -64,10 +66,12 @@ class NetnsFacts:
     cookie: int
     pod_ip4: str
     interfaces: tuple[str, ...]  # lo first
+    pod_ip6: str | None = None  # first global IPv6 address outside lo
 
 
 def netns_facts(netns: str) -> NetnsFacts:
-    """The namespace's cookie, its first IPv4 pod address and its interfaces."""
+    """The namespace's cookie, its first IPv4 (and IPv6, if any) pod address and its
+    interfaces."""
 
     def job() -> NetnsFacts:
         from pyroute2 import IPRoute
@@ -84,6 +88,8 @@ def netns_facts(netns: str) -> NetnsFacts:
             links = {int(m["index"]): str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()}
             addrs = [(int(m["index"]), str(m.get_attr("IFA_ADDRESS")))
                      for m in ipr.get_addr(family=socket.AF_INET)]
+            addrs6 = [(int(m["index"]), str(m.get_attr("IFA_ADDRESS")))
+                      for m in ipr.get_addr(family=socket.AF_INET6)]
         finally:
             ipr.close()
         pod_ips = [a for i, a in addrs if links.get(i) != "lo" and not a.startswith("127.")]
@@ -91,8 +97,10 @@ def netns_facts(netns: str) -> NetnsFacts:
             raise EbpfError(f"netns {netns} has no IPv4 address outside lo", netns=netns,
                             hint="eBPF capture redirects to the pod's own address: configure "
                                  "the pod's interface first")
+        pod_ips6 = [a for i, a in addrs6 if links.get(i) != "lo"
+                    and not ipaddress.IPv6Address(a).is_link_local]
         ifaces = ["lo", *sorted(n for n in links.values() if n != "lo")]
-        return NetnsFacts(cookie, pod_ips[0], tuple(ifaces))
+        return NetnsFacts(cookie, pod_ips[0], tuple(ifaces), pod_ips6[0] if pod_ips6 else None)
 
     return run_in_netns(netns, job)
 
@@ -111,10 +119,10 @@ def _read_config(pin: str) -> PodConfig | None:
     except EbpfError:
         return None
     try:
-        raw = bpfsys.map_lookup(fd, struct.pack("=I", 0), 40)
+        raw = bpfsys.map_lookup(fd, struct.pack("=I", 0), CONFIG_SIZE)
     finally:
         os.close(fd)
-    if raw is None or raw == bytes(40):
+    if raw is None or raw == bytes(CONFIG_SIZE):
         return None
     return PodConfig.unpack(raw)
 
@@ -190,7 +198,11 @@ def _install(netns: str, spec: RedirectSpec, cgroup: str | None, *,
                                               "first")
     bpfsys.ensure_bpffs(paths.bpffs, run)
     facts = netns_facts(netns)
-    want = pod_config(spec, facts.cookie, facts.pod_ip4)
+    if spec.ipv6 and facts.pod_ip6 is None:
+        raise EbpfError(f"netns {netns} has no IPv6 address outside lo (IPv6 capture "
+                        "redirects to the pod's own address)", netns=netns,
+                        hint="configure the pod's IPv6 address first, or capture IPv4 only")
+    want = pod_config(spec, facts.cookie, facts.pod_ip4, facts.pod_ip6)
     want_routes = routing_plan(spec)
     seen = observe(netns, cg, facts, paths, run)
     skip = (*spec.exclude_inbound_ports,)
@@ -322,7 +334,11 @@ def verify(netns: str, spec: RedirectSpec, cgroup: str | None, *,
     else:
         cg = check_cgroup(cgroup, paths.cgroup_root, netns)
     facts = netns_facts(netns)
-    want = pod_config(spec, facts.cookie, facts.pod_ip4)
+    if spec.ipv6 and facts.pod_ip6 is None:
+        raise EbpfError(f"netns {netns} has no IPv6 address outside lo (IPv6 capture "
+                        "redirects to the pod's own address)", netns=netns,
+                        hint="configure the pod's IPv6 address first, or capture IPv4 only")
+    want = pod_config(spec, facts.cookie, facts.pod_ip4, facts.pod_ip6)
     seen = observe(netns, cg, facts, paths, run)
     problems += [*drift(want, seen), *routing_plan(spec).diff(route_be.capture(netns)),
                 *_preflight(netns, run)]

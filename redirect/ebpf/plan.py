@@ -26,6 +26,7 @@ TC_HANDLE = 1
 # program pin name -> (function in bpf/nodeproxy_redirect.c, where it attaches)
 PROGRAMS: dict[str, tuple[str, str]] = {
     "connect4": ("np_connect4", "cgroup:connect4"),
+    "connect6": ("np_connect6", "cgroup:connect6"),
     "sockops": ("np_sockops", "cgroup:sock_ops"),
     "ingress": ("np_ingress", "tc:ingress"),
     "lo_mark": ("np_lo_mark", "tc:lo"),
@@ -35,11 +36,14 @@ MAPS: dict[str, str] = {
     "config": "np_config",
     "by_cookie": "np_by_cookie",
     "origdst": "np_origdst",
+    "by_cookie6": "np_by_cookie6",
+    "origdst6": "np_origdst6",
     "skip_inbound": "np_skip_inbound",
     "skip_uid": "np_skip_uid",
 }
 # pin -> attach type as bpftool names it
-CGROUP_ATTACH = {"connect4": "cgroup_inet4_connect", "sockops": "cgroup_sock_ops"}
+CGROUP_ATTACH = {"connect4": "cgroup_inet4_connect", "connect6": "cgroup_inet6_connect",
+                 "sockops": "cgroup_sock_ops"}
 
 FASTPATH_PREFIX = "np_fast_"  # the node's fast path programs (redirect/ebpf/fastpath.py)
 
@@ -83,9 +87,13 @@ def check_cgroup(cgroup: str | None, cgroup_root: str, netns: str) -> str:
     return path
 
 
+CONFIG_SIZE = 56  # sizeof(struct np_cfg)
+
+
 @dataclass(frozen=True, slots=True)
 class PodConfig:
-    """The record in the ``config`` map (struct np_cfg)."""
+    """The record in the ``config`` map (struct np_cfg).  ``pod_ip6`` None: no IPv6 capture
+    (np_connect6 then only captures IPv4-mapped destinations)."""
 
     netns_cookie: int
     pod_ip4: str
@@ -96,39 +104,48 @@ class PodConfig:
     outbound_port: int
     inbound_port: int
     hbone_port: int
+    pod_ip6: str | None = None
 
-    _FORMAT = "<Q4sIII4sHHHH"
+    _FORMAT = "<Q4sIII4sHHHH16s"
 
     def pack(self) -> bytes:
         probe = ipaddress.IPv4Address(self.probe_ip4).packed if self.probe_ip4 else bytes(4)
         raw = struct.pack(self._FORMAT, self.netns_cookie,
                           ipaddress.IPv4Address(self.pod_ip4).packed, self.proxy_mark,
                           self.connmark, self.mark_mask, probe, self.outbound_port,
-                          self.inbound_port, self.hbone_port, 0)
+                          self.inbound_port, self.hbone_port, 0,
+                          ipaddress.IPv6Address(self.pod_ip6).packed if self.pod_ip6
+                          else bytes(16))
         return raw + bytes(-len(raw) % 8)
 
     @classmethod
     def unpack(cls, raw: bytes) -> PodConfig:
         (cookie, pod, proxy, conn, mask, probe, out, inb, hbone,
-         _pad) = struct.unpack_from(cls._FORMAT, raw)
+         _pad, pod6) = struct.unpack_from(cls._FORMAT, raw)
         return cls(cookie, str(ipaddress.IPv4Address(pod)), proxy, conn, mask,
                    None if probe == bytes(4) else str(ipaddress.IPv4Address(probe)),
-                   out, inb, hbone)
+                   out, inb, hbone,
+                   None if pod6 == bytes(16) else str(ipaddress.IPv6Address(pod6)))
 
 
-def pod_config(spec: RedirectSpec, netns_cookie: int, pod_ip4: str) -> PodConfig:
+def pod_config(spec: RedirectSpec, netns_cookie: int, pod_ip4: str,
+               pod_ip6: str | None = None) -> PodConfig:
+    """``pod_ip6`` (the pod's IPv6 address, the target of captured IPv6 connects) counts only
+    with ``spec.ipv6``, as the rule modes capture IPv6 only then."""
     probe = spec.probe_source_ip
     if probe is not None and ipaddress.ip_address(probe).version != 4:
         probe = None
+    if spec.ipv6 and pod_ip6 is None:
+        raise EbpfError("IPv6 capture needs the pod's IPv6 address (none outside lo)",
+                        hint="configure the pod's IPv6 address first, or capture IPv4 only")
     return PodConfig(netns_cookie, pod_ip4, spec.proxy_mark, spec.connmark, spec.mark_mask,
-                     probe, spec.outbound_port, spec.inbound_port, spec.hbone_port)
+                     probe, spec.outbound_port, spec.inbound_port, spec.hbone_port,
+                     pod_ip6 if spec.ipv6 else None)
 
 
 def unsupported_spec(spec: RedirectSpec) -> tuple[str, ...]:
     """Spec options the eBPF programs do not implement (install refuses them)."""
     out = []
-    if spec.ipv6:
-        out.append("ipv6 (connect6 is not implemented yet)")
     if spec.capture_dns:
         out.append("capture_dns")
     if spec.exclude_gids:
@@ -147,6 +164,17 @@ def origdst_key(ip: str, port: int) -> int:
 def origdst_value(raw: bytes) -> tuple[str, int]:
     ip, port = struct.unpack_from("!4sH", raw)
     return str(ipaddress.IPv4Address(ip)), port
+
+
+def origdst6_key(ip: str, port: int) -> bytes:
+    """Key of the ``origdst6`` map (struct np_key6): the IPv6 address in network order, then
+    the port as a host-order u32."""
+    return ipaddress.IPv6Address(ip).packed + struct.pack("=I", port)
+
+
+def origdst6_value(raw: bytes) -> tuple[str, int]:
+    ip, port = struct.unpack_from("!16sH", raw)
+    return str(ipaddress.IPv6Address(ip)), port
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,13 @@ if [ -s "$box" ]; then
 fi
 
 # Packages inside the guest.  python3-venv: the agent's venv; tcpdump: the wire capture test;
-# iptables: capture rules; socat: handy for debugging pods.
+# iptables: capture rules; socat: handy for debugging pods.  eBPF mode (--redirect ebpf, one
+# test module): python3-bpfcc (bcc), bpftool (cgroup attachment listings) and the headers of
+# the guest's own kernel: linux-headers-amd64 comes from the same mirror snapshot as
+# linux-image-amd64, so /lib/modules/$(uname -r)/build exists and bcc needs no merged tree.
 PACKAGES=linux-image-amd64,initramfs-tools,systemd-sysv,udev,dbus,openssh-server,sudo,python3,\
-python3-venv,iproute2,iptables,nftables,ifupdown,isc-dhcp-client,tcpdump,socat,procps,kmod,less
+python3-venv,iproute2,iptables,nftables,ifupdown,isc-dhcp-client,tcpdump,socat,procps,kmod,less,\
+python3-bpfcc,bpftool,linux-headers-amd64
 DISK_MB=3072
 MIRROR=${NODEPROXY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 keydir=$(ls -d /usr/share/rubygems-integration/all/gems/vagrant-*/keys | grep -v libvirt | head -1)
@@ -79,6 +83,12 @@ chroot "$r" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.t
   fstrim.timer >/dev/null 2>&1 || true
 printf 'Storage=persistent\n' >> "$r/etc/systemd/journald.conf"
 rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/*
+# bcc compiles against the running kernel's headers: the image and the headers must match.
+kver=$(cd "$r/lib/modules" && ls | sort -V | tail -1)
+chroot "$r" test -d "/lib/modules/$kver/build/include" || {  # (build: an absolute symlink)
+  echo "box: no kernel headers for $kver (bcc would not compile)" >&2
+  exit 1
+}
 
 echo "box: disk image" >&2
 raw="$work/box.raw"

@@ -55,6 +55,11 @@ teardown() {
   rm -rf "$run"
   rmdir "$repo/.vagrant.d" 2>/dev/null  # only if empty (the box cache stays)
   for pid in $started_daemons; do kill "$pid" 2>/dev/null; done
+  # Wait until they are gone: a run queued behind this one (flock) would otherwise find a
+  # dying libvirtd, not start its own, and fail to connect.
+  for pid in $started_daemons; do
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  done
   left=$(virsh list --all --name 2>/dev/null | grep -c "^$NPV_PREFIX")
   [ "$left" = 0 ] || echo "WARNING: $left domain(s) $NPV_PREFIX* left behind" >&2
 }

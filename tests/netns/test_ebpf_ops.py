@@ -73,9 +73,9 @@ def test_ebpf_install_converges_and_remove_leaves_nothing(lab_cluster: MakeClust
 
     pod_dir = ops.EbpfPaths().pod_dir(netns)
     ids = _ids(pod_dir)
-    assert len(ids) == 9, ids
+    assert len(ids) == 12, ids  # 5 programs, 7 maps
     attached = json.loads(_bpftool("cgroup", "show", cgroup).stdout)
-    assert {p["name"] for p in attached} == {"np_connect4", "np_sockops"}
+    assert {p["name"] for p in attached} == {"np_connect4", "np_connect6", "np_sockops"}
 
     report = ops.remove(netns, cgroup)
     assert any("np_connect4" in r for r in report.removed), report
@@ -144,8 +144,8 @@ def test_ebpf_install_needs_the_pods_own_cgroup(lab_cluster: MakeCluster) -> Non
         ops.install(netns, SPEC, None)
     with pytest.raises(EbpfError, match="not below the cgroup v2 root"):
         ops.install(netns, SPEC, "/sys/fs/cgroup/unified")  # never the root cgroup
-    with pytest.raises(EbpfError, match="does not implement: ipv6"):
-        ops.install(netns, RedirectSpec(ipv6=True), cgroup)
+    with pytest.raises(EbpfError, match="no IPv6 address outside lo"):
+        ops.install(netns, RedirectSpec(ipv6=True), cgroup)  # the lab's pods are IPv4-only
     with pytest.raises(EbpfError, match="does not exist"):
         ops.install(netns, SPEC, pod_cgroup("np-none"))
 
@@ -281,3 +281,148 @@ def test_agent_start_up_names_the_missing_feature(tmp_path: Path) -> None:
     err = proc.stderr
     assert "kernel headers bcc can compile against" in err, err[-2000:]
     assert "--redirect iptables" in err, err[-2000:]
+
+
+ORIGDST_SERVER = r"""
+import json, socket, sys
+from redirect.ebpf.origdst import OriginalDst
+pod4, pod6, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+l4 = socket.socket(socket.AF_INET)
+l6 = socket.socket(socket.AF_INET6)
+l6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+for lsock, addr in ((l4, pod4), (l6, pod6)):
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((addr, 15001))
+    lsock.listen()
+    lsock.settimeout(15)
+print("listening", flush=True)
+lookup = OriginalDst()
+for _ in range(count):
+    which = sys.stdin.readline().strip()  # the client says which family comes next
+    c, peer = (l6 if which == "6" else l4).accept()
+    print(json.dumps({"peer": peer[0], "origdst": lookup(c)}), flush=True)
+    c.close()
+"""
+INBOUND6 = r"""
+import json, socket
+l = socket.socket(socket.AF_INET6)
+l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("::", 15006))
+l.listen()
+l.settimeout(15)
+print("listening", flush=True)
+c, _ = l.accept()
+print(json.dumps(list(c.getsockname()[:2])), flush=True)
+c.close()
+"""
+ORIGDST_CLIENT = r"""
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family)
+    s.settimeout(3)
+    try:
+        s.connect((host, int(port)))
+        s.recv(1)
+        print(target, "connected", flush=True)
+    except OSError as exc:
+        print(target, "failed", type(exc).__name__, flush=True)
+    s.close()
+"""
+
+
+def test_ebpf_ipv6_outbound_capture_keeps_the_original_destination(
+        lab_cluster: MakeCluster) -> None:
+    """np_connect6: an IPv6 connect from the pod's cgroup goes to [pod IPv6]:15001 with the
+    original destination in ``origdst6``; an IPv4-mapped one (a dual-stack socket reaching an
+    IPv4 address) to the pod's IPv4 listener with the original in ``origdst``, with or without
+    IPv6 capture (the rule modes' IPv4 rules catch those packets too).  Without ``ipv6`` a
+    native IPv6 connect is left alone, as the rule modes leave IPv6 alone.  Inbound IPv6 SYNs
+    go to the agent's IPv6 listener (np_ingress), with IPv6 capture on."""
+    cluster, netns, cgroup = _pod(lab_cluster)
+    pod = cluster.pods[0]
+    pod6 = "fd00:251::2"
+    # The lab's pods have IPv6 off: turn it on and give this one an address.
+    for argv in (["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"],
+                 ["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=0"],
+                 ["sysctl", "-qw", f"net.ipv6.conf.{pod.iface}.disable_ipv6=0"],
+                 ["ip", "-6", "addr", "add", f"{pod6}/64", "dev", pod.iface, "nodad"],
+                 ["ip", "-6", "route", "replace", "fd00:99::/64", "dev", pod.iface]):
+        done = cluster.exec(pod.name, argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    v6spec = RedirectSpec(ipv6=True)
+    assert ops.install(netns, v6spec, cgroup).changed
+    assert ops.verify(netns, v6spec, cgroup).ok
+    attached = json.loads(_bpftool("cgroup", "show", cgroup).stdout)
+    assert "np_connect6" in {p["name"] for p in attached}
+
+    def run(targets: list[tuple[str, str]]) -> tuple[list[str], list[dict[str, object]]]:
+        server = subprocess.Popen(
+            ["nsenter", f"--net={netns}", sys.executable, "-c", ORIGDST_SERVER, pod.ip, pod6,
+             str(sum(1 for _, fam in targets if fam))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        assert server.stdin is not None
+        assert server.stdout is not None
+        try:
+            assert server.stdout.readline().strip() == "listening"
+            lines, seen = [], []
+            for target, family in targets:
+                if family:
+                    server.stdin.write(family + "\n")
+                    server.stdin.flush()
+                out = cluster.exec(pod.name, [sys.executable, "-c", ORIGDST_CLIENT, target])
+                lines.append(out.stdout.strip())
+                if family:
+                    seen.append(json.loads(server.stdout.readline()))
+        finally:
+            server.stdin.close()
+            server.wait(20)
+            server.stdout.close()
+        return lines, seen
+
+    lines, seen = run([("fd00:99::1:80", "6"), ("::ffff:10.99.0.9:81", "4"),
+                       ("10.99.0.9:82", "4")])
+    assert lines == ["fd00:99::1:80 connected", "::ffff:10.99.0.9:81 connected",
+                     "10.99.0.9:82 connected"], lines
+    assert [s["origdst"] for s in seen] == [["fd00:99::1", 80], ["10.99.0.9", 81],
+                                            ["10.99.0.9", 82]], seen
+    assert [s["peer"] for s in seen] == [pod6, pod.ip, pod.ip], seen  # the pod's own address
+
+    # Inbound IPv6: a SYN from the node to [pod]:8080 goes to the agent's [::]:15006 with the
+    # original destination as the local address; with nothing listening there it is dropped.
+    node_ns = f"/var/run/netns/{cluster.nodes[0].netns}"
+    for argv in (["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"],
+                 ["sysctl", "-qw", f"net.ipv6.conf.{pod.node_iface}.disable_ipv6=0"],
+                 ["ip", "-6", "addr", "add", "fd00:251::1/64", "dev", pod.node_iface, "nodad"]):
+        done = subprocess.run(["nsenter", f"--net={node_ns}", *argv], capture_output=True,
+                              text=True, check=False, timeout=30)
+        assert done.returncode == 0, (argv, done.stderr)
+
+    def from_node(port: int) -> str:
+        return subprocess.run(["nsenter", f"--net={node_ns}", sys.executable, "-c",
+                               ORIGDST_CLIENT, f"{pod6}:{port}"], capture_output=True,
+                              text=True, check=False, timeout=30).stdout.strip()
+
+    assert from_node(8080).startswith(f"{pod6}:8080 failed TimeoutError"), "not dropped"
+    inbound = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-c", INBOUND6],
+                               stdout=subprocess.PIPE, text=True)
+    assert inbound.stdout is not None
+    try:
+        assert inbound.stdout.readline().strip() == "listening"
+        assert from_node(8080) == f"{pod6}:8080 connected"
+        assert json.loads(inbound.stdout.readline()) == [pod6, 8080]
+    finally:
+        inbound.wait(20)
+        inbound.stdout.close()
+
+    # IPv6 capture off: IPv4-mapped still captured, native IPv6 left alone (not redirected:
+    # nothing answers at fd00:99::1, so it fails instead of reaching the listener).
+    assert ops.install(netns, SPEC, cgroup).changed
+    lines, seen = run([("::ffff:10.99.0.9:83", "4"), ("fd00:99::1:84", "")])
+    assert lines[0] == "::ffff:10.99.0.9:83 connected", lines
+    assert lines[1].startswith("fd00:99::1:84 failed"), lines
+    assert [s["origdst"] for s in seen] == [["10.99.0.9", 83]], seen
+    ops.remove(netns, cgroup)

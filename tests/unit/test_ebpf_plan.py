@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
 from redirect.ebpf.errors import EbpfError, EbpfUnsupportedError, VerifierError
 from redirect.ebpf.plan import (
+    CONFIG_SIZE,
     MAPS,
     PROGRAMS,
     Observed,
     PodConfig,
     check_cgroup,
     drift,
+    origdst6_key,
+    origdst6_value,
     origdst_key,
     origdst_value,
     pod_config,
@@ -64,13 +68,18 @@ def test_config_record_matches_struct_np_cfg() -> None:
     cfg = PodConfig(0x1122334455, "10.0.0.2", 0x539, 0x111, 0xFFF, "169.254.7.127",
                     15001, 15006, 15008)
     raw = cfg.pack()
-    assert len(raw) == 40  # sizeof(struct np_cfg)
+    assert len(raw) == CONFIG_SIZE == 56  # sizeof(struct np_cfg)
     assert struct.unpack_from("<Q", raw)[0] == 0x1122334455
     assert raw[8:12] == bytes([10, 0, 0, 2])  # network order, as the kernel compares it
     assert struct.unpack_from("<HHH", raw, 28) == (15001, 15006, 15008)
     assert PodConfig.unpack(raw) == cfg
+    assert raw[36:52] == bytes(16)  # pod_ip6: none, no IPv6 capture
     no_probe = PodConfig(1, "10.0.0.2", 1, 2, 3, None, 1, 2, 3)
     assert PodConfig.unpack(no_probe.pack()) == no_probe
+    v6 = PodConfig(1, "10.0.0.2", 1, 2, 3, None, 1, 2, 3, "fd00:200::2")
+    raw6 = v6.pack()
+    assert raw6[36:52] == bytes.fromhex("fd000200000000000000000000000002")  # network order
+    assert PodConfig.unpack(raw6) == v6
 
 
 @pytest.mark.parametrize(("spec", "probe"), [
@@ -83,12 +92,21 @@ def test_pod_config_from_spec(spec: RedirectSpec, probe: str | None) -> None:
     assert (cfg.netns_cookie, cfg.pod_ip4, cfg.probe_ip4) == (7, "10.1.2.3", probe)
     assert (cfg.outbound_port, cfg.inbound_port, cfg.hbone_port) == (15001, 15006, 15008)
     assert (cfg.proxy_mark, cfg.connmark, cfg.mark_mask) == (0x539, 0x111, 0xFFF)
+    assert cfg.pod_ip6 is None
+
+
+def test_pod_config_captures_ipv6_only_when_the_spec_asks() -> None:
+    # As the rule modes: IPv6 connections are captured with ipv6 on, left alone without.
+    assert pod_config(RedirectSpec(), 7, "10.1.2.3", "fd00::2").pod_ip6 is None
+    assert pod_config(RedirectSpec(ipv6=True), 7, "10.1.2.3", "fd00::2").pod_ip6 == "fd00::2"
+    with pytest.raises(EbpfError, match="IPv6 address"):
+        pod_config(RedirectSpec(ipv6=True), 7, "10.1.2.3", None)
 
 
 @pytest.mark.parametrize(("spec", "refused"), [
     (RedirectSpec(), ()),
     (RedirectSpec(exclude_uids=(0,), exclude_inbound_ports=(22,)), ()),
-    (RedirectSpec(ipv6=True), ("ipv6",)),
+    (RedirectSpec(ipv6=True), ()),
     (RedirectSpec(capture_dns=True), ("capture_dns",)),
     (RedirectSpec(exclude_gids=(5,)), ("exclude_gids",)),
     (RedirectSpec(exclude_outbound_cidrs=("10.0.0.0/8",)), ("exclude_outbound_cidrs",)),
@@ -105,10 +123,20 @@ def test_origdst_key_is_the_kernels_u32_then_port() -> None:
     assert origdst_value(bytes([10, 0, 0, 9, 0x1F, 0x90, 0, 0])) == ("10.0.0.9", 8080)
 
 
+def test_origdst6_key_and_value_are_struct_np_key6_and_np_orig6() -> None:
+    # np_key6: local_ip6 (network-order words = the address's bytes), then the source port as
+    # a host-order u32; np_orig6: address bytes, port in network order, padding.
+    key = origdst6_key("fd00::2", 57154)
+    assert key == bytes.fromhex("fd000000000000000000000000000002") + struct.pack("=I", 57154)
+    raw = bytes.fromhex("fd000099000000000000000000000001") + bytes([0x1F, 0x90, 0, 0])
+    assert origdst6_value(raw) == ("fd00:99::1", 8080)
+
+
 WANT = PodConfig(5, "10.0.0.2", 0x539, 0x111, 0xFFF, None, 15001, 15006, 15008)
 ALL_PINS = frozenset(PROGRAMS) | frozenset(MAPS)
-IDS = {"connect4": 11, "sockops": 12, "ingress": 13, "lo_mark": 14}
-CG = (("cgroup_inet4_connect", 11, "np_connect4"), ("cgroup_sock_ops", 12, "np_sockops"))
+IDS = {"connect4": 11, "sockops": 12, "ingress": 13, "lo_mark": 14, "connect6": 15}
+CG = (("cgroup_inet4_connect", 11, "np_connect4"), ("cgroup_sock_ops", 12, "np_sockops"),
+      ("cgroup_inet6_connect", 15, "np_connect6"))
 TC = (("lo", 14, "np_lo_mark"), ("eth0", 13, "np_ingress"))
 GOOD = Observed(ALL_PINS, IDS, CG, TC, ("lo", "eth0"), WANT, True)
 
@@ -123,6 +151,7 @@ def _obs(**changes: object) -> Observed:
     (WANT, GOOD, []),
     (WANT, _obs(pins=ALL_PINS - {"origdst"}), ["missing pins: origdst"]),
     (WANT, _obs(cgroup_progs=CG[1:]), ["missing program: np_connect4"]),
+    (WANT, _obs(cgroup_progs=CG[:2]), ["missing program: np_connect6"]),
     (WANT, _obs(cgroup_progs=(*CG, ("cgroup_inet4_connect", 99, "np_connect4"))),
      ["foreign program: np_connect4 (id 99)"]),
     # another CNI's program on the same hook is coexistence, not drift
@@ -165,3 +194,17 @@ def test_cgroup2_root(mounts: str, root: str) -> None:
     from redirect.ebpf.plan import cgroup2_root
 
     assert cgroup2_root(mounts) == root
+
+
+def test_bpf_sources_of_a_checkout_or_an_installed_wheel(tmp_path: Path) -> None:
+    from redirect.ebpf.loader import bpf_dir
+
+    checkout, site, prefix = tmp_path / "repo", tmp_path / "site-packages", tmp_path / "venv"
+    (checkout / "bpf").mkdir(parents=True)
+    (checkout / "bpf" / "nodeproxy_redirect.c").write_text("")
+    shared = prefix / "share" / "nodeproxy" / "bpf"  # pyproject's data-files
+    shared.mkdir(parents=True)
+    (shared / "nodeproxy_redirect.c").write_text("")
+    assert bpf_dir(checkout, str(prefix)) == checkout / "bpf"
+    assert bpf_dir(site, str(prefix)) == shared
+    assert bpf_dir(site, str(tmp_path / "elsewhere")) == site / "bpf"  # "missing" names it

@@ -4,6 +4,7 @@ ControlMaster so each command costs one channel, not one handshake, under TCG)."
 from __future__ import annotations
 
 import re
+import secrets
 import shlex
 import subprocess
 import time
@@ -16,6 +17,16 @@ POD_IP = {"client-0": "10.251.1.2", "intruder-0": "10.251.1.3", "echo-0": "10.25
           "web-v1": "10.251.2.3", "web-v2": "10.251.2.4"}
 ECHO_PORT = 8080
 HBONE_PORT = 15008
+# Every pod's cgroup v2 directory is <this>/pv-<pod> (pods.sh, cluster.yaml's ``cgroup:``).
+POD_CGROUPS = "/sys/fs/cgroup/nodeproxy-lab"
+
+
+def in_pod(pod: str) -> str:
+    """Shell prefix that runs a command as a process of ``pod``: in its cgroup (eBPF mode
+    captures outbound connections by cgroup) and in its network namespace.  The shell moves
+    itself into the cgroup first: ``ip netns exec`` remounts /sys, hiding cgroup2 from the
+    command."""
+    return f"echo $$ > {POD_CGROUPS}/pv-{pod}/cgroup.procs && ip netns exec pv-{pod} "
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +52,11 @@ class Cluster:
         return res
 
     def pod(self, pod: str, args: str, *, timeout: float = 180) -> Result:
-        """Run the pod test app inside ``pod``'s network namespace on its node."""
+        """Run the pod test app as a process of ``pod`` (its cgroup and network namespace)
+        on its node."""
         return self.sh(
             NODE_OF_POD[pod],
-            f"ip netns exec pv-{pod} python3 /opt/npv-test/podnet.py {args}",
+            f"{in_pod(pod)}python3 /opt/npv-test/podnet.py {args}",
             check=False, timeout=timeout,
         )
 
@@ -81,6 +93,47 @@ class Cluster:
     def unit_props(self, vm: str, unit: str, *props: str) -> dict[str, str]:
         out = self.sh(vm, f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props)).out
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def marker() -> str:
+    return f"NPV-MARKER-{secrets.token_hex(8)}"
+
+
+def cross_vm_hbone_only(cluster: Cluster) -> None:
+    """client-0 (node1) -> echo-0 (node2) echoes, and a capture on node2's private NIC sees
+    TLS towards 15008, nothing on the app port, never the message."""
+    # Capture everything on node2's private NIC while client-0 (node1) talks to echo-0 (node2).
+    cluster.sh("node2", """
+        rm -f /tmp/npv-cap.pcap
+        systemctl reset-failed npv-cap 2>/dev/null || true
+        systemd-run -q --unit=npv-cap tcpdump -i eth1 -nn -U -s 0 -w /tmp/npv-cap.pcap tcp
+        for i in $(seq 50); do [ -s /tmp/npv-cap.pcap ] && break; sleep 0.2; done
+        sleep 1
+    """)
+    secret = marker()
+    try:
+        res = cluster.echo("client-0", "echo-0", secret)
+    finally:
+        cluster.sh("node2", "sleep 1; systemctl stop npv-cap", check=False)
+    assert res.rc == 0, f"client-0 -> echo-0 failed: {res.out}{res.err}"
+    assert res.out.strip() == secret
+
+    summary = cluster.sh("node2", f"""
+        echo hbone=$(tcpdump -r /tmp/npv-cap.pcap -nn 'tcp port {HBONE_PORT}' 2>/dev/null | wc -l)
+        echo plain=$(tcpdump -r /tmp/npv-cap.pcap -nn 'tcp port {ECHO_PORT}' 2>/dev/null | wc -l)
+        # TLS handshake records (content type 0x16) opening a payload towards 15008
+        echo tls=$(tcpdump -r /tmp/npv-cap.pcap -nn \\
+          'tcp dst port {HBONE_PORT} and tcp[((tcp[12]&0xf0)>>2)] = 0x16' 2>/dev/null | wc -l)
+        echo marker=$(grep -ac {secret} /tmp/npv-cap.pcap)
+        echo pods=$(tcpdump -r /tmp/npv-cap.pcap -nn \\
+          'host {POD_IP["client-0"]} and host {POD_IP["echo-0"]}' 2>/dev/null | wc -l)
+    """, check=False).out
+    counts = dict(line.split("=", 1) for line in summary.split())
+    assert int(counts["pods"]) > 0, f"no pod traffic crossed eth1: {counts}"
+    assert int(counts["hbone"]) > 0, f"no HBONE (15008) traffic on eth1: {counts}"
+    assert int(counts["tls"]) > 0, f"no TLS handshake towards 15008: {counts}"
+    assert int(counts["plain"]) == 0, f"plaintext to the app port crossed the wire: {counts}"
+    assert int(counts["marker"]) == 0, "the marker crossed the wire in clear text"
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")

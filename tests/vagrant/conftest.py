@@ -18,3 +18,8 @@ if not SSH_CONFIG:
 def cluster() -> Cluster:
     assert SSH_CONFIG, "NPV_SSH_CONFIG is not set: run 'make test-vagrant'"
     return Cluster(SSH_CONFIG)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_vagrant_ebpf.py runs last: it switches the node pair to eBPF mode for good."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/vagrant/test_vagrant_ebpf.py"))

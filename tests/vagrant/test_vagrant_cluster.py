@@ -7,53 +7,24 @@ Tests run in file order against one cluster; each leaves the agents running and 
 from __future__ import annotations
 
 import re
-import secrets
 import threading
 import time
 
-from tests.vagrant.cluster import ECHO_PORT, HBONE_PORT, POD_IP, Cluster, Result
+from tests.vagrant.cluster import (
+    ECHO_PORT,
+    POD_IP,
+    Cluster,
+    Result,
+    cross_vm_hbone_only,
+    marker,
+)
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 ECHO_ID = "spiffe://cluster.local/ns/default/sa/echo"
 
 
-def marker() -> str:
-    return f"NPV-MARKER-{secrets.token_hex(8)}"
-
-
 def test_cross_vm_traffic_is_hbone_tls_only(cluster: Cluster) -> None:
-    # Capture everything on node2's private NIC while client-0 (node1) talks to echo-0 (node2).
-    cluster.sh("node2", """
-        rm -f /tmp/npv-cap.pcap
-        systemctl reset-failed npv-cap 2>/dev/null || true
-        systemd-run -q --unit=npv-cap tcpdump -i eth1 -nn -U -s 0 -w /tmp/npv-cap.pcap tcp
-        for i in $(seq 50); do [ -s /tmp/npv-cap.pcap ] && break; sleep 0.2; done
-        sleep 1
-    """)
-    secret = marker()
-    try:
-        res = cluster.echo("client-0", "echo-0", secret)
-    finally:
-        cluster.sh("node2", "sleep 1; systemctl stop npv-cap", check=False)
-    assert res.rc == 0, f"client-0 -> echo-0 failed: {res.out}{res.err}"
-    assert res.out.strip() == secret
-
-    summary = cluster.sh("node2", f"""
-        echo hbone=$(tcpdump -r /tmp/npv-cap.pcap -nn 'tcp port {HBONE_PORT}' 2>/dev/null | wc -l)
-        echo plain=$(tcpdump -r /tmp/npv-cap.pcap -nn 'tcp port {ECHO_PORT}' 2>/dev/null | wc -l)
-        # TLS handshake records (content type 0x16) opening a payload towards 15008
-        echo tls=$(tcpdump -r /tmp/npv-cap.pcap -nn \\
-          'tcp dst port {HBONE_PORT} and tcp[((tcp[12]&0xf0)>>2)] = 0x16' 2>/dev/null | wc -l)
-        echo marker=$(grep -ac {secret} /tmp/npv-cap.pcap)
-        echo pods=$(tcpdump -r /tmp/npv-cap.pcap -nn \\
-          'host {POD_IP["client-0"]} and host {POD_IP["echo-0"]}' 2>/dev/null | wc -l)
-    """, check=False).out
-    counts = dict(line.split("=", 1) for line in summary.split())
-    assert int(counts["pods"]) > 0, f"no pod traffic crossed eth1: {counts}"
-    assert int(counts["hbone"]) > 0, f"no HBONE (15008) traffic on eth1: {counts}"
-    assert int(counts["tls"]) > 0, f"no TLS handshake towards 15008: {counts}"
-    assert int(counts["plain"]) == 0, f"plaintext to the app port crossed the wire: {counts}"
-    assert int(counts["marker"]) == 0, "the marker crossed the wire in clear text"
+    cross_vm_hbone_only(cluster)
 
 
 def test_authorization_deny(cluster: Cluster) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.vagrant.cluster import POD_IP, Cluster, metric_by, metric_sum, poll
+from tests.vagrant.cluster import POD_IP, Cluster, in_pod, metric_by, metric_sum, poll
 
 WAYPOINT_VM = "cp"
 WAYPOINT_UNIT = "nodeproxy-waypoint@default-waypoint.service"
@@ -64,7 +64,7 @@ def _get(cluster: Cluster, vm: str, url: str, count: int, netns: str | None = No
          timeout: float = 300) -> dict[str, Any]:
     """``count`` sequential GETs (one keep-alive connection) from ``netns`` on ``vm`` (or its
     host network): the client's own account of every answer."""
-    prefix = f"ip netns exec pv-{netns} " if netns else ""
+    prefix = in_pod(netns) if netns else ""
     res = cluster.sh(vm, f"{prefix}python3 /opt/npv-test/podnet.py get '{url}' {count}",
                      timeout=timeout)
     result: dict[str, Any] = json.loads(res.out)

@@ -11,6 +11,13 @@ if [ ! -x /opt/nodeproxy/venv/bin/nodeproxy ]; then
   python3 -m venv --without-pip /opt/nodeproxy/venv
   tar -C /opt/nodeproxy/venv -xf "$b/venv.tar"
 fi
+# eBPF mode: Debian's bcc (python3-bpfcc) exposed to the venv alone, as the Makefile does on the
+# host (a .pth naming a directory that holds only the bcc package).
+if [ -d /usr/lib/python3/dist-packages/bcc ]; then
+  install -d /opt/nodeproxy/venv/debian-bcc
+  ln -sfn /usr/lib/python3/dist-packages/bcc /opt/nodeproxy/venv/debian-bcc/bcc
+  echo /opt/nodeproxy/venv/debian-bcc > "$(echo /opt/nodeproxy/venv/lib/python3*/site-packages)/debian-bcc.pth"
+fi
 /opt/nodeproxy/venv/bin/python3 -c 'import nodeproxy, cryptography, uvloop, h2'
 install -d -m 0750 /etc/nodeproxy
 install -d -m 0700 /var/lib/nodeproxy

@@ -2,7 +2,10 @@
 # Create this node's pods the way a CNI plugin would: one network namespace per pod, a veth
 # pair (node side gets the pod gateway /32, pod side the pod IP /32, default route via the
 # gateway), host routes to the local pods, and a route to the other node's pod range via its
-# private IP.  Then start each pod's app (an echo server on 8080) as a transient unit.
+# private IP.  Each pod also gets a cgroup v2 directory, /sys/fs/cgroup/nodeproxy-lab/<netns>
+# (as meshlab's pods): eBPF capture (--redirect ebpf) attaches there, so a pod's client
+# processes run inside it (tests/vagrant/cluster.py).  Then start each pod's app (an echo
+# server on 8080) as a transient unit.
 #
 #   pods.sh NODE_INDEX OTHER_INDEX PRIV_PREFIX POD[:IP] ...      e.g. pods.sh 1 2 172.30.187 client-0:10.251.1.2
 set -euo pipefail
@@ -27,6 +30,7 @@ for spec in "$@"; do
   ip -n "$ns" link set eth0 up
   ip -n "$ns" route replace "$gw/32" dev eth0 scope link
   ip -n "$ns" route replace default via "$gw" dev eth0 src "$ip"
+  mkdir -p "/sys/fs/cgroup/nodeproxy-lab/$ns"
   systemctl is-active -q "pv-app-$pod" || systemd-run -q --unit="pv-app-$pod" \
     ip netns exec "$ns" /usr/bin/python3 /opt/npv-test/podnet.py serve 8080
 done
