@@ -13,14 +13,16 @@ import json
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import yaml
 
 from cli.tables import render_table
 from nodeproxy.controlplane.endpoint import parse_store_url
-from nodeproxy.controlplane.store import Listing, Store
+
+if TYPE_CHECKING:  # aetcd/grpc load only when a store command runs
+    from nodeproxy.controlplane.store import Listing
 from ztunnel_cfg.dump import config_to_document
 from ztunnel_cfg.errors import ConfigError, ConfigIssue
 from ztunnel_cfg.loader import LoadResult
@@ -114,6 +116,8 @@ def apply(files: tuple[str, ...], store_url: str, dry_run: bool) -> None:
         click.echo(str(warning), err=True)
 
     async def go() -> None:
+        from nodeproxy.controlplane.store import Store
+
         async with Store(spec) as store:
             listing = await store.listing()
             if dry_run:
@@ -142,6 +146,8 @@ def diff(files: tuple[str, ...], store_url: str) -> None:
     _result, desired = desired_state(files)
 
     async def go() -> bool:
+        from nodeproxy.controlplane.store import Store
+
         async with Store(spec) as store:
             return _print_changes(await store.listing(), desired, full=True)
 
@@ -176,6 +182,8 @@ def get(selector: str | None, store_url: str, fmt: str) -> None:
     prefix = _selector_prefix(selector)
 
     async def go() -> Listing:
+        from nodeproxy.controlplane.store import Store
+
         async with Store(spec) as store:
             return await store.listing()
 
@@ -224,6 +232,8 @@ def delete(selectors: tuple[str, ...], store_url: str, dry_run: bool) -> None:
     prefixes = [_selector_prefix(s) for s in selectors]
 
     async def go() -> None:
+        from nodeproxy.controlplane.store import Store
+
         async with Store(spec) as store:
             listing = await store.listing()
             doomed = {k for k in listing.values if any(k.startswith(p) for p in prefixes)}

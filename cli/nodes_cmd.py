@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cli.config_store import store_option
 from cli.tables import FORMATS, render, render_table
 from nodeproxy.controlplane.endpoint import parse_store_url
-from nodeproxy.controlplane.registration import REGISTRY_PREFIX, Fleet, fleet_view
-from nodeproxy.controlplane.store import Store
+
+if TYPE_CHECKING:  # aetcd/grpc load only when the command runs
+    from nodeproxy.controlplane.registration import Fleet
+    from nodeproxy.controlplane.store import Store
 
 
 async def read_fleet(store: Store) -> Fleet:
+    from nodeproxy.controlplane.registration import REGISTRY_PREFIX, fleet_view
+
     listing = await store.listing()
     members = await store.get_prefix(REGISTRY_PREFIX)
     return fleet_view(listing.latest_config_revision, members)
@@ -25,6 +29,8 @@ async def read_fleet(store: Store) -> Fleet:
 async def poll_fleet(url: str, wait: float, expect: int) -> tuple[Fleet, bool]:
     """The fleet, polled (one connection, one event loop) until converged or ``wait`` ends."""
     deadline = time.monotonic() + wait
+    from nodeproxy.controlplane.store import Store
+
     async with Store(parse_store_url(url)) as store:
         while True:
             fleet = await read_fleet(store)

@@ -17,9 +17,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from nodeproxy.agent import Agent, PodProxy, Redirector
-from nodeproxy.controlplane.registration import Registrar
 from nodeproxy.controlplane.wiring import (
     AnySource,
     open_config_source,
@@ -52,6 +52,9 @@ from ztunnel_cfg.dump import config_to_document
 from ztunnel_cfg.model import Workload
 from ztunnel_cfg.snapshot import Snapshot
 from ztunnel_cfg.spiffe import SpiffeId
+
+if TYPE_CHECKING:  # aetcd/grpc load only when a store is used
+    from nodeproxy.controlplane.registration import Registrar
 
 log = logging.getLogger("nodeproxy.app")
 

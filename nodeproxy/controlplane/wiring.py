@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 from nodeproxy.config_source import ConfigSource
 from nodeproxy.controlplane.endpoint import is_store_url, parse_store_url
-from nodeproxy.controlplane.registration import Registrar, Registration
-from nodeproxy.controlplane.source import StoreConfigSource
+
+if TYPE_CHECKING:  # aetcd and grpc (~12 MiB) are imported only by daemons using a store
+    from nodeproxy.controlplane.registration import Registrar, Registration
+    from nodeproxy.controlplane.source import StoreConfigSource
 from ztunnel_cfg.snapshot import Snapshot
 
-AnySource = ConfigSource | StoreConfigSource
+AnySource: TypeAlias = "ConfigSource | StoreConfigSource"
 
 
 async def open_config_source(config: str, on_snapshot: Callable[[Snapshot], None],
@@ -24,6 +27,8 @@ async def open_config_source(config: str, on_snapshot: Callable[[Snapshot], None
     """
     if not is_store_url(config):
         return ConfigSource(config, on_snapshot, registry=registry)
+    from nodeproxy.controlplane.source import StoreConfigSource
+
     source = StoreConfigSource(parse_store_url(config), on_snapshot, registry=registry)
     await source.start()
     return source
@@ -31,13 +36,13 @@ async def open_config_source(config: str, on_snapshot: Callable[[Snapshot], None
 
 def store_detail(source: AnySource | None) -> str | None:
     """The readiness line about the store (None for a file)."""
-    if isinstance(source, StoreConfigSource):
+    if source is not None and not isinstance(source, ConfigSource):
         return source.status.detail(time.time())
     return None
 
 
 def store_summary(source: AnySource | None) -> dict[str, object] | None:
-    if isinstance(source, StoreConfigSource):
+    if source is not None and not isinstance(source, ConfigSource):
         return source.status.summary(time.time())
     return None
 
@@ -48,6 +53,8 @@ async def fetch_snapshot(config: str) -> Snapshot:
         from ztunnel_cfg.snapshot import load_snapshot
 
         return load_snapshot(config)
+    from nodeproxy.controlplane.source import StoreConfigSource
+
     got: list[Snapshot] = []
     source = StoreConfigSource(parse_store_url(config), got.append)
     runner = asyncio.ensure_future(source.run())
@@ -69,6 +76,8 @@ class StoreSnapshots:
     snapshot (kept while the store is unreachable); ``run()`` keeps it current."""
 
     def __init__(self, config: str) -> None:
+        from nodeproxy.controlplane.source import StoreConfigSource
+
         self.path = config
         self.source = StoreConfigSource(parse_store_url(config), lambda _s: None)
         self.last_error: str | None = None
@@ -92,8 +101,9 @@ class StoreSnapshots:
 def registrar_for(source: AnySource | None, name: str, kind: str, version: str,
                   enrolled: Callable[[], tuple[str, ...]]) -> Registrar | None:
     """A fleet registration for a daemon whose config comes from the store (else None)."""
-    if not isinstance(source, StoreConfigSource):
+    if source is None or isinstance(source, ConfigSource):
         return None
+    from nodeproxy.controlplane.registration import Registrar, Registration
 
     def info() -> Registration:
         status = source.status

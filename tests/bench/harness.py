@@ -935,7 +935,8 @@ class Bench:
             if streams == 1:  # CPU per GiB moved, per agent (a regression shows as a number)
                 gib_per_s = res["gbps"] * 1e9 / 8 / 2**30
                 for account, pct in cpu["tput1"].items():
-                    metrics[f"tput1_cpu_s_per_gib_{account}"] = pct / 100 / gib_per_s
+                    if pct > 0:  # an idle side (same-node cases) has no cost per GiB
+                        metrics[f"tput1_cpu_s_per_gib_{account}"] = pct / 100 / gib_per_s
             detail[f"iperf_{streams}"] = res
             log(f"{case}: iperf3 {streams} stream(s): {res['gbps']:.2f} Gbit/s"
                 f"{_cpu_text(cpu[f'tput{streams}'])}")
@@ -944,7 +945,8 @@ class Bench:
         round_trips = self.params.rr_count + self.params.rr_warmup
         assert self.last_usage is not None
         for account, seconds in self.last_usage.cpu_seconds.items():
-            metrics[f"rr_cpu_us_{account}"] = seconds / round_trips * 1e6
+            if seconds > 0:
+                metrics[f"rr_cpu_us_{account}"] = seconds / round_trips * 1e6
         detail["rr"] = res
         log(f"{case}: request/response p50 {res['p50_us']:.0f} us, "
             f"p99 {res['p99_us']:.0f} us{_cpu_text(cpu['rr'])}")
@@ -952,7 +954,7 @@ class Bench:
         metrics["cps"] = res["per_second"]
         assert self.last_usage is not None
         for account, seconds in self.last_usage.cpu_seconds.items():
-            if res["connections"]:
+            if res["connections"] and seconds > 0:
                 metrics[f"cps_cpu_us_{account}"] = seconds / res["connections"] * 1e6
         detail["cps"] = res
         log(f"{case}: {res['per_second']:,.0f} connections/s "
