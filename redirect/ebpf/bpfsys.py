@@ -3,10 +3,12 @@ tc for listings.  Everything here raises :class:`EbpfError` naming the object an
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
+import shutil
 import struct
 from collections.abc import Sequence
 
@@ -125,6 +127,15 @@ def bpffs_mounted(root: str, mounts: str = "/proc/self/mounts") -> bool:
     with open(mounts) as f:
         return any(len(p := line.split()) > 2 and p[1] == root and p[2] == _BPF_FS_MAGIC
                    for line in f)
+
+
+def remove_pin_dir(path: str) -> None:
+    """Remove ``path`` (a pin directory) and then its parent (``<bpffs>/nodeproxy``) if that is
+    left empty, so that a removal leaves nothing of ours in bpffs."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    with contextlib.suppress(OSError):  # other pods' pins are still there, or it is gone
+        os.rmdir(os.path.dirname(path))
 
 
 def ensure_bpffs(root: str, runner: Runner = subprocess_runner) -> None:

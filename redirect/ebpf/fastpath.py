@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,8 +126,8 @@ def remove(paths: FastPaths | None = None, runner: Runner | None = None) -> list
             _detach(os.path.join(paths.dir, "sockops"), cgroup)
             removed.append(f"np_fast_sockops from cgroup {cgroup}")
     if os.path.isdir(paths.dir):
-        shutil.rmtree(paths.dir)
         removed.append(f"pins under {paths.dir}")
+    bpfsys.remove_pin_dir(paths.dir)
     return removed
 
 

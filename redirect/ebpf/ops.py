@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -296,11 +295,9 @@ def _teardown(netns: str, cgroup: str | None, facts: NetnsFacts | None, paths: E
         for iface in facts.interfaces:
             if bpfsys.tc_detach(netns, iface, run):
                 removed.append(f"tc ingress filter on {iface}")
+    bpfsys.remove_pin_dir(pod_dir)
     if pins:
-        shutil.rmtree(pod_dir)
         removed.append(f"{len(pins)} pins under {pod_dir}")
-    elif os.path.isdir(pod_dir):
-        os.rmdir(pod_dir)
     return removed
 
 
