@@ -91,7 +91,6 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
 # stderr pipe, a slow journald) must cost dropped lines, never the agent's memory.
 BACKGROUND_QUEUE_LINES = 10_000
 STOP_WAIT = 5.0  # seconds the daemon's exit waits for the writer to drain
-BATCH_DELAY = 0.05  # seconds a woken writer waits for more lines before writing them
 
 
 class _HandOffHandler(logging.Handler):
@@ -169,9 +168,7 @@ def background_logging(max_lines: int = BACKGROUND_QUEUE_LINES) -> Iterator[None
     def write_until_stopped() -> None:
         records = hand_off.records
         while True:
-            hand_off.wake.wait()
-            if not stopping.is_set():
-                stopping.wait(BATCH_DELAY)  # let a batch gather: one wake-up per batch
+            hand_off.wake.wait()  # one wake-up per batch: lines logged meanwhile join it
             hand_off.wake.clear()
             hand_off.armed = False  # records appended from now on wake us again
             while records:
