@@ -94,6 +94,8 @@ def remove(netns_names: Sequence[str], root: str = CGROUP_ROOT, grace: float = 2
         pins = os.path.join(BPF_PINS, name)
         if os.path.isdir(pins):
             shutil.rmtree(pins, ignore_errors=True)
+        with contextlib.suppress(OSError):  # empty once no lab or agent has pins left
+            os.rmdir(BPF_PINS)
 
 
 def leftovers(prefix_glob: str, root: str = CGROUP_ROOT) -> list[str]:
